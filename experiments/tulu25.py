@@ -166,6 +166,17 @@ def ppo_config(dataset: str, rm: str, prompts: str) -> dict:
     }
 
 
+# PPO on one of PPO_DATASETS is rewarded by the 13B RM this sweep trains on the same data: its rl.reward_model is
+# "trained:<dataset>", which reward_model() maps to that RM's sweep point (the sweep layer runs it first and puts
+# its run dir in rl.reward_model). The released RMs of REWARD_MODELS are read from CKPT_ROOT.
+TRAINED = "trained:"
+
+
+def reward_model(point: dict):
+    name = point.get("rl.reward_model", "")
+    return rm_config(name.removeprefix(TRAINED)) if name.startswith(TRAINED) else None
+
+
 def sweep(full: bool = True):
     points = []
     for dataset, size in DPO_DATASETS.items():
@@ -173,7 +184,7 @@ def sweep(full: bool = True):
     for dataset in PPO_DATASETS:
         points.append({"data.source": f"{DATA_ROOT}/{dataset}.jsonl", "train.steps": dpo_steps(60_908)})
         points.append(rm_config(dataset))
-        points.append(ppo_config(dataset, f"{CKPT_ROOT}/rm-13b-{dataset}", "ultrafeedback_prompts"))
+        points.append(ppo_config(dataset, f"{TRAINED}{dataset}", "ultrafeedback_prompts"))
     for rm_path in REWARD_MODELS.values():
         for prompts in PROMPT_SETS:
             points.append(ppo_config("ultrafeedback_mean_aspects", rm_path, prompts))

@@ -65,18 +65,22 @@ def cmd_convert(args) -> int:
 
 def cmd_validate(args) -> int:
     import inspect
+    import tempfile
 
-    from jaxrl import config as config_lib
+    from jaxrl import config as config_lib, sweep
 
     module = config_lib.load_experiment(args.config)
-    base = config_lib.override(module.get_config(), args.set or [])
-    points = [{}]
-    if hasattr(module, "sweep"):
-        full = "full" in inspect.signature(module.sweep).parameters
-        points = list(module.sweep(full=True) if full else module.sweep())
-    for point in points:
-        config_lib.validate(config_lib.override(base, point))
-    print(f"{args.config}: {len(points)} configuration(s) valid")
+    config_lib.validate(config_lib.override(module.get_config(), args.set or []))
+    if not hasattr(module, "sweep"):
+        print(f"{args.config}: 1 configuration valid")
+        return 0
+    if "full" in inspect.signature(module.sweep).parameters:
+        original = module.sweep
+        module.sweep = lambda: original(full=True)
+    with tempfile.TemporaryDirectory() as tmp:  # expand() validates every run, shared bases included
+        runs = sweep.expand(module, tmp, args.set or [])
+    points = sum(r.kind == "point" for r in runs)
+    print(f"{args.config}: {len(runs)} configuration(s) valid ({points} sweep runs, {len(runs) - points} shared bases)")
     return 0
 
 

@@ -133,6 +133,7 @@ class RLConfig:
     top_p: float = 1.0
     top_k: int = 0
     reward_model: str = ""  # run dir (or HF dir) of a reward model; several joined by "," form an ensemble
+    # (a value that is itself an existing path is one model: sweep run dirs have commas in their names)
     ensemble: str = "mean"  # "mean" | "min" | "uncertainty"
     reward_transform: str = "none"  # "none" | "log_sigmoid_centered"
     verifiable: str = ""  # "" | "gold" (the synthetic world's gold reward) | "exact_match"
@@ -370,6 +371,17 @@ def validate(cfg: Config) -> Config:
     if cfg.stage in RL_STAGES:
         _validate_rl(cfg)
     return cfg
+
+
+def reward_model_sources(value: str) -> list[str]:
+    """The reward-model dirs named by rl.reward_model: one path, or several joined by "," (an ensemble). A value
+    that is an existing path as a whole is one model, so run dirs whose names hold commas need no quoting."""
+    value = value.strip()
+    if not value:
+        return []
+    if Path(value).exists():
+        return [value]
+    return [s.strip() for s in value.split(",") if s.strip()]
 
 
 def _validate_rl(cfg: Config) -> None:

@@ -558,7 +558,7 @@ def _rl_programs(b: _Builder, cfg: Config, model_cfg) -> None:
     b.check_rows(mb_units // t.grad_accum, "each microbatch (rl.minibatch / train.grad_accum)")
     updates = r.epochs * ((r.rollout_batch if dpo else rows) // mb_units)
     graphdef, params = _abstract_model(model_cfg)
-    reward_paths = [p.strip() for p in r.reward_model.split(",") if p.strip()]
+    reward_paths = config_lib.reward_model_sources(r.reward_model)
     reward_cfgs = []
     for path in reward_paths:
         found = _source_model(path)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxrl import config as config_lib
 from jaxrl.config import ConfigError
 from jaxrl.data.records import PromptRecord
 
@@ -272,7 +273,7 @@ def make_reward_fn(
     rl_cfg, *, tokenizer, mesh, preset: str, reference_responder: ReferenceResponder | None = None
 ) -> CompositeReward:
     """The configured reward (cfg.rl): reward models from `rl.reward_model` (comma-separated run dirs)."""
-    sources = [s.strip() for s in rl_cfg.reward_model.split(",") if s.strip()]
+    sources = config_lib.reward_model_sources(rl_cfg.reward_model)
     models = [
         RewardModel(s, mesh=mesh, preset=preset, tokenizer=tokenizer, offload=rl_cfg.offload_frozen)
         for s in sources

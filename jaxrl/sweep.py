@@ -1,5 +1,6 @@
 """Sweeps: expand an experiment's sweep() into runs with ids from their overrides, run what is not finished,
-share base runs (SFT) by content hash, and write the results table (Markdown, CSV) and plots."""
+share base runs (SFT) by content hash and reward-model runs between the RL points that use them, and write the
+results table (Markdown, CSV) and plots."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Run:
     cfg: Config
     point: dict[str, Any]  # the sweep point's overrides ({} for shared base runs)
     kind: str  # "point" or "base"
+    deps: tuple[str, ...] = ()  # ids of the runs this one reads (its SFT base, its reward model)
 
 
 def _slug(value: Any) -> str:
@@ -44,26 +46,66 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(config_lib.to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _point_stage(base: Config, point: dict[str, Any]) -> str:
+    return str(point.get("stage", base.stage))
+
+
 def expand(module, workdir: str | Path, overrides=()) -> list[Run]:
-    """All runs of a study in dependency order: shared base runs first, then the sweep points."""
+    """All runs of a study, each after the runs it depends on.
+
+    A study module defines get_config() and sweep() (a list of override dicts, one per point) and optionally:
+      stage_defaults(stage) -> dict   settings of a stage, applied before a point's own overrides (so they
+                                      are not part of its id; a point may still override them);
+      sft_config(cfg) -> Config       the SFT base a non-SFT point starts from (shared by content hash), given
+                                      the point's config without its stage defaults (the rl section of the
+                                      result is reset to the study's, as an SFT run does not read it);
+      reward_model(point) -> dict     for an RL point, the sweep point of the reward-model run that gives its
+                                      reward (None: no reward model); rl.reward_model becomes that run's dir.
+    """
     workdir = Path(workdir).absolute()
     base = config_lib.override(module.get_config(), overrides)
     points = list(module.sweep()) if hasattr(module, "sweep") else [{}]
     shared = {"train.cache_dir": str(workdir / "cache")}
     runs: dict[str, Run] = {}
-    for point in points:
-        cfg = config_lib.override(config_lib.override(base, point), shared)
+
+    def run_dir(rid: str) -> str:
+        return str(workdir / "runs" / rid)
+
+    def add_point(point: dict[str, Any]) -> str:
+        stage = _point_stage(base, point)
+        defaults = dict(module.stage_defaults(stage)) if hasattr(module, "stage_defaults") else {}
+        plain = config_lib.override(config_lib.override(base, point), shared)
+        cfg = config_lib.override(config_lib.override(config_lib.override(base, defaults), point), shared)
+        deps = []
         if cfg.stage != "sft" and hasattr(module, "sft_config"):
-            sft = config_lib.validate(config_lib.override(module.sft_config(cfg), shared))
+            # The base follows the point's own overrides (model, seed), not its stage's defaults; an SFT run
+            # never reads the rl section, so the point's rl settings do not split the base either.
+            sft = config_lib.override(module.sft_config(plain), shared)
+            if sft.stage not in config_lib.RL_STAGES:
+                sft = dataclasses.replace(sft, rl=base.rl)
+            sft = config_lib.validate(sft)
             sft_id = f"sft,{config_hash(sft)}"
             runs.setdefault(sft_id, Run(sft_id, sft, {}, "base"))
-            cfg = config_lib.override(cfg, {"train.init_from": str(workdir / "runs" / sft_id)})
+            cfg = config_lib.override(cfg, {"train.init_from": run_dir(sft_id)})
+            deps.append(sft_id)
+        if cfg.stage in config_lib.RL_STAGES and hasattr(module, "reward_model"):
+            rm_point = module.reward_model(dict(point))
+            if rm_point is not None:
+                rm_id = add_point(dict(rm_point))
+                if runs[rm_id].cfg.stage != "rm":
+                    raise config_lib.ConfigError(f"reward_model({point}) names run {rm_id}, which is not an rm run")
+                cfg = config_lib.override(cfg, {"rl.reward_model": run_dir(rm_id)})
+                deps.append(rm_id)
         cfg = config_lib.validate(cfg)
         rid = run_id(cfg, point)
         if rid in runs and runs[rid].cfg != cfg:
             raise config_lib.ConfigError(f"two sweep points map to run id {rid!r} with different configs")
-        runs[rid] = Run(rid, cfg, dict(point), "point")
-    return sorted(runs.values(), key=lambda r: r.kind != "base")
+        runs.setdefault(rid, Run(rid, cfg, dict(point), "point", tuple(deps)))
+        return rid
+
+    for point in points:
+        add_point(dict(point))
+    return list(runs.values())  # insertion order: every run comes after the runs it depends on
 
 
 def run_sweep(module, workdir: str | Path, overrides=(), *, log=print) -> list[dict]:

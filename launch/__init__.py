@@ -106,14 +106,13 @@ def jobs(config: str, workdir: str, overrides: Sequence[str] = (), *, sweep: boo
     base = config_lib.override(module.get_config(), overrides)
     out = []
     runs = sweep_lib.expand(module, workdir, overrides)
-    base_dirs = {str(Path(workdir) / "runs" / r.id): r.id for r in runs if r.kind == "base"}
     for run in runs:
         point = [f"{k.replace('__', '.')}={_value_text(v)}" for k, v in run.point.items()]
         sets = overrides + point + config_diff(config_lib.override(base, run.point), run.cfg)
         rebuilt = config_lib.override(module.get_config(), sets)
         if rebuilt != run.cfg:
             raise config_lib.ConfigError(f"sweep run {run.id}: its overrides do not rebuild its config")
-        after = (base_dirs[run.cfg.train.init_from],) if run.cfg.train.init_from in base_dirs else ()
+        after = run.deps  # its SFT base and reward model, launched before it
         run_dir = str(Path(workdir) / "runs" / run.id)
         out.append(Job(run.id, run_dir, train_args(config, run_dir, sets), after))
     return out

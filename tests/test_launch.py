@@ -360,3 +360,19 @@ def test_tpu_config_path_is_relative_to_the_shipped_checkout(tmp_path):
     outside = launch.Job("train", "/w", launch.train_args(str(tmp_path / "x.py"), "/w"))
     with pytest.raises(ValueError, match="outside"):
         tpu.remote_args(outside, str(REPO))
+
+
+def test_sweep_rl_jobs_wait_for_their_reward_model(tmp_path):
+    study = tmp_path / "out"
+    experiment = str(Path(__file__).parents[1] / "experiments" / "unpacking_synthetic.py")
+    jobs = launch.jobs(experiment, str(study), sweep=True)
+    names = [j.name for j in jobs]
+    ppo = [j for j in jobs if j.name.startswith("ppo,")]
+    assert ppo
+    for job in ppo:
+        rm = next(a for a in job.after if a.startswith("rm,"))
+        sft = next(a for a in job.after if a.startswith("sft,"))
+        assert names.index(rm) < names.index(job.name) and names.index(sft) < names.index(rm)
+        sets = [job.train_args[i + 1] for i, a in enumerate(job.train_args) if a == "--set"]
+        assert f"rl.reward_model={study}/runs/{rm}" in sets  # the last word on rl.reward_model is the run dir
+        assert [s for s in sets if s.startswith("rl.reward_model=")][-1] == f"rl.reward_model={study}/runs/{rm}"

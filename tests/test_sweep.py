@@ -23,7 +23,7 @@ TINY_STUDY = textwrap.dedent('''
                                         tensorboard=False, progress=False))
 
     def sft_config(cfg):
-        return override(cfg, {"stage": "sft", "loss.name": "dpo", "train.steps": 4})
+        return override(cfg, {"stage": "sft", "loss.name": "dpo", "data.synthetic_kind": "clean", "train.steps": 4})
 
     def sweep():
         return [{"loss.name": n, "seed": s} for n in ("dpo", "ipo") for s in (0, 1)]
@@ -100,6 +100,80 @@ def test_sweep_is_idempotent_and_resumes_after_a_kill(study, tmp_path, monkeypat
         assert json.loads((workdir / "runs" / row["run"] / "config.json").read_text())["seed"] in (0, 1)
 
 
+RL_STUDY = TINY_STUDY.replace("def sweep():", textwrap.dedent("""\
+    def stage_defaults(stage):
+        if stage == "ppo":
+            return {"rl.rollout_batch": 8, "rl.minibatch": 8, "rl.max_new_tokens": 4, "rl.num_prompts": 32,
+                    "train.steps": 2, "data.max_len": 16, "data.max_prompt_len": 12}
+        return {}
+
+    def reward_model(point):
+        name = point.get("rl.reward_model")
+        return {"stage": "rm", "data.synthetic_kind": name, "seed": point.get("seed", 0)} if name else None
+
+    def sweep():
+        return [{"stage": "ppo", "rl.reward_model": d, "rl.prompt_set": p}
+                for d in ("clean", "noisy") for p in ("in_domain", "mixed")] + [
+               {"stage": "rm", "data.synthetic_kind": "clean", "seed": 0}]
+
+    def unused_sweep():"""))
+
+
+@pytest.fixture
+def rl_study(tmp_path):
+    path = tmp_path / "rl_study.py"
+    path.write_text(RL_STUDY)
+    return config_lib.load_experiment(path)
+
+
+def test_reward_models_are_shared_dependencies_of_the_rl_points(rl_study, tmp_path):
+    workdir = tmp_path.absolute() / "w"
+    runs = sweep.expand(rl_study, workdir)
+    ids = [r.id for r in runs]
+    rms = [r for r in runs if r.cfg.stage == "rm"]
+    ppo = [r for r in runs if r.cfg.stage == "ppo"]
+    (sft,) = [r for r in runs if r.kind == "base"]
+    # One reward model per dataset, the listed rm point and clean's dependency being one run.
+    assert sorted(r.id for r in rms) == ["rm,data.synthetic_kind=clean,seed=0,stage=rm",
+                                         "rm,data.synthetic_kind=noisy,seed=0,stage=rm"]
+    assert len(ppo) == 4
+    for r in ppo:
+        data = r.point["rl.reward_model"]
+        rm = next(x for x in rms if x.cfg.data.synthetic_kind == data)
+        assert r.cfg.rl.reward_model == str(workdir / "runs" / rm.id)  # the symbolic name became the run dir
+        assert r.deps == (sft.id, rm.id) and ids.index(rm.id) < ids.index(r.id) and ids.index(sft.id) < ids.index(rm.id)
+        assert r.cfg.rl.rollout_batch == 8 and r.cfg.train.steps == 2  # stage defaults apply ...
+        assert "rollout_batch" not in r.id and "train.steps" not in r.id  # ... without entering the id
+    assert all(r.cfg.train.steps == 3 for r in rms)  # rm has no stage defaults here
+    rl_study.reward_model = lambda point: {"stage": "dpo"}
+    with pytest.raises(config_lib.ConfigError, match="not an rm run"):
+        sweep.expand(rl_study, workdir)
+
+
+def test_reward_model_sources_keep_a_path_with_commas_whole(tmp_path):
+    run_dir = tmp_path / "rm,data=clean,seed=0"
+    assert config_lib.reward_model_sources(f"{tmp_path}/a, {tmp_path}/b") == [f"{tmp_path}/a", f"{tmp_path}/b"]
+    assert config_lib.reward_model_sources(str(run_dir)) == [str(tmp_path / "rm"), "data=clean", "seed=0"]
+    run_dir.mkdir()
+    assert config_lib.reward_model_sources(str(run_dir)) == [str(run_dir)]
+    assert config_lib.reward_model_sources(" ") == []
+
+
+@pytest.mark.slow
+def test_sweep_trains_the_reward_model_before_the_ppo_points_that_use_it(rl_study, tmp_path):
+    rl_study.sweep = lambda: [{"stage": "ppo", "rl.reward_model": "clean", "rl.prompt_set": "mixed"}]
+    workdir = tmp_path / "w"
+    rows = sweep.run_sweep(rl_study, workdir, log=lambda *a: None)
+    assert [r["stage"] for r in rows] == ["sft", "rm", "ppo"]
+    (ppo,) = [r for r in rows if r["stage"] == "ppo"]
+    assert "eval/gold_reward" in ppo
+    # The reward model (a run dir with commas in its name) was loaded as one model, and is the value model's init.
+    lineage = json.loads((workdir / "runs" / ppo["run"] / "lineage.json").read_text())
+    rm_dir = str(workdir.absolute() / "runs" / "rm,data.synthetic_kind=clean,seed=0,stage=rm")
+    assert lineage["reward_model0"]["path"] == rm_dir and lineage["value_init"]["path"] == rm_dir
+    assert lineage["reward_model0"]["config_hash"] is not None and "reward_model1" not in lineage
+
+
 def test_aggregate_mean_and_spread():
     rows = [{"stage": "dpo", "loss.name": "dpo", "seed": s, "eval/x": v} for s, v in ((0, 1.0), (1, 3.0))]
     (agg,) = sweep.aggregate(rows, ["eval/x"], ["stage", "loss.name"])
@@ -115,17 +189,22 @@ def _abstract_state(cfg):
 
 @pytest.mark.parametrize("study_file", ["experiments/unpacking_synthetic.py", "experiments/tulu25.py",
                                         "experiments/tiny_pipeline.py"])
-def test_every_sweep_point_validates_and_builds_an_abstract_state(study_file):
+def test_every_sweep_point_validates_and_builds_an_abstract_state(study_file, tmp_path):
     import inspect
 
     module = config_lib.load_experiment(study_file)
-    full = "full" in inspect.signature(module.sweep).parameters
-    points = list(module.sweep(full=True) if full else module.sweep())
-    assert points
-    shapes = set()
-    for point in points:
-        cfg = config_lib.validate(config_lib.override(module.get_config(), point))
-        state = _abstract_state(cfg)
+    if "full" in inspect.signature(module.sweep).parameters:
+        original = module.sweep
+        module.sweep = lambda: original(full=True)
+    runs = sweep.expand(module, tmp_path)  # validates every run, shared bases and reward models included
+    assert any(r.kind == "point" for r in runs)
+    shapes, built = set(), set()
+    for run in runs:
+        key = (run.cfg.stage == "rm", run.cfg.model)
+        if key in built:
+            continue
+        built.add(key)
+        state = _abstract_state(run.cfg)
         leaves = jax.tree.leaves(state.params)
         assert leaves and all(hasattr(x, "shape") for x in leaves)
         shapes.add(sum(x.size for x in leaves))

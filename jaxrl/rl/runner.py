@@ -345,11 +345,11 @@ def lineage(cfg: Config) -> dict:
     """Which checkpoints this run's roles come from (paths and config hashes)."""
     r = cfg.rl
     sources = {"policy_init": cfg.train.init_from, "reference": cfg.train.init_from}
-    for k, source in enumerate(s.strip() for s in r.reward_model.split(",") if s.strip()):
+    for k, source in enumerate(config_lib.reward_model_sources(r.reward_model)):
         sources[f"reward_model{k}"] = source
     if cfg.stage == "ppo":
         sources["value_init"] = (
-            r.reward_model.split(",")[0].strip() if r.value_init == "reward_model" else cfg.train.init_from
+            config_lib.reward_model_sources(r.reward_model)[0] if r.value_init == "reward_model" else cfg.train.init_from
         )
     out = {
         name: {"path": str(Path(p).absolute()) if p else "", "config_hash": _config_hash(p) if p else None}
