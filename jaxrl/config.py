@@ -97,6 +97,12 @@ class DataConfig:
     aspect_reduce: str = "mean"  # per-aspect ratings -> one score: "mean" or an aspect name
     truncation: str = "drop"  # "drop" the example | "truncate" (prompt from the left, completion from the right)
     on_error: str = "raise"  # "raise" | "skip" (counted) for malformed rows
+    # "max_len": every batch is max_len wide | "bucket": each batch is cut to the smallest multiple of
+    # bucket_multiple that holds its longest example (a few shapes, each compiled once) | "pack" (sft): several
+    # conversations per row, kept apart by segment ids (attention and positions restart; train.batch_size then
+    # counts packed rows)
+    padding: str = "max_len"
+    bucket_multiple: int = 64
     eval_prompts_per_domain: int = 32  # synthetic world: held-out prompts per domain for gold-reward eval (0: off)
     eval_max_new: int = 16  # synthetic world: response tokens sampled at evaluation
 
@@ -339,6 +345,7 @@ def validate(cfg: Config) -> Config:
         "loss.sft_aggregation": (cfg.loss.sft_aggregation, ("token_mean", "sequence_mean")),
         "data.truncation": (cfg.data.truncation, ("drop", "truncate")),
         "data.on_error": (cfg.data.on_error, ("raise", "skip")),
+        "data.padding": (cfg.data.padding, ("max_len", "bucket", "pack")),
         "train.reference": (t.reference, ("cache", "on_the_fly")),
     }
     for key, (value, allowed) in choices.items():
@@ -368,6 +375,11 @@ def validate(cfg: Config) -> Config:
                               f"got {cfg.data.format!r}")
     if cfg.data.max_prompt_len >= cfg.data.max_len:
         raise ConfigError("data.max_prompt_len must be smaller than data.max_len")
+    if cfg.data.bucket_multiple < 1:
+        raise ConfigError(f"data.bucket_multiple must be >= 1, got {cfg.data.bucket_multiple}")
+    if cfg.data.padding == "pack" and cfg.stage != "sft":
+        raise ConfigError(f"data.padding=pack packs SFT conversations; stage {cfg.stage} trains on pairs, whose "
+                          f"rows are scored one per example: use data.padding=bucket")
     if cfg.stage in RL_STAGES:
         _validate_rl(cfg)
     return cfg

@@ -297,28 +297,43 @@ def preference_loss(
 SFT_AGGREGATIONS = ("token_mean", "sequence_mean")
 
 
-def sft_denominator(mask_BT: jax.Array, aggregation: str) -> jax.Array:
-    """Whole-batch denominator []: target tokens, or sequences with a target; at least 1."""
+def _segment_totals(values_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Array:
+    """Sums of values over each (row, segment) of packed rows [B*T]; segment id 0 (padding) included."""
+    B, T = segment_ids_BT.shape
+    ids = (jnp.arange(B)[:, None] * T + jnp.asarray(segment_ids_BT, jnp.int32)).reshape(-1)
+    return jax.ops.segment_sum(values_BT.reshape(-1), ids, num_segments=B * T)
+
+
+def sft_denominator(mask_BT: jax.Array, aggregation: str, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Whole-batch denominator []: target tokens, or sequences with a target (segments of packed rows, given
+    their segment ids); at least 1."""
     mask_BT = jnp.asarray(mask_BT, jnp.float32)
     if aggregation == "token_mean":
         count = jnp.sum(mask_BT)
     elif aggregation == "sequence_mean":
-        count = jnp.sum(jnp.sum(mask_BT, axis=-1) > 0).astype(jnp.float32)
+        per_sequence = jnp.sum(mask_BT, axis=-1) if segment_ids_BT is None else _segment_totals(mask_BT, segment_ids_BT)
+        count = jnp.sum(per_sequence > 0).astype(jnp.float32)
     else:
         raise ValueError(f"unknown SFT aggregation {aggregation!r}; expected one of {SFT_AGGREGATIONS}")
     # A batch with no targets contributes a zero numerator; 1 keeps that 0 rather than 0/0.
     return jnp.maximum(count, 1.0)
 
 
-def sft_token_loss(logp_BT: jax.Array, mask_BT: jax.Array, *, aggregation: str, denominator) -> jax.Array:
-    """Summed NLL contribution of this (micro)batch divided by a global denominator []."""
+def sft_token_loss(logp_BT: jax.Array, mask_BT: jax.Array, *, aggregation: str, denominator,
+                   segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Summed NLL contribution of this (micro)batch divided by a global denominator []. With segment ids
+    (packed rows), "sequence_mean" averages within each packed sequence."""
     mask_BT = jnp.asarray(mask_BT, jnp.float32)
     nll_BT = -jnp.asarray(logp_BT, jnp.float32) * mask_BT
     if aggregation == "token_mean":
         total = jnp.sum(nll_BT)
     elif aggregation == "sequence_mean":
-        # Fully masked rows give 0/1 = 0 and are not counted by sft_denominator either.
-        total = jnp.sum(jnp.sum(nll_BT, axis=-1) / jnp.maximum(jnp.sum(mask_BT, axis=-1), 1.0))
+        # Fully masked sequences give 0/1 = 0 and are not counted by sft_denominator either.
+        if segment_ids_BT is None:
+            nll, count = jnp.sum(nll_BT, axis=-1), jnp.sum(mask_BT, axis=-1)
+        else:
+            nll, count = _segment_totals(nll_BT, segment_ids_BT), _segment_totals(mask_BT, segment_ids_BT)
+        total = jnp.sum(nll / jnp.maximum(count, 1.0))
     else:
         raise ValueError(f"unknown SFT aggregation {aggregation!r}; expected one of {SFT_AGGREGATIONS}")
     return total / denominator

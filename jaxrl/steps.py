@@ -91,7 +91,7 @@ def _flatten_pairs(x_BPT):
 
 def sft_totals(batch: Batch, aggregation: str) -> Totals:
     """Whole-batch denominators for SFT, so accumulation count does not change the loss."""
-    return {"denominator": losses.sft_denominator(batch["loss_mask"], aggregation),
+    return {"denominator": losses.sft_denominator(batch["loss_mask"], aggregation, batch.get("segment_ids")),
             "tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
 
 
@@ -104,9 +104,11 @@ def pair_totals(batch: Batch) -> Totals:
 def sft_objective(params, batch: Batch, hp, totals: Totals, *, graphdef, aggregation: str):
     """SFT NLL contribution of a (micro)batch and metric sums already divided by whole-batch totals."""
     model = nnx.merge(graphdef, params)
-    logp_BT = token_logps(model, batch["tokens"])
+    # Packed rows carry segment ids and per-segment positions: attention stays within a conversation.
+    segment_ids_BT = batch.get("segment_ids")
+    logp_BT = token_logps(model, batch["tokens"], batch.get("positions"), segment_ids_BT)
     loss = losses.sft_token_loss(logp_BT, batch["loss_mask"], aggregation=aggregation,
-                                 denominator=totals["denominator"])
+                                 denominator=totals["denominator"], segment_ids_BT=segment_ids_BT)
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     token_nll = -jnp.sum(logp_BT * mask_BT) / totals["tokens"]
     return loss, {"nll_per_token": token_nll, "num_tokens": jnp.sum(mask_BT)}

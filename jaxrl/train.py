@@ -217,30 +217,36 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
     writer = MetricWriter(workdir, tensorboard=t.tensorboard)
     seq_len = train_arrays["tokens"].shape[-1]
     rows_per_example = 2 if train_arrays["tokens"].ndim == 3 else 1
-    flops_step = flops_per_token(model_cfg, seq_len) * t.batch_size * rows_per_example * seq_len
-    if ref_params is not None:
-        flops_step += flops_per_token(model_cfg, seq_len, backward=False) * t.batch_size * rows_per_example * seq_len
 
+    def step_cost(width: int) -> tuple[float, float]:
+        """(token positions, model FLOPs) of one step on batches `width` wide."""
+        tokens = t.batch_size * rows_per_example * width
+        flops = flops_per_token(model_cfg, width) * tokens
+        if ref_params is not None:
+            flops += flops_per_token(model_cfg, width, backward=False) * tokens
+        return tokens, flops
+
+    bucket = cfg.data.padding == "bucket"
     progress = _progress(start, t.steps, enabled=t.progress and jax.process_index() == 0)
-    pending, window_start, window_steps = None, time.perf_counter(), 0
+    pending, window_start, window = None, time.perf_counter(), []
     last = {}
     end = t.steps if stop_after is None else min(stop_after, t.steps)
     for step in range(start, end):
-        batch = pipeline.to_device(pipeline.host_batch(train_arrays, order.indices(step)), batch_sharding)
+        indices = order.indices(step)
+        width = pipeline.bucket_width(train_arrays, indices, cfg.data.bucket_multiple) if bucket else seq_len
+        batch = pipeline.to_device(pipeline.host_batch(train_arrays, indices, width), batch_sharding)
         state, metrics = train_step(state, batch, hp)
-        window_steps += 1
+        window.append(step_cost(width))
         # Fetch the previous step's metrics only after dispatching this one: the device never waits on us.
         if pending is not None:
-            last = _log_metrics(writer, pending, window_start, window_steps - 1, flops_step, seq_len, t,
-                                rows_per_example, progress)
-            window_start, window_steps, pending = time.perf_counter(), 1, None
+            last = _log_metrics(writer, pending, window_start, window[:-1], progress)
+            window_start, window, pending = time.perf_counter(), window[-1:], None
         if (step + 1) % t.log_every == 0 or step + 1 == end:
             pending = (step + 1, metrics)
         ckpt.save(step + 1, _saveable(state), {"step": step + 1})
         progress.update(1)
     if pending is not None:
-        last = _log_metrics(writer, pending, window_start, window_steps, flops_step, seq_len, t, rows_per_example,
-                            progress)
+        last = _log_metrics(writer, pending, window_start, window, progress)
     progress.close()
 
     if stop_after is not None and end < t.steps:
@@ -292,13 +298,14 @@ def _with_mesh(fn, mesh, preset):
     return traced
 
 
-def _log_metrics(writer, pending, window_start, window_steps, flops_step, seq_len, t, rows_per_example, progress):
+def _log_metrics(writer, pending, window_start, window, progress):
+    """Logs a step's metrics, with throughput over the window of steps since the last log ((tokens, flops) of
+    each; tokens are the positions computed, padding included)."""
     step, metrics = pending
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     elapsed = max(time.perf_counter() - window_start, 1e-9)
-    steps_per_s = window_steps / elapsed if window_steps else 0.0
-    values["tokens_per_s"] = steps_per_s * t.batch_size * rows_per_example * seq_len
-    values["tflops_per_s"] = steps_per_s * flops_step / 1e12
+    values["tokens_per_s"] = sum(tokens for tokens, _ in window) / elapsed
+    values["tflops_per_s"] = sum(flops for _, flops in window) / elapsed / 1e12
     row = {f"train/{k}": v for k, v in values.items()}
     writer.write(step, row)
     progress.set_postfix(loss=f"{values['loss']:.4f}")

@@ -96,6 +96,12 @@ def build_stage_data(cfg: Config) -> StageData:
     report += [f"tokenised train: {train_stats.summary()}", f"tokenised eval: {eval_stats.summary()}"]
     if train["tokens"].shape[0] == 0:
         raise ConfigError(f"no training examples left after tokenisation: {train_stats.summary()}")
+    if cfg.data.padding == "pack":
+        n = train["tokens"].shape[0]
+        train = pack(train, pad_id=tok.pad_id, seed=cfg.seed)
+        rows = train["tokens"].shape[0]
+        report.append(f"packed train: {n} conversations into {rows} rows of {train['tokens'].shape[1]} "
+                      f"({n / rows:.2f} per row, {padding_fraction(train):.1%} padding)")
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
     return StageData(tokenizer=tok, train=train, eval=held_out, report=report)
@@ -113,11 +119,93 @@ class BatchOrder:
         return np.asarray(self.dataset[step])
 
 
-def host_batch(arrays: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
-    """This process's rows of a global batch (contiguous per-host shards of the index list)."""
+def host_batch(arrays: dict[str, np.ndarray], indices: np.ndarray, width: int | None = None) -> dict[str, np.ndarray]:
+    """This process's rows of a global batch (contiguous per-host shards of the index list), cut to `width`
+    positions when given (see bucket_width: every process must pass the same one)."""
     n_proc, pid = jax.process_count(), jax.process_index()
     local = np.array_split(indices, n_proc)[pid]
-    return {k: v[local] for k, v in arrays.items()}
+    return {k: (v[local][..., :width] if width is not None and k in POSITION_KEYS else v[local])
+            for k, v in arrays.items()}
+
+
+# Arrays whose last axis is the position within a row (the ones bucketing cuts).
+POSITION_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
+
+
+def used_lengths(loss_mask: np.ndarray) -> np.ndarray:
+    """Positions of each row that matter to any loss: up to and including the last loss-mask position (rows are
+    right-padded and attention is causal, so what follows it changes nothing). Shape: loss_mask's without T."""
+    T = loss_mask.shape[-1]
+    has = loss_mask.any(axis=-1)
+    last = T - 1 - np.argmax(loss_mask[..., ::-1] != 0, axis=-1)
+    return np.where(has, last + 1, 0)
+
+
+def bucket_width(arrays: dict[str, np.ndarray], indices: np.ndarray, multiple: int) -> int:
+    """The width a global batch is cut to: the smallest multiple of `multiple` that holds the longest used row
+    of the batch (computed from the global indices, so every process agrees), at most the arrays' width."""
+    T = arrays["tokens"].shape[-1]
+    longest = int(used_lengths(arrays["loss_mask"][indices]).max(initial=1))
+    return min(T, -(-max(longest, 1) // multiple) * multiple)
+
+
+def padding_fraction(arrays: dict[str, np.ndarray]) -> float:
+    """Fraction of token positions that are padding (after the last used position of their row/segment)."""
+    if "segment_ids" in arrays:
+        return float(np.mean(arrays["segment_ids"] == 0))
+    return 1.0 - float(used_lengths(arrays["loss_mask"]).sum()) / arrays["loss_mask"].size
+
+
+def pack(arrays: dict[str, np.ndarray], *, pad_id: int, seed: int, window: int = 64) -> dict[str, np.ndarray]:
+    """Packs right-padded rows {"tokens", "loss_mask"} [N, T] into fewer rows of T with "segment_ids" (1, 2, ...
+    per conversation, 0 on padding) and "positions" (restarting at 0 in each conversation).
+
+    Conversations are taken in a seeded random order and each goes into the fullest of the last `window` open
+    rows that it fits (first fit within a window: near-full rows without sorting the data by length). Each
+    conversation keeps only its used positions (used_lengths); its first position is no target, as nothing in
+    its own conversation predicts it.
+    """
+    tokens, mask = arrays["tokens"], arrays["loss_mask"]
+    N, T = tokens.shape
+    lengths = used_lengths(mask)
+    order = np.random.default_rng(seed).permutation(N)
+    rows: list[list[int]] = []  # conversation indices per packed row
+    room: list[int] = []
+    open_rows: list[int] = []
+    for i in order:
+        n = int(lengths[i])
+        if n == 0:
+            continue  # nothing to learn from (tokenisation already counted such drops)
+        fits = [r for r in open_rows[-window:] if room[r] >= n]
+        if fits:
+            r = min(fits, key=lambda r: room[r])
+        else:
+            r = len(rows)
+            rows.append([])
+            room.append(T)
+            open_rows.append(r)
+        rows[r].append(int(i))
+        room[r] -= n
+        if room[r] == 0:
+            open_rows.remove(r)
+    out = {
+        "tokens": np.zeros((len(rows), T), tokens.dtype),
+        "loss_mask": np.zeros((len(rows), T), mask.dtype),
+        "segment_ids": np.zeros((len(rows), T), np.int32),
+        "positions": np.zeros((len(rows), T), np.int32),
+    }
+    out["tokens"][:] = pad_id
+    for r, members in enumerate(rows):
+        at = 0
+        for seg, i in enumerate(members, start=1):
+            n = int(lengths[i])
+            out["tokens"][r, at:at + n] = tokens[i, :n]
+            out["loss_mask"][r, at:at + n] = mask[i, :n]
+            out["loss_mask"][r, at] = 0
+            out["segment_ids"][r, at:at + n] = seg
+            out["positions"][r, at:at + n] = np.arange(n)
+            at += n
+    return out
 
 
 def to_device(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
