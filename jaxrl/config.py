@@ -103,6 +103,7 @@ class DataConfig:
     # counts packed rows)
     padding: str = "max_len"
     bucket_multiple: int = 64
+    group_by_length: bool = False  # batches of similar lengths (windows of 64 batches sorted), for "bucket"
     eval_prompts_per_domain: int = 32  # synthetic world: held-out prompts per domain for gold-reward eval (0: off)
     eval_max_new: int = 16  # synthetic world: response tokens sampled at evaluation
 

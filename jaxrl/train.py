@@ -212,7 +212,10 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
         start = int(meta["step"])
         log(f"resumed from {workdir}/checkpoints/{latest} at step {start}")
 
-    order = pipeline.BatchOrder(train_arrays["tokens"].shape[0], t.batch_size, cfg.seed)
+    lengths = pipeline.used_lengths(train_arrays["loss_mask"]) if cfg.data.group_by_length else None
+    if lengths is not None and lengths.ndim == 2:
+        lengths = lengths.max(axis=-1)  # a pair is as long as its longer row
+    order = pipeline.BatchOrder(train_arrays["tokens"].shape[0], t.batch_size, cfg.seed, lengths)
     batch_sharding = sharding.batch_sharding(mesh, preset)
     writer = MetricWriter(workdir, tensorboard=t.tensorboard)
     seq_len = train_arrays["tokens"].shape[-1]

@@ -109,14 +109,43 @@ def build_stage_data(cfg: Config) -> StageData:
 
 class BatchOrder:
     """Seeded, reshuffled-per-epoch batches of example indices; batch `step` is a pure function of the step,
-    so resuming at a step continues the data stream exactly."""
+    so resuming at a step continues the data stream exactly.
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int):
+    With `lengths`, batches group examples of similar length (for length buckets): each epoch's shuffled order
+    is cut into windows of `group` batches, each window sorted by length and cut into batches, and the epoch's
+    batches shuffled. Every example still comes once per epoch (the remainder that fills no batch waits for the
+    next epoch's draw), and a batch's rows are as random as the window they come from.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, lengths: np.ndarray | None = None,
+                 group: int = 64):
+        self.num_examples, self.batch_size, self.seed, self.group = num_examples, batch_size, seed, group
+        self.lengths = None if lengths is None else np.asarray(lengths)
+        if self.lengths is not None and num_examples < batch_size:
+            raise ConfigError(f"{num_examples} examples cannot fill one batch of {batch_size}")
         self.dataset = (grain.MapDataset.source(np.arange(num_examples)).shuffle(seed=seed).repeat(None)
                         .batch(batch_size))
+        self._epoch: tuple[int, np.ndarray] | None = None
 
     def indices(self, step: int) -> np.ndarray:
-        return np.asarray(self.dataset[step])
+        if self.lengths is None:
+            return np.asarray(self.dataset[step])
+        per_epoch = self.num_examples // self.batch_size
+        epoch, k = divmod(step, per_epoch)
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, self._grouped_epoch(epoch, per_epoch))
+        return self._epoch[1][k]
+
+    def _grouped_epoch(self, epoch: int, per_epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.num_examples)[: per_epoch * self.batch_size]
+        window = self.group * self.batch_size
+        chunks = []
+        for start in range(0, len(order), window):
+            chunk = order[start:start + window]
+            chunks.append(chunk[np.argsort(-self.lengths[chunk], kind="stable")])
+        batches = np.concatenate(chunks).reshape(per_epoch, self.batch_size)
+        return batches[rng.permutation(per_epoch)]
 
 
 def host_batch(arrays: dict[str, np.ndarray], indices: np.ndarray, width: int | None = None) -> dict[str, np.ndarray]:
