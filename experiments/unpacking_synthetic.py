@@ -148,4 +148,5 @@ def sweep(full: bool = False):
 
 def metrics():
     return ["eval/gold_reward", "eval/gold_reward/math", "eval/gold_reward/instruct", "eval/gold_reward/safety",
-            "eval/gold_reward/chat", "eval/kl", "eval/length", "eval/rewards/accuracies", "eval/accuracy"]
+            "eval/gold_reward/chat", "eval/kl", "eval/length", "eval/ranking_accuracy", "eval/rewards/accuracies",
+            "eval/accuracy"]

@@ -1,4 +1,5 @@
-"""Evaluation in the synthetic world: gold reward per domain, KL to the reference, response length."""
+"""Evaluation in the synthetic world: gold reward per domain, KL to the reference, response length, and the
+policy's ranking accuracy on held-out gold-labelled pairs."""
 
 from __future__ import annotations
 
@@ -65,3 +66,51 @@ def world_eval(graphdef, params, ref_params, tok, prompts, *, max_new: int = 16,
         if kls:
             metrics["kl"] = float(np.mean(kls))
     return metrics
+
+
+def ranking_accuracy(graphdef, params, pairs: dict[str, np.ndarray], *, batch_size: int = 64) -> dict[str, float]:
+    """How often the policy itself ranks held-out pairs as the gold labels do (Chen et al., 2024, "Preference
+    Learning Algorithms Do Not Learn Preference Rankings"): the fraction of pairs whose chosen completion has the
+    higher summed log-probability (`ranking_accuracy`) and the higher mean per-token log-probability
+    (`ranking_accuracy_norm`). `pairs` are encode_pairs arrays ("tokens", "loss_mask" [N, 2, T]); a last
+    partial batch is filled with repeats and the repeats dropped, so every batch compiles once."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxrl import steps
+
+    @jax.jit
+    def logps(params, tokens_BT, mask_BT):
+        return steps.sequence_logps(nnx.merge(graphdef, params), tokens_BT, mask_BT)
+
+    tokens, mask = pairs["tokens"], pairs["loss_mask"]
+    n = tokens.shape[0]
+    if n == 0:
+        return {}
+    batch_size = min(batch_size, n)
+    summed, lengths = [], []
+    for start in range(0, n, batch_size):
+        index = np.minimum(np.arange(start, start + batch_size), n - 1)
+        T = tokens.shape[-1]
+        lp, ln = jax.device_get(logps(params, jnp.asarray(tokens[index].reshape(-1, T)),
+                                      jnp.asarray(mask[index].reshape(-1, T))))
+        keep = min(batch_size, n - start)
+        summed.append(np.asarray(lp).reshape(-1, 2)[:keep])
+        lengths.append(np.asarray(ln).reshape(-1, 2)[:keep])
+    summed, lengths = np.concatenate(summed), np.concatenate(lengths)
+    mean = summed / np.maximum(lengths, 1.0)
+    return {"ranking_accuracy": float(np.mean(summed[:, 0] > summed[:, 1])),
+            "ranking_accuracy_norm": float(np.mean(mean[:, 0] > mean[:, 1]))}
+
+
+def gold_pair_arrays(cfg, tok) -> dict[str, np.ndarray]:
+    """The held-out gold-labelled pairs of a synthetic run (the same draw the DPO and RM stages evaluate on),
+    tokenised with the run's data settings."""
+    from jaxrl import synthetic
+    from jaxrl.data import tokenize
+
+    d = cfg.data
+    pairs = synthetic.make_gold_pairs(d.num_eval, seed=cfg.seed + 10_000)
+    arrays, _ = tokenize.encode_pairs(pairs, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len,
+                                      truncation=d.truncation)
+    return arrays

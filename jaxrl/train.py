@@ -280,7 +280,8 @@ def _world_eval(cfg: Config, graphdef, params, ref_params, tok) -> dict:
     from jaxrl import evaluate, synthetic
 
     prompts = synthetic.make_eval_prompts(cfg.data.eval_prompts_per_domain, seed=12345)
-    return evaluate.world_eval(graphdef, params, ref_params, tok, prompts, max_new=cfg.data.eval_max_new, seed=0)
+    metrics = evaluate.world_eval(graphdef, params, ref_params, tok, prompts, max_new=cfg.data.eval_max_new, seed=0)
+    return metrics | evaluate.ranking_accuracy(graphdef, params, evaluate.gold_pair_arrays(cfg, tok))
 
 
 def _state(params, tx, seed: int, ref_params) -> steps.TrainState:

@@ -528,3 +528,28 @@ def test_bad_vocabularies_are_rejected():
         SyntheticTokenizer(["a", "b"])
     with pytest.raises(ValueError):
         SyntheticTokenizer(list(TOKENIZER.vocab) + [f"w{i}" for i in range(100)])
+
+
+def test_ranking_accuracy_is_the_policy_own_likelihood_ranking_of_gold_pairs(run_config):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxrl import evaluate, steps, train
+    from jaxrl.models.transformer import Transformer
+    from jaxrl.synthetic import SyntheticTokenizer
+
+    cfg = run_config("dpo")
+    graphdef, state = nnx.split(Transformer(train.stage_model_config(cfg), rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    arrays = evaluate.gold_pair_arrays(cfg, SyntheticTokenizer())
+    n, _, T = arrays["tokens"].shape
+    assert n == cfg.data.num_eval
+    got = evaluate.ranking_accuracy(graphdef, params, arrays, batch_size=10)  # 32 pairs: a partial last batch
+    lp, ln = steps.sequence_logps(nnx.merge(graphdef, params), jnp.asarray(arrays["tokens"].reshape(-1, T)),
+                                  jnp.asarray(arrays["loss_mask"].reshape(-1, T)))
+    lp, ln = np.asarray(lp).reshape(n, 2), np.asarray(ln).reshape(n, 2)
+    assert got["ranking_accuracy"] == pytest.approx(np.mean(lp[:, 0] > lp[:, 1]))
+    assert got["ranking_accuracy_norm"] == pytest.approx(np.mean(lp[:, 0] / ln[:, 0] > lp[:, 1] / ln[:, 1]))
+    swapped = {k: v[:, ::-1] for k, v in arrays.items() if k in ("tokens", "loss_mask")}
+    flipped = evaluate.ranking_accuracy(graphdef, params, swapped, batch_size=10)
+    assert flipped["ranking_accuracy"] == pytest.approx(1 - got["ranking_accuracy"])
