@@ -46,8 +46,14 @@ def arrays_fingerprint(arrays: dict[str, np.ndarray], keys=("tokens", "loss_mask
 
 
 def compute_reference_logps(graphdef, params, arrays: dict[str, np.ndarray], *, batch_size: int, mesh,
-                            preset: str) -> np.ndarray:
-    """Summed completion log-probs [N, 2] of both rows of every pair under the reference model."""
+                            preset: str, bucket_multiple: int | None = None) -> np.ndarray:
+    """Summed completion log-probs [N, 2] of both rows of every pair under the reference model.
+
+    With `bucket_multiple`, pairs go through in order of length and each batch is cut to the smallest multiple
+    that holds it (as data.padding=bucket does for training), so the pass computes few padded positions; the
+    log-probs are the same (positions after a row's last loss position never change it)."""
+    from jaxrl.data import pipeline
+
     n = arrays["tokens"].shape[0]
     divisor = sharding.batch_divisor(mesh, preset)
     batch_size = max(divisor, batch_size // divisor * divisor)
@@ -59,19 +65,24 @@ def compute_reference_logps(graphdef, params, arrays: dict[str, np.ndarray], *, 
             logp_B2, _ = steps.policy_seq_logps(nnx.merge(graphdef, p), {"tokens": tokens, "loss_mask": mask})
             return logp_B2
 
+    order = np.arange(n)
+    if bucket_multiple:
+        order = np.argsort(pipeline.used_lengths(arrays["loss_mask"]).max(axis=-1), kind="stable")
     out = np.zeros((n, 2), np.float32)
     for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size) % n  # the last batch wraps; its extra rows are discarded
-        tokens = jax.device_put(arrays["tokens"][idx], batch_sharding)
-        mask = jax.device_put(arrays["loss_mask"][idx], batch_sharding)
+        idx = order[np.arange(start, start + batch_size) % n]  # the last batch wraps; its extra rows are discarded
+        width = pipeline.bucket_width(arrays, idx, bucket_multiple) if bucket_multiple else None
+        tokens = jax.device_put(arrays["tokens"][idx][..., :width], batch_sharding)
+        mask = jax.device_put(arrays["loss_mask"][idx][..., :width], batch_sharding)
         logp = np.asarray(jax.device_get(forward(params, tokens, mask)))
         count = min(batch_size, n - start)
-        out[start: start + count] = logp[:count]
+        out[order[start: start + count]] = logp[:count]
     return out
 
 
 def cached_reference_logps(cache_dir: str | Path, graphdef, params, arrays: dict[str, np.ndarray], *,
-                           batch_size: int, mesh, preset: str, log=print) -> tuple[np.ndarray, Path, bool]:
+                           batch_size: int, mesh, preset: str, log=print,
+                           bucket_multiple: int | None = None) -> tuple[np.ndarray, Path, bool]:
     """Reference log-probs [N, 2] from the cache, computing and storing them on a miss; returns (logps, file, hit)."""
     key = hashlib.sha256(
         f"v{CACHE_VERSION}:{params_fingerprint(params)}:{arrays_fingerprint(arrays)}".encode()
@@ -82,7 +93,8 @@ def cached_reference_logps(cache_dir: str | Path, graphdef, params, arrays: dict
         if logps.shape == (arrays["tokens"].shape[0], 2):
             log(f"reference log-probs: cache hit {path}")
             return logps, path, True
-    logps = compute_reference_logps(graphdef, params, arrays, batch_size=batch_size, mesh=mesh, preset=preset)
+    logps = compute_reference_logps(graphdef, params, arrays, batch_size=batch_size, mesh=mesh, preset=preset,
+                                    bucket_multiple=bucket_multiple)
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}.npy")

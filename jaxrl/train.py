@@ -181,7 +181,8 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
             for arrays in (train_arrays, eval_arrays):
                 if arrays["tokens"].shape[0]:
                     arrays["ref_logps"], _, _ = reference.cached_reference_logps(
-                        cache_dir, graphdef, ref, arrays, batch_size=micro, mesh=mesh, preset=preset, log=log)
+                        cache_dir, graphdef, ref, arrays, batch_size=micro, mesh=mesh, preset=preset, log=log,
+                        bucket_multiple=cfg.data.bucket_multiple if cfg.data.padding == "bucket" else None)
         else:
             ref_params = ref
 

@@ -11,6 +11,7 @@ import pytest
 
 from jaxrl import config as config_lib
 from jaxrl import reference, sharding, steps, train
+from jaxrl.data import pipeline
 from jaxrl.config import Config, MeshConfig, ModelConfig, OptimConfig
 
 TINY = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, dtype="float32")
@@ -270,6 +271,13 @@ def test_compute_reference_logps_covers_every_row_when_batches_wrap():
     direct, _ = steps.policy_seq_logps(nnx.merge(graphdef, params), arrays)
     assert logps.shape == (10, 2)
     np.testing.assert_allclose(logps, direct, rtol=1e-5, atol=1e-4)
+    # Length-sorted, bucket-cut batches give the same log-probs, back in the rows' own order.
+    lengths = pipeline.used_lengths(arrays["loss_mask"]).max(axis=-1)
+    assert len(set(lengths.tolist())) > 1 and lengths.max() <= arrays["tokens"].shape[-1]
+    bucketed = reference.compute_reference_logps(
+        graphdef, params, arrays, batch_size=4, mesh=mesh1(), preset=PRESET, bucket_multiple=2
+    )
+    np.testing.assert_allclose(bucketed, direct, rtol=1e-5, atol=1e-4)
 
 
 def test_reference_cache_hits_and_misses(tmp_path):
