@@ -107,6 +107,28 @@ def cmd_preflight(args) -> int:
     return 1
 
 
+def cmd_prepare(args) -> int:
+    import collections
+
+    from jaxrl.data import tfds_builder
+    from jaxrl.data.readers import ReadResult
+    from jaxrl.data.records import RecordError
+
+    try:
+        directory = tfds_builder.prepare(args.source, args.format, args.out, name=args.name,
+                                         version=args.version, on_error=args.on_error,
+                                         log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, RecordError, ImportError) as e:
+        print(f"jaxrl prepare: error: {e}", file=sys.stderr)
+        return 2
+    info = tfds_builder.metadata(directory)
+    counts = ReadResult(rows_read=info["rows_read"], rows_used=info["rows_used"],
+                        dropped=collections.Counter(info["dropped"]))
+    print(directory)
+    print(counts.summary())
+    return 0
+
+
 def _launch_package():
     # launch/ sits beside the jaxrl package in the checkout (it is not part of the installed package).
     from pathlib import Path
@@ -184,6 +206,15 @@ def main(argv=None) -> int:
     p.add_argument("--hbm-gib", type=float, default=None, help="override the chip's HBM per chip (GiB)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
     p.set_defaults(fn=cmd_preflight)
+
+    p = sub.add_parser("prepare", help="read a local dataset file/dir and write it as a versioned TFDS dataset")
+    p.add_argument("--source", required=True, help="a file or directory the reader --format reads")
+    p.add_argument("--format", required=True, help="reader name (jaxrl.data.readers.READERS), e.g. tulu25")
+    p.add_argument("--out", required=True, help="TFDS data_dir: the dataset goes to <out>/<name>/<version>")
+    p.add_argument("--name", required=True, help="dataset name (snake_case)")
+    p.add_argument("--version", default="1.0.0", help="x.y.z; a changed source needs a new version")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="skip: count malformed rows")
+    p.set_defaults(fn=cmd_prepare)
 
     p = sub.add_parser("launch", help="run jaxrl train on a TPU slice, a SLURM cluster or local processes")
     targets = p.add_subparsers(dest="target", required=True)

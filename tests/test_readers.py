@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from jaxrl.data.binarize import binarize, reduce_rating, to_unpaired
 from jaxrl.data.mixture import mix
 from jaxrl.data.readers import READERS, ReadResult, iter_rows, read
+from jaxrl.data.tfds_builder import record_to_json
 from jaxrl.data.records import (
     Conversation,
     PreferencePair,
@@ -414,6 +415,10 @@ UNPAIRED_EXPECTED = [
     UnpairedExample(one("user", "¿Capital de Francia?"), one("assistant", "Roma"), False, "unpaired"),
 ]
 
+# A prepared tensorflow-datasets dataset stores one canonical record per row as JSON (jaxrl/data/tfds_builder.py).
+TFDS_EXPECTED = TULU_EXPECTED + UF_EXPECTED + PROMPT_EXPECTED + UNPAIRED_EXPECTED
+TFDS_ROWS = [{"record": record_to_json(r), "kind": type(r).__name__} for r in TFDS_EXPECTED]
+
 CASES = {
     "tulu25": (TULU_ROWS, TULU_EXPECTED),
     "ultrafeedback": (UF_ROWS, UF_EXPECTED),
@@ -426,6 +431,7 @@ CASES = {
     "prompts": (PROMPT_ROWS, PROMPT_EXPECTED),
     "sft": (SFT_ROWS, SFT_EXPECTED),
     "unpaired": (UNPAIRED_ROWS, UNPAIRED_EXPECTED),
+    "tfds": (TFDS_ROWS, TFDS_EXPECTED),
 }
 
 

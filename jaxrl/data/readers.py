@@ -1,8 +1,9 @@
 """Readers for public preference datasets: files -> rows -> canonical records, with every bad row accounted.
 
 `read(path, format)` loads JSONL / JSON / Parquet / Arrow / a `datasets.save_to_disk` directory (without
-importing `datasets`), turns each row into canonical records with the reader registered under `format`,
-and returns a `ReadResult` whose counts always satisfy rows_read == rows_used + sum(dropped).
+importing `datasets`) / a TFDS dataset version written by jaxrl.data.tfds_builder (format "tfds"), turns
+each row into canonical records with the reader registered under `format`, and returns a `ReadResult` whose
+counts always satisfy rows_read == rows_used + sum(dropped).
 
 A malformed row raises `RecordError` naming file, row (0-based) and field, or with `on_error="skip"` is
 counted under its reason. Reasons: missing_field, wrong_type, bad_value, empty_prompt, empty_response,
@@ -520,6 +521,22 @@ def read_unpaired(row: Mapping) -> list[UnpairedExample]:
     return [UnpairedExample(prompt, completion, label, source, _identifier(row, "id"))]
 
 
+@register("tfds")
+def read_tfds(row: Mapping) -> list:
+    """A dataset prepared by jaxrl.data.tfds_builder: `record` (a canonical record as JSON) and its `kind`."""
+    from jaxrl.data import tfds_builder
+
+    text = _value(row, "record")
+    if not isinstance(text, str | bytes):
+        raise _fail("wrong_type", f"'record' must be JSON text, got {_kind(text)}", "record")
+    record = tfds_builder.record_from_json(text)
+    kind = row.get("kind")
+    kind = kind.decode("utf-8", "replace") if isinstance(kind, bytes) else kind
+    if kind is not None and kind != type(record).__name__:
+        raise _fail("bad_value", f"'kind' is {kind!r} but the record is a {type(record).__name__}", "kind")
+    return [record]
+
+
 RawRows = Iterator[tuple[int, Any]]  # (0-based row index, dict or the RecordError that row raised)
 
 
@@ -622,7 +639,12 @@ def _iter_saved_dataset(path: Path) -> RawRows:
             raise ValueError(
                 f"{path} is a saved DatasetDict with splits {splits}; read one split, e.g. {path}/<split>"
             )
-        raise ValueError(f"{path} is not a save_to_disk directory (needs state.json and dataset_info.json)")
+        versions = sorted((p.parent.name for p in path.glob("*/features.json")),
+                          key=lambda v: [int(x) if x.isdigit() else -1 for x in v.split(".")])
+        hint = f"; it has TFDS versions {versions}: read one, e.g. {path / versions[-1]}" if versions else ""
+        raise ValueError(f"{path} is not a save_to_disk directory (needs state.json and dataset_info.json) "
+                         f"nor a prepared TFDS dataset version (needs features.json and dataset_info.json)"
+                         f"{hint}")
     state = json.loads(state_path.read_text(encoding="utf-8"))
     json.loads(
         info_path.read_text(encoding="utf-8")
@@ -635,9 +657,22 @@ def _iter_saved_dataset(path: Path) -> RawRows:
         yield index, row if keep is None else {k: v for k, v in row.items() if k in keep}
 
 
+def _iter_tfds(path: Path) -> RawRows:
+    """A dataset version prepared by jaxrl.data.tfds_builder (features.json + dataset_info.json), in order."""
+    from jaxrl.data import tfds_builder
+
+    try:
+        for index, example in tfds_builder.iter_examples(path):
+            yield index, {"record": example["record"], "kind": example["kind"]}
+    except RuntimeError as exc:  # array_record's error for a damaged file
+        raise RecordError("unreadable_file", f"cannot read: {exc}", file=str(path)) from None
+
+
 def _raw_rows(path: Path) -> RawRows:
     name = path.name.lower()
     if path.is_dir():
+        if (path / "features.json").is_file() and (path / "dataset_info.json").is_file():
+            return _iter_tfds(path)
         return _iter_saved_dataset(path)
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
         return _iter_jsonl(path)
