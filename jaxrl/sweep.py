@@ -142,15 +142,42 @@ def _enable_compilation_cache(path: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
+def _base_labels(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """For shared base runs (which have no overrides of their own), the settings that tell them apart: the
+    config keys whose values differ between base runs of one stage (seed and paths aside)."""
+    bases = [r for r in runs if r.kind == "base"]
+    flat = {r.id: _flat(config_lib.to_dict(r.cfg)) for r in bases}
+    labels: dict[str, dict[str, Any]] = {r.id: {} for r in bases}
+    for stage in {r.cfg.stage for r in bases}:
+        group = [r.id for r in bases if r.cfg.stage == stage]
+        keys = {k for rid in group for k in flat[rid]}
+        for key in sorted(keys - {"seed", "train.init_from", "train.cache_dir"}):
+            if len({json.dumps(flat[rid].get(key), sort_keys=True) for rid in group}) > 1:
+                for rid in group:
+                    labels[rid][key] = flat[rid].get(key)
+    return labels
+
+
 def collect(runs: list[Run], workdir: Path) -> list[dict]:
-    """One row per finished run: its overrides, base/point kind, and train/eval metrics."""
+    """One row per finished run: its overrides (for a shared base, what tells it apart from the other bases),
+    base/point kind, and train/eval metrics."""
     rows = []
+    labels = _base_labels(runs)
     for r in runs:
         done = workdir / "runs" / r.id / "final" / "summary.json"
         if not done.exists():
             continue
         summary = json.loads(done.read_text())
-        row = {"run": r.id, "kind": r.kind, "stage": r.cfg.stage, **r.point}
+        row = {"run": r.id, "kind": r.kind, "stage": r.cfg.stage, **labels.get(r.id, {}), **r.point}
+        if r.kind == "base":
+            row["seed"] = r.cfg.seed
         row |= {f"train/{k}": v for k, v in summary.get("train", {}).items()}
         row |= {f"eval/{k}": v for k, v in summary.get("eval", {}).items()}
         rows.append(row)
@@ -207,11 +234,23 @@ def write_results(rows: list[dict], metrics: list[str], workdir: Path) -> tuple[
 
 def _arm_label(row: dict) -> str:
     keys = [k for k in row if "/" not in k and k not in ("run", "kind", "seed")]
-    return " ".join(f"{row[k]}" for k in keys)
+    return " ".join(f"{row[k]}" for k in keys if row[k] not in ("", None))
+
+
+def _algorithm(row: dict) -> str:
+    """The algorithm of a row, for colours: the stage, with the loss for the DPO family and the reward source
+    for online stages rewarded by a verifiable reward alone."""
+    stage = row.get("stage", "")
+    if stage == "dpo" and row.get("loss.name"):
+        return f"dpo:{row['loss.name']}"
+    if row.get("rl.verifiable") and not row.get("rl.reward_model"):
+        return f"{stage} ({row['rl.verifiable']} reward)"
+    return stage
 
 
 def write_plots(rows: list[dict], workdir: Path) -> list[Path]:
-    """Gold reward per domain per arm (bars) and gold reward against KL (scatter), as PNG."""
+    """Two PNGs: gold reward per arm (bars: mean over seeds with its spread; dots: each domain), arms sorted by
+    gold reward; and gold reward against KL to the reference, one point per arm, coloured by algorithm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,32 +263,46 @@ def write_plots(rows: list[dict], workdir: Path) -> list[Path]:
     arms: dict[str, list[dict]] = {}
     for r in policy_rows:
         arms.setdefault(_arm_label(r), []).append(r)
-    labels = sorted(arms)
+    def mean(arm: str, key: str) -> float:
+        values = [r[key] for r in arms[arm] if isinstance(r.get(key), (int, float))]
+        return float(np.mean(values)) if values else float("nan")
+
+    labels = sorted(arms, key=lambda a: mean(a, "eval/gold_reward"))
     paths = []
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) + 2), 4))
-    width = 0.8 / max(1, len(domains))
-    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(8, max(3.0, 0.28 * len(labels) + 1.2)))
+    y = np.arange(len(labels))
+    spread = [float(np.std([r["eval/gold_reward"] for r in arms[a]], ddof=1)) if len(arms[a]) > 1 else 0.0
+              for a in labels]
+    ax.barh(y, [mean(a, "eval/gold_reward") for a in labels], xerr=spread, color="0.8", label="all domains")
+    markers = "os^Dv<>p"
     for i, d in enumerate(domains):
-        means = [np.mean([r.get(f"eval/gold_reward/{d}", np.nan) for r in arms[a]]) for a in labels]
-        ax.bar(x + i * width, means, width, label=d)
-    ax.set_xticks(x + width * (len(domains) - 1) / 2, labels, rotation=40, ha="right", fontsize=7)
-    ax.set_ylabel("gold reward (greedy, held-out prompts)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+        ax.scatter([mean(a, f"eval/gold_reward/{d}") for a in labels], y, s=14, marker=markers[i % len(markers)],
+                   label=d, zorder=3)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("gold reward (greedy, held-out prompts); bar: mean over seeds ± std")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     paths.append(workdir / "gold_reward_by_domain.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for a in labels:
-        kl = [r.get("eval/kl", 0.0) for r in arms[a]]
-        gold = [r["eval/gold_reward"] for r in arms[a]]
-        ax.scatter(kl, gold, label=a, s=18)
-    ax.set_xlabel("KL(policy || reference), nats per response")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    algorithms = sorted({_algorithm(arms[a][0]) for a in labels})
+    colours = plt.get_cmap("tab10" if len(algorithms) <= 10 else "tab20")
+    for k, alg in enumerate(algorithms):
+        # A base run is its own reference (KL 0); other arms without a KL had no reference to measure it to.
+        is_base = lambda a: arms[a][0].get("kind") == "base"
+        members = [a for a in labels if _algorithm(arms[a][0]) == alg and (is_base(a) or not np.isnan(mean(a, "eval/kl")))]
+        if not members:
+            continue
+        kl = [0.0 if is_base(a) else mean(a, "eval/kl") for a in members]
+        ax.scatter(kl, [mean(a, "eval/gold_reward") for a in members], s=22, color=colours(k), label=alg)
+    ax.set_xlabel("KL(policy || reference), nats per response (base runs: 0)")
     ax.set_ylabel("gold reward")
-    ax.legend(fontsize=6, loc="best")
+    ax.set_title("one point per arm (mean over seeds); arms without a reference (SimPO) left out", fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     paths.append(workdir / "gold_reward_vs_kl.png")
     fig.savefig(paths[-1], dpi=120)

@@ -210,3 +210,13 @@ def test_every_sweep_point_validates_and_builds_an_abstract_state(study_file, tm
         shapes.add(sum(x.size for x in leaves))
     if study_file.endswith("tulu25.py"):
         assert any(12e9 < n < 14e9 for n in shapes)  # Llama 2 13B
+
+
+def test_shared_bases_are_told_apart_in_the_table(study, tmp_path):
+    study.sweep = lambda: [{"loss.name": "dpo", "seed": s, "model.hidden": h} for s in (0, 1) for h in (32, 48)]
+    runs = sweep.expand(study, tmp_path)
+    bases = [r for r in runs if r.kind == "base"]
+    assert len(bases) == 4
+    labels = sweep._base_labels(runs)
+    assert sorted(labels[b.id]["model.hidden"] for b in bases) == [32, 32, 48, 48]
+    assert all(set(labels[b.id]) == {"model.hidden"} for b in bases)  # the seed is a column of its own
