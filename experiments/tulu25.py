@@ -8,6 +8,10 @@ allenai/tulu-2.5-preference-data, allenai/tulu-2.5-prompts and the Tulu 2 13B SF
 
 Hyperparameters from the paper's appendix as summarised in the project's reference sheet; the values marked
 "verify" could not be confirmed from the appendix and are the released commands' values.
+
+Batches are padded to max_len as in the original runs. Most pairs are far shorter than 2048 tokens:
+`--set data.padding=bucket --set data.bucket_multiple=256 --set data.group_by_length=true` computes a fraction
+of the padded positions for the same losses (bench/results/padding.md), at the cost of batches grouped by length.
 """
 
 import dataclasses
