@@ -103,7 +103,7 @@ FAST = " ".join(
 )
 
 
-def _train_argv(workdir: Path) -> list[str]:
+def _train_argv(workdir: Path, extra_sets=()) -> list[str]:
     argv = [
         sys.executable,
         "-m",
@@ -114,7 +114,7 @@ def _train_argv(workdir: Path) -> list[str]:
         "--workdir",
         str(workdir),
     ]
-    for s in SETS:
+    for s in [*SETS, *extra_sets]:
         argv += ["--set", s]
     return argv
 
@@ -154,7 +154,11 @@ def _losses(workdir: Path) -> tuple[list[float], list[float], dict]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("padding", ["max_len", "bucket"])
+def test_two_processes_match_one(tmp_path, padding):
+    # With buckets every process must cut the same global batch to the same width (from the global indices).
+    extra = () if padding == "max_len" else ("data.padding=bucket", "data.bucket_multiple=8",
+                                               "data.group_by_length=true")
     sys.path.insert(0, str(REPO))
     from launch.local import free_port
 
@@ -168,7 +172,7 @@ def test_two_processes_match_one(tmp_path):
         )
         procs.append(
             subprocess.Popen(
-                _train_argv(multi), cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
+                _train_argv(multi, extra), cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
             )
         )
         logs.append(log)
@@ -177,7 +181,7 @@ def test_two_processes_match_one(tmp_path):
     _wait(
         [
             subprocess.Popen(
-                _train_argv(single), cwd=REPO, env=_env(8), stdout=log.open("w"), stderr=subprocess.STDOUT
+                _train_argv(single, extra), cwd=REPO, env=_env(8), stdout=log.open("w"), stderr=subprocess.STDOUT
             )
         ],
         [log],
