@@ -130,14 +130,7 @@ def cmd_prepare(args) -> int:
 
 
 def _launch_package():
-    # launch/ sits beside the jaxrl package in the checkout (it is not part of the installed package).
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "launch" / "__init__.py").is_file():
-        raise FileNotFoundError(f"no launch/ beside the jaxrl package in {root}; run from a checkout")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    # launch/ is a top-level package of the distribution, beside jaxrl (installed with it, or in a checkout).
     import launch
 
     return launch
