@@ -45,7 +45,7 @@ def main() -> None:
     args = p.parse_args()
 
     arrays = make_rows(args.examples, args.max_len, args.median, args.sigma)
-    lengths = pipeline.used_lengths(arrays["loss_mask"])
+    lengths = pipeline.example_lengths(arrays)
     real = int(lengths.sum())
     print(f"{args.examples} examples, max_len {args.max_len}, lengths: median {np.median(lengths):.0f}, "
           f"p90 {np.percentile(lengths, 90):.0f}, max {lengths.max()}; mean {lengths.mean():.0f} real tokens/row")
@@ -53,13 +53,13 @@ def main() -> None:
     order = pipeline.BatchOrder(args.examples, args.batch, seed=0)
     steps = args.examples // args.batch
     start = time.perf_counter()
-    widths = [pipeline.bucket_width(arrays, order.indices(s), args.multiple) for s in range(steps)]
+    widths = [pipeline.bucket_width(lengths, order.indices(s), args.multiple, args.max_len) for s in range(steps)]
     per_batch_ms = (time.perf_counter() - start) / steps * 1e3
     bucket_positions = sum(widths) * args.batch
 
     grouped = pipeline.BatchOrder(args.examples, args.batch, seed=0, lengths=lengths)
     start = time.perf_counter()
-    grouped_widths = [pipeline.bucket_width(arrays, grouped.indices(s), args.multiple) for s in range(steps)]
+    grouped_widths = [pipeline.bucket_width(lengths, grouped.indices(s), args.multiple, args.max_len) for s in range(steps)]
     grouped_ms = (time.perf_counter() - start) / steps * 1e3
     grouped_positions = sum(grouped_widths) * args.batch
 

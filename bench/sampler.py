@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import time
 
 import jax
@@ -34,18 +33,9 @@ from jaxrl import sampling, sharding, train
 from jaxrl.config import MeshConfig, ModelConfig
 from jaxrl.models.transformer import count_params
 
-TINYLLAMA = ModelConfig(
-    vocab_size=32000, hidden=2048, layers=22, heads=32, kv_heads=4, mlp=5632, rope_theta=10000.0
-)
-TINY = ModelConfig(vocab_size=256, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128)
+# Run as `python bench/sampler.py`: bench/ is on the path, and the DPO bench defines the shared shapes.
+from dpo_step import TINY, TINYLLAMA, peak_memory_bytes  # noqa: E402
 
-
-def peak_memory_bytes() -> tuple[int | None, str]:
-    """Peak device memory where the backend reports it, else the process's peak RSS."""
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"]), "device peak_bytes_in_use"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host peak RSS (no device memory stats)"
 
 
 def roofline(cfg: ModelConfig, batch: int, prompt: int, new: int, hbm_gbps: float, peak_tflops: float):

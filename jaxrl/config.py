@@ -296,18 +296,19 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flat_dict(data: Config | Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config (or its `to_dict` output) as {dotted key: leaf value}."""
+    if isinstance(data, Config):
+        data = to_dict(data)
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out |= flat_dict(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v}
+    return out
+
+
 def from_dict(data: Mapping[str, Any]) -> Config:
     """Rebuilds a Config from `to_dict` output; unknown keys are errors."""
-    flat = {}
-
-    def walk(d, prefix):
-        for k, v in d.items():
-            if isinstance(v, Mapping):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk(data, "")
+    flat = flat_dict(data)
     stage = flat.pop("stage", "sft")
     return override(Config(stage=stage), flat)
 

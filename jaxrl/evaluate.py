@@ -114,3 +114,13 @@ def gold_pair_arrays(cfg, tok) -> dict[str, np.ndarray]:
     arrays, _ = tokenize.encode_pairs(pairs, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len,
                                       truncation=d.truncation)
     return arrays
+
+
+def synthetic_eval(cfg, graphdef, params, ref_params, tok) -> dict[str, float]:
+    """A policy's evaluation in the synthetic world: world_eval on the held-out prompts and its ranking accuracy
+    on the held-out gold pairs (the same prompts and pairs for every run of a study)."""
+    from jaxrl import synthetic
+
+    prompts = synthetic.make_eval_prompts(cfg.data.eval_prompts_per_domain, seed=12345)
+    metrics = world_eval(graphdef, params, ref_params, tok, prompts, max_new=cfg.data.eval_max_new, seed=0)
+    return metrics | ranking_accuracy(graphdef, params, gold_pair_arrays(cfg, tok))

@@ -515,14 +515,7 @@ def _offline_programs(b: _Builder, cfg: Config, model_cfg) -> None:
         b.hold("reference params", state.ref_params)
         holdings += ("reference params",)
     objective, totals_fn = stage_objective(cfg, graphdef)
-    step_fn = functools.partial(
-        steps.train_step,
-        objective=objective,
-        totals_fn=totals_fn,
-        tx=tx,
-        schedule=schedule,
-        grad_accum=t.grad_accum,
-    )
+    step_fn = steps.bind_step(objective, totals_fn, (tx, schedule), t.grad_accum)
     hp = jax.eval_shape(lambda: loss_hparams(cfg))
     b.compile(
         "train_step", steps.make_step(step_fn, state, batch, b.mesh, b.preset), (state, batch, hp), holdings

@@ -67,11 +67,13 @@ def compute_reference_logps(graphdef, params, arrays: dict[str, np.ndarray], *, 
 
     order = np.arange(n)
     if bucket_multiple:
-        order = np.argsort(pipeline.used_lengths(arrays["loss_mask"]).max(axis=-1), kind="stable")
+        lengths = pipeline.example_lengths(arrays)
+        order = np.argsort(lengths, kind="stable")
     out = np.zeros((n, 2), np.float32)
     for start in range(0, n, batch_size):
         idx = order[np.arange(start, start + batch_size) % n]  # the last batch wraps; its extra rows are discarded
-        width = pipeline.bucket_width(arrays, idx, bucket_multiple) if bucket_multiple else None
+        width = (pipeline.bucket_width(lengths, idx, bucket_multiple, arrays["tokens"].shape[-1])
+                 if bucket_multiple else None)
         tokens = jax.device_put(arrays["tokens"][idx][..., :width], batch_sharding)
         mask = jax.device_put(arrays["loss_mask"][idx][..., :width], batch_sharding)
         logp = np.asarray(jax.device_get(forward(params, tokens, mask)))

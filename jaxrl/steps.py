@@ -219,6 +219,14 @@ def eval_step(params, batch: Batch, hp, *, objective: Callable, totals_fn: Calla
     return dict(metrics, loss=loss)
 
 
+def bind_step(objective: Callable, totals_fn: Callable, optimizer: tuple, grad_accum: int) -> Callable:
+    """train_step with its objective, whole-batch totals and (tx, schedule) bound: (state, batch, hp) ->
+    (state, metrics), what make_step jits."""
+    tx, schedule = optimizer
+    return functools.partial(train_step, objective=objective, totals_fn=totals_fn, tx=tx, schedule=schedule,
+                             grad_accum=grad_accum)
+
+
 def make_step(step_fn: Callable, abstract_state, abstract_batch, mesh, preset: str, *, donate: bool = True):
     """jit(step_fn(state, batch, hp)) with state/batch shardings from the rule table and state donation."""
     state_shardings = sharding.tree_shardings(abstract_state, preset, mesh)

@@ -46,10 +46,6 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(config_lib.to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _point_stage(base: Config, point: dict[str, Any]) -> str:
-    return str(point.get("stage", base.stage))
-
-
 def expand(module, workdir: str | Path, overrides=()) -> list[Run]:
     """All runs of a study, each after the runs it depends on.
 
@@ -72,7 +68,7 @@ def expand(module, workdir: str | Path, overrides=()) -> list[Run]:
         return str(workdir / "runs" / rid)
 
     def add_point(point: dict[str, Any]) -> str:
-        stage = _point_stage(base, point)
+        stage = str(point.get("stage", base.stage))
         defaults = dict(module.stage_defaults(stage)) if hasattr(module, "stage_defaults") else {}
         plain = config_lib.override(config_lib.override(base, point), shared)
         cfg = config_lib.override(config_lib.override(config_lib.override(base, defaults), point), shared)
@@ -142,18 +138,11 @@ def _enable_compilation_cache(path: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
-
-
 def _base_labels(runs: list[Run]) -> dict[str, dict[str, Any]]:
     """For shared base runs (which have no overrides of their own), the settings that tell them apart: the
     config keys whose values differ between base runs of one stage (seed and paths aside)."""
     bases = [r for r in runs if r.kind == "base"]
-    flat = {r.id: _flat(config_lib.to_dict(r.cfg)) for r in bases}
+    flat = {r.id: config_lib.flat_dict(r.cfg) for r in bases}
     labels: dict[str, dict[str, Any]] = {r.id: {} for r in bases}
     for stage in {r.cfg.stage for r in bases}:
         group = [r.id for r in bases if r.cfg.stage == stage]
@@ -291,10 +280,11 @@ def write_plots(rows: list[dict], workdir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     algorithms = sorted({_algorithm(arms[a][0]) for a in labels})
     colours = plt.get_cmap("tab10" if len(algorithms) <= 10 else "tab20")
+    # A base run is its own reference (KL 0); other arms without a KL had no reference to measure it to.
+    is_base = lambda a: arms[a][0].get("kind") == "base"
     for k, alg in enumerate(algorithms):
-        # A base run is its own reference (KL 0); other arms without a KL had no reference to measure it to.
-        is_base = lambda a: arms[a][0].get("kind") == "base"
-        members = [a for a in labels if _algorithm(arms[a][0]) == alg and (is_base(a) or not np.isnan(mean(a, "eval/kl")))]
+        members = [a for a in labels
+                   if _algorithm(arms[a][0]) == alg and (is_base(a) or not np.isnan(mean(a, "eval/kl")))]
         if not members:
             continue
         kl = [0.0 if is_base(a) else mean(a, "eval/kl") for a in members]

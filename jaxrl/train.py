@@ -194,8 +194,7 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
     del params
 
     objective, totals_fn = stage_objective(cfg, graphdef)
-    step_fn = functools.partial(steps.train_step, objective=objective, totals_fn=totals_fn, tx=tx,
-                                schedule=schedule, grad_accum=t.grad_accum)
+    step_fn = steps.bind_step(objective, totals_fn, (tx, schedule), t.grad_accum)
     example = {k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype) for k, v in train_arrays.items()}
     train_step = steps.make_step(step_fn, jax.eval_shape(lambda: state), example, mesh, preset)
     eval_fn = lambda p, b, h, r: steps.eval_step(p, b, h, objective=objective, totals_fn=totals_fn, ref_params=r)
@@ -213,10 +212,10 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
         start = int(meta["step"])
         log(f"resumed from {workdir}/checkpoints/{latest} at step {start}")
 
-    lengths = pipeline.used_lengths(train_arrays["loss_mask"]) if cfg.data.group_by_length else None
-    if lengths is not None and lengths.ndim == 2:
-        lengths = lengths.max(axis=-1)  # a pair is as long as its longer row
-    order = pipeline.BatchOrder(train_arrays["tokens"].shape[0], t.batch_size, cfg.seed, lengths)
+    bucket = cfg.data.padding == "bucket"
+    lengths = pipeline.example_lengths(train_arrays) if bucket or cfg.data.group_by_length else None
+    order = pipeline.BatchOrder(train_arrays["tokens"].shape[0], t.batch_size, cfg.seed,
+                                lengths if cfg.data.group_by_length else None)
     batch_sharding = sharding.batch_sharding(mesh, preset)
     writer = MetricWriter(workdir, tensorboard=t.tensorboard)
     seq_len = train_arrays["tokens"].shape[-1]
@@ -230,17 +229,16 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
             flops += flops_per_token(model_cfg, width, backward=False) * tokens
         return tokens, flops
 
-    bucket = cfg.data.padding == "bucket"
     progress = _progress(start, t.steps, enabled=t.progress and jax.process_index() == 0)
     pending, window_start, window = None, time.perf_counter(), []
     last = {}
     end = t.steps if stop_after is None else min(stop_after, t.steps)
     for step in range(start, end):
         indices = order.indices(step)
-        width = pipeline.bucket_width(train_arrays, indices, cfg.data.bucket_multiple) if bucket else seq_len
+        width = pipeline.bucket_width(lengths, indices, cfg.data.bucket_multiple, seq_len) if bucket else None
         batch = pipeline.to_device(pipeline.host_batch(train_arrays, indices, width), batch_sharding)
         state, metrics = train_step(state, batch, hp)
-        window.append(step_cost(width))
+        window.append(step_cost(width or seq_len))
         # Fetch the previous step's metrics only after dispatching this one: the device never waits on us.
         if pending is not None:
             last = _log_metrics(writer, pending, window_start, window[:-1], progress)
@@ -264,7 +262,9 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
     eval_metrics = evaluate(eval_step, state.params, eval_arrays, hp, t.batch_size // t.grad_accum, mesh, preset,
                             state.ref_params)
     if cfg.data.source == "synthetic" and cfg.stage != "rm" and cfg.data.eval_prompts_per_domain:
-        eval_metrics |= _world_eval(cfg, graphdef, state.params, ref, data.tokenizer)
+        from jaxrl.evaluate import synthetic_eval
+
+        eval_metrics |= synthetic_eval(cfg, graphdef, state.params, ref, data.tokenizer)
     writer.write(t.steps, {f"eval/{k}": v for k, v in eval_metrics.items()})
     writer.close()
     checkpoint.save_params(checkpoint.final_params_dir(workdir), state.params)
@@ -275,14 +275,6 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
         done.write_text(json.dumps(summary, indent=2) + "\n")
     log(f"finished {cfg.stage}: eval {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
     return summary
-
-
-def _world_eval(cfg: Config, graphdef, params, ref_params, tok) -> dict:
-    from jaxrl import evaluate, synthetic
-
-    prompts = synthetic.make_eval_prompts(cfg.data.eval_prompts_per_domain, seed=12345)
-    metrics = evaluate.world_eval(graphdef, params, ref_params, tok, prompts, max_new=cfg.data.eval_max_new, seed=0)
-    return metrics | evaluate.ranking_accuracy(graphdef, params, evaluate.gold_pair_arrays(cfg, tok))
 
 
 def _state(params, tx, seed: int, ref_params) -> steps.TrainState:

@@ -59,25 +59,11 @@ def _value_text(value) -> str:
     return str(value)
 
 
-def _flat(cfg) -> dict[str, object]:
-    from jaxrl import config as config_lib
-
-    out = {}
-
-    def walk(d, prefix):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = v
-
-    walk(config_lib.to_dict(cfg), "")
-    return out
-
-
 def config_diff(base, target) -> list[str]:
     """`key=value` overrides that turn config `base` into `target` (sorted by key)."""
-    a, b = _flat(base), _flat(target)
+    from jaxrl.config import flat_dict
+
+    a, b = flat_dict(base), flat_dict(target)
     return [f"{k}={_value_text(b[k])}" for k in sorted(b) if a.get(k) != b[k]]
 
 

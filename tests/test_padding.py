@@ -33,9 +33,12 @@ def test_used_lengths_and_bucket_width():
     arrays = ragged_rows([5, 17, 9, 3], 40)
     np.testing.assert_array_equal(pipeline.used_lengths(arrays["loss_mask"]), [5, 17, 9, 3])
     assert pipeline.used_lengths(np.zeros((2, 2, 8), np.int8)).tolist() == [[0, 0], [0, 0]]
-    assert pipeline.bucket_width(arrays, np.array([0, 2, 3]), 8) == 16  # longest 9 -> 16
-    assert pipeline.bucket_width(arrays, np.array([0, 1]), 8) == 24
-    assert pipeline.bucket_width(arrays, np.array([1]), 64) == 40  # never wider than the arrays
+    lengths = pipeline.example_lengths(arrays)
+    assert pipeline.bucket_width(lengths, np.array([0, 2, 3]), 8, 40) == 16  # longest 9 -> 16
+    assert pipeline.bucket_width(lengths, np.array([0, 1]), 8, 40) == 24
+    assert pipeline.bucket_width(lengths, np.array([1]), 64, 40) == 40  # never wider than the arrays
+    pairs = {"loss_mask": np.stack([arrays["loss_mask"], arrays["loss_mask"][::-1]], axis=1)}
+    np.testing.assert_array_equal(pipeline.example_lengths(pairs), [5, 17, 17, 5])  # a pair's longer row
     batch = pipeline.host_batch({**arrays, "margin": np.arange(4.0)}, np.array([2, 0]), width=16)
     assert batch["tokens"].shape == (2, 16) and batch["loss_mask"].shape == (2, 16)
     np.testing.assert_array_equal(batch["margin"], [2.0, 0.0])  # per-example arrays are not cut
@@ -152,7 +155,7 @@ def test_a_bucketed_batch_gives_the_max_len_loss_and_gradients(stage):
     if stage == "dpo":
         arrays["ref_logps"] = np.random.default_rng(3).normal(-20, 2, (4, 2)).astype(np.float32)
     indices = np.arange(arrays["tokens"].shape[0])
-    width = pipeline.bucket_width(arrays, indices, 8)
+    width = pipeline.bucket_width(pipeline.example_lengths(arrays), indices, 8, T)
     assert width == 16 < T
     full = pipeline.host_batch(arrays, indices)
     cut = pipeline.host_batch(arrays, indices, width)

@@ -272,7 +272,7 @@ def test_compute_reference_logps_covers_every_row_when_batches_wrap():
     assert logps.shape == (10, 2)
     np.testing.assert_allclose(logps, direct, rtol=1e-5, atol=1e-4)
     # Length-sorted, bucket-cut batches give the same log-probs, back in the rows' own order.
-    lengths = pipeline.used_lengths(arrays["loss_mask"]).max(axis=-1)
+    lengths = pipeline.example_lengths(arrays)
     assert len(set(lengths.tolist())) > 1 and lengths.max() <= arrays["tokens"].shape[-1]
     bucketed = reference.compute_reference_logps(
         graphdef, params, arrays, batch_size=4, mesh=mesh1(), preset=PRESET, bucket_multiple=2

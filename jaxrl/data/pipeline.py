@@ -170,12 +170,18 @@ def used_lengths(loss_mask: np.ndarray) -> np.ndarray:
     return np.where(has, last + 1, 0)
 
 
-def bucket_width(arrays: dict[str, np.ndarray], indices: np.ndarray, multiple: int) -> int:
-    """The width a global batch is cut to: the smallest multiple of `multiple` that holds the longest used row
-    of the batch (computed from the global indices, so every process agrees), at most the arrays' width."""
-    T = arrays["tokens"].shape[-1]
-    longest = int(used_lengths(arrays["loss_mask"][indices]).max(initial=1))
-    return min(T, -(-max(longest, 1) // multiple) * multiple)
+def example_lengths(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Used positions of each example [N] (a pair's longer row); compute once, then cut batches with it."""
+    lengths = used_lengths(arrays["loss_mask"])
+    return lengths.max(axis=-1) if lengths.ndim == 2 else lengths
+
+
+def bucket_width(lengths: np.ndarray, indices: np.ndarray, multiple: int, max_width: int) -> int:
+    """The width a global batch is cut to: the smallest multiple of `multiple` that holds the longest example of
+    the batch (`lengths` from example_lengths, read at the global indices so every process agrees), at most
+    `max_width`."""
+    longest = max(int(lengths[indices].max(initial=1)), 1)
+    return min(max_width, -(-longest // multiple) * multiple)
 
 
 def padding_fraction(arrays: dict[str, np.ndarray]) -> float:

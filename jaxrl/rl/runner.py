@@ -406,13 +406,9 @@ def _host_rollout_metrics(tokens_BN, mask_BN, eos_id: int, components: dict) -> 
 def _world_eval(cfg: Config, graphdef, params, ref_params, tok) -> dict:
     if cfg.data.source != "synthetic" or not cfg.data.eval_prompts_per_domain:
         return {}
-    from jaxrl import evaluate, synthetic
+    from jaxrl import evaluate
 
-    prompts = synthetic.make_eval_prompts(cfg.data.eval_prompts_per_domain, seed=12345)
-    metrics = evaluate.world_eval(
-        graphdef, params, ref_params, tok, prompts, max_new=cfg.data.eval_max_new, seed=0
-    )
-    return metrics | evaluate.ranking_accuracy(graphdef, params, evaluate.gold_pair_arrays(cfg, tok))
+    return evaluate.synthetic_eval(cfg, graphdef, params, ref_params, tok)
 
 
 def _gather_rows(tree, indices):
@@ -518,18 +514,10 @@ def _minibatch_example(cfg: Config, mb_units: int) -> dict:
 def update_fn(cfg: Config, graphdef, value_graphdef, optimizers: dict):
     """The pure minibatch update (policy and, for ppo, value) of the stage; preflight compiles the same one."""
     r, t, N = cfg.rl, cfg.train, cfg.rl.max_new_tokens
-    tx, schedule = optimizers["policy"]
     if cfg.stage == "online_dpo":
         objective = functools.partial(online_dpo_objective, graphdef=graphdef, loss_name=cfg.loss.name)
         totals_fn = lambda b: {"pairs": jnp.maximum(jnp.sum(b["weight"]), 1.0)}
-        policy_step = functools.partial(
-            steps.train_step,
-            objective=objective,
-            totals_fn=totals_fn,
-            tx=tx,
-            schedule=schedule,
-            grad_accum=t.grad_accum,
-        )
+        policy_step = steps.bind_step(objective, totals_fn, optimizers["policy"], t.grad_accum)
         return functools.partial(rl_step, policy_step=policy_step)
     totals_fn = lambda b: advantages.aggregation_totals(b["response_mask"], N)
     objective = functools.partial(
@@ -541,31 +529,16 @@ def update_fn(cfg: Config, graphdef, value_graphdef, optimizers: dict):
         top_k=r.top_k,
         top_p=r.top_p,
     )
-    policy_step = functools.partial(
-        steps.train_step,
-        objective=objective,
-        totals_fn=totals_fn,
-        tx=tx,
-        schedule=schedule,
-        grad_accum=t.grad_accum,
-    )
+    policy_step = steps.bind_step(objective, totals_fn, optimizers["policy"], t.grad_accum)
     value_step = None
     if value_graphdef is not None:
-        value_tx, value_schedule = optimizers["value"]
         objective = functools.partial(
             value_objective,
             graphdef=value_graphdef,
             aggregation=r.aggregation,
             recompute_old_logps=r.recompute_old_logps,
         )
-        value_step = functools.partial(
-            steps.train_step,
-            objective=objective,
-            totals_fn=totals_fn,
-            tx=value_tx,
-            schedule=value_schedule,
-            grad_accum=t.grad_accum,
-        )
+        value_step = steps.bind_step(objective, totals_fn, optimizers["value"], t.grad_accum)
     return functools.partial(rl_step, policy_step=policy_step, value_step=value_step)
 
 
