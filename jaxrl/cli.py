@@ -48,7 +48,10 @@ def cmd_sweep(args) -> int:
     print(f"results: {md} and {csv_path}")
     for p in plots:
         print(f"plot: {p}")
-    return 0
+    failed = [r for r in rows if r.get("status", "finished") != "finished"]
+    for r in failed:
+        print(f"jaxrl sweep: {r['status']}: {r['run']}: {r.get('reason', '')}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_convert(args) -> int:
@@ -164,6 +167,7 @@ def cmd_launch(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="jaxrl", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one stage (sft, rm or dpo) from an experiment file")
@@ -250,9 +254,42 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"jaxrl {args.command}: error: {e}", file=sys.stderr)
+    except _user_errors() as e:
+        if args.debug:
+            raise
+        print(f"jaxrl {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from jaxrl.workdir import RunFailed
+
+        if args.debug or not isinstance(e, RunFailed):
+            raise
+        print(f"jaxrl {args.command}: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause and fix (a config, a file, a data row, a checkpoint, a launch flag): one line and
+    exit 2, the traceback only with --debug."""
+    from jaxrl.data.chat import ChatTemplateError
+    from jaxrl.data.records import RecordError
+    from jaxrl.models.hf import HFCheckpointError
+    from jaxrl.preflight import PreflightError
+
+    errors = [ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, RecordError,
+              HFCheckpointError, ChatTemplateError, PreflightError]
+    try:
+        from launch import LaunchError
+
+        errors.append(LaunchError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,9 @@ class TrainConfig:
     cache_dir: str = ""  # "" means <workdir>/cache
     tensorboard: bool = True
     progress: bool = True
+    # A run fails (non-zero exit, summary marked failed) when more than this fraction of its updates had a
+    # non-finite loss, gradient or update; a run whose first update is non-finite stops at once.
+    max_skipped_fraction: float = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,8 +335,132 @@ def load_experiment(path: str | Path) -> types.ModuleType:
     return module
 
 
+@dataclasses.dataclass(frozen=True)
+class _Range:
+    """An allowed range of a numeric field: a test, and how the error message says it ("must be <text>")."""
+
+    test: Callable[[Any], bool]
+    text: str
+
+
+def _interval(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> _Range:
+    """lo <= v <= hi (either end open); NaN fails every comparison, so it is refused too."""
+
+    def test(v):
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+    return _Range(test, f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+
+
+POSITIVE_INT = _Range(lambda v: v >= 1, "a positive integer")
+NON_NEGATIVE_INT = _Range(lambda v: v >= 0, "a non-negative integer")
+POSITIVE = _Range(lambda v: math.isfinite(v) and v > 0, "positive and finite")
+NON_NEGATIVE = _Range(lambda v: math.isfinite(v) and v >= 0, "finite and >= 0")
+FINITE = _Range(math.isfinite, "finite")
+UNIT = _interval(0, 1)
+UNIT_OPEN_TOP = _interval(0, 1, hi_open=True)
+MESH_AXIS = _Range(lambda v: v == -1 or v >= 1, "-1 (all remaining devices) or a positive integer")
+
+# (dotted key, range) of the fields every stage reads.
+RANGES: tuple[tuple[str, _Range], ...] = (
+    ("seed", NON_NEGATIVE_INT),
+    ("model.vocab_size", POSITIVE_INT),
+    ("model.hidden", POSITIVE_INT),
+    ("model.layers", POSITIVE_INT),
+    ("model.heads", POSITIVE_INT),
+    ("model.kv_heads", POSITIVE_INT),
+    ("model.head_dim", NON_NEGATIVE_INT),  # 0: hidden // heads
+    ("model.mlp", POSITIVE_INT),
+    ("model.norm_eps", POSITIVE),
+    ("model.rope_theta", POSITIVE),
+    ("model.rope_factor", POSITIVE),
+    ("model.rope_low_freq_factor", POSITIVE),
+    ("model.rope_high_freq_factor", POSITIVE),
+    ("model.rope_original_max_positions", POSITIVE_INT),
+    ("model.init_std", POSITIVE),
+    ("mesh.data", MESH_AXIS),
+    ("mesh.fsdp", MESH_AXIS),
+    ("mesh.tensor", MESH_AXIS),
+    ("optim.lr", NON_NEGATIVE),
+    ("optim.warmup_ratio", UNIT),
+    ("optim.end_lr_ratio", UNIT),
+    ("optim.weight_decay", NON_NEGATIVE),
+    ("optim.b1", UNIT_OPEN_TOP),
+    ("optim.b2", UNIT_OPEN_TOP),
+    ("optim.eps", POSITIVE),
+    ("optim.grad_clip", NON_NEGATIVE),  # 0 disables
+    ("data.num_train", NON_NEGATIVE_INT),  # 0: every record of a file source
+    ("data.num_eval", NON_NEGATIVE_INT),
+    ("data.max_len", POSITIVE_INT),
+    ("data.max_prompt_len", POSITIVE_INT),
+    ("data.bucket_multiple", POSITIVE_INT),
+    ("data.eval_prompts_per_domain", NON_NEGATIVE_INT),  # 0: off
+    ("data.eval_max_new", POSITIVE_INT),
+    ("train.steps", POSITIVE_INT),
+    ("train.batch_size", POSITIVE_INT),
+    ("train.grad_accum", POSITIVE_INT),
+    ("train.log_every", POSITIVE_INT),
+    ("train.eval_every", NON_NEGATIVE_INT),  # 0: only at the end
+    ("train.checkpoint_every", POSITIVE_INT),
+    ("train.keep_checkpoints", POSITIVE_INT),
+    ("train.max_skipped_fraction", UNIT),
+)
+
+# The loss fields a preference loss reads (stages dpo and online_dpo); label_smoothing's range is per loss.
+PREFERENCE_LOSS_RANGES: tuple[tuple[str, _Range], ...] = (
+    ("loss.beta", POSITIVE),
+    ("loss.gamma", NON_NEGATIVE),
+    ("loss.nll_alpha", NON_NEGATIVE),
+    ("loss.desirable_weight", NON_NEGATIVE),
+    ("loss.undesirable_weight", NON_NEGATIVE),
+)
+# robust divides by 1 - 2ε; cdpo at ε = 1/2 pulls every margin to zero.
+LABEL_SMOOTHING_RANGES = {"robust": _interval(0, 0.5, hi_open=True), "cdpo": _interval(0, 0.5, hi_open=True)}
+
+RL_RANGES: tuple[tuple[str, _Range], ...] = (
+    ("rl.num_prompts", POSITIVE_INT),
+    ("rl.rollout_batch", POSITIVE_INT),
+    ("rl.samples_per_prompt", POSITIVE_INT),
+    ("rl.minibatch", POSITIVE_INT),
+    ("rl.epochs", POSITIVE_INT),
+    ("rl.max_new_tokens", POSITIVE_INT),
+    ("rl.top_k", NON_NEGATIVE_INT),  # 0: off
+    ("rl.kl_horizon", POSITIVE_INT),
+    ("rl.temperature", POSITIVE),
+    ("rl.top_p", _interval(0, 1, lo_open=True)),
+    ("rl.missing_eos_penalty", FINITE),  # added to the score as is (negative: a penalty)
+    ("rl.length_penalty", NON_NEGATIVE),  # subtracted per response token
+    ("rl.kl_coef", NON_NEGATIVE),
+    ("rl.kl_target", NON_NEGATIVE),  # 0: fixed coefficient
+    ("rl.gamma", UNIT),
+    ("rl.lam", UNIT),
+    ("rl.clip", POSITIVE),
+    ("rl.clip_high", NON_NEGATIVE),  # 0: same as clip
+    ("rl.value_clip", POSITIVE),
+    ("rl.value_coef", NON_NEGATIVE),
+    ("rl.value_lr", NON_NEGATIVE),  # 0: same as optim.lr
+    ("rl.dual_clip", _Range(lambda v: v == 0 or (math.isfinite(v) and v > 1), "0 (off) or finite and > 1")),
+    ("rl.entropy_coef", NON_NEGATIVE),
+    ("rl.uncertainty_coef", NON_NEGATIVE),
+)
+
+
+def _lookup(cfg: Any, key: str) -> Any:
+    for name in key.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _check_ranges(cfg: Config, rows: Iterable[tuple[str, _Range]]) -> None:
+    """Raises ConfigError naming the first field outside its range."""
+    for key, allowed in rows:
+        value = _lookup(cfg, key)
+        if not allowed.test(value):
+            raise ConfigError(f"{key} must be {allowed.text}, got {value!r}")
+
+
 def validate(cfg: Config) -> Config:
-    """Checks cross-field constraints that types cannot express; returns cfg."""
+    """Checks value ranges and cross-field constraints that types cannot express; returns cfg."""
     m, t = cfg.model, cfg.train
     choices = {
         "model.rope_scaling": (m.rope_scaling, ("none", "llama3")),
@@ -353,6 +481,22 @@ def validate(cfg: Config) -> Config:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    _check_ranges(cfg, RANGES)  # before anything divides by a count
+    if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
+        raise ConfigError(f"mesh.data, mesh.fsdp and mesh.tensor must be -1 (all remaining devices) at most "
+                          f"once, got {cfg.mesh.data}, {cfg.mesh.fsdp}, {cfg.mesh.tensor}")
+    if cfg.stage in ("dpo", "online_dpo"):
+        smoothing = LABEL_SMOOTHING_RANGES.get(cfg.loss.name, UNIT)
+        _check_ranges(cfg, PREFERENCE_LOSS_RANGES)
+        if not smoothing.test(cfg.loss.label_smoothing):
+            raise ConfigError(f"loss.label_smoothing must be {smoothing.text} for "
+                              f"loss.name={cfg.loss.name!r}, got {cfg.loss.label_smoothing!r}")
+    if cfg.stage == "rm":
+        _check_ranges(cfg, [("loss.rm_center", NON_NEGATIVE)])
+    if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+        raise ConfigError(f"model.rope_high_freq_factor must be greater than model.rope_low_freq_factor "
+                          f"({m.rope_low_freq_factor}) for rope_scaling=llama3, "
+                          f"got {m.rope_high_freq_factor}")
     if m.heads % m.kv_heads:
         raise ConfigError(f"model.heads ({m.heads}) must be a multiple of model.kv_heads ({m.kv_heads})")
     if t.batch_size % t.grad_accum:
@@ -377,8 +521,6 @@ def validate(cfg: Config) -> Config:
                               f"got {cfg.data.format!r}")
     if cfg.data.max_prompt_len >= cfg.data.max_len:
         raise ConfigError("data.max_prompt_len must be smaller than data.max_len")
-    if cfg.data.bucket_multiple < 1:
-        raise ConfigError(f"data.bucket_multiple must be >= 1, got {cfg.data.bucket_multiple}")
     if cfg.data.padding == "pack" and cfg.stage != "sft":
         raise ConfigError(f"data.padding=pack packs SFT conversations; stage {cfg.stage} trains on pairs, whose "
                           f"rows are scored one per example: use data.padding=bucket")
@@ -419,6 +561,7 @@ def _validate_rl(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    _check_ranges(cfg, RL_RANGES)
     if not r.reward_model and not r.verifiable:
         raise ConfigError(f"stage {cfg.stage} needs a reward: set rl.reward_model (a reward-model run) "
                           f"and/or rl.verifiable (gold | exact_match)")
@@ -428,13 +571,6 @@ def _validate_rl(cfg: Config) -> None:
     if cfg.stage == "ppo" and r.value_init == "reward_model" and not r.reward_model:
         raise ConfigError("rl.value_init=reward_model needs rl.reward_model; with only a verifiable reward "
                           "set rl.value_init=policy")
-    if r.temperature <= 0:
-        raise ConfigError(f"rl.temperature must be > 0 for online RL (sampling), got {r.temperature}")
-    if not 0 < r.top_p <= 1 or r.top_k < 0:
-        raise ConfigError(f"rl.top_p must be in (0, 1] and rl.top_k >= 0, got {r.top_p}, {r.top_k}")
-    if min(r.rollout_batch, r.minibatch, r.epochs, r.max_new_tokens, r.num_prompts, r.samples_per_prompt) < 1:
-        raise ConfigError("rl.rollout_batch, minibatch, epochs, max_new_tokens, num_prompts and "
-                          "samples_per_prompt must be >= 1")
     estimator = r.advantage or {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}.get(cfg.stage, "reinforce_pp")
     if cfg.stage == "online_dpo":
         if r.samples_per_prompt != 2:

@@ -82,6 +82,27 @@ def compute_reference_logps(graphdef, params, arrays: dict[str, np.ndarray], *, 
     return out
 
 
+def _read_cached(path: Path, expected: tuple[int, ...]) -> tuple[np.ndarray | None, str | None]:
+    """(logps, None) for a sound cache file, else (None, what is wrong with it)."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return None, "empty file"
+        logps = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - truncated, garbled or unreadable: recompute
+        text = str(e).strip()
+        return None, f"unreadable: {type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    if not isinstance(logps, np.ndarray):
+        return None, f"holds {type(logps).__name__}, not an array"
+    if logps.shape != expected:
+        return None, f"shape {logps.shape}, expected {expected}"
+    if logps.dtype != np.float32:
+        return None, f"dtype {logps.dtype}, expected float32"
+    if not np.all(np.isfinite(logps)):
+        return None, f"{int(np.size(logps) - np.isfinite(logps).sum())} non-finite values"
+    return logps, None
+
+
 def cached_reference_logps(cache_dir: str | Path, graphdef, params, arrays: dict[str, np.ndarray], *,
                            batch_size: int, mesh, preset: str, log=print,
                            bucket_multiple: int | None = None) -> tuple[np.ndarray, Path, bool]:
@@ -90,11 +111,13 @@ def cached_reference_logps(cache_dir: str | Path, graphdef, params, arrays: dict
         f"v{CACHE_VERSION}:{params_fingerprint(params)}:{arrays_fingerprint(arrays)}".encode()
     ).hexdigest()[:24]
     path = Path(cache_dir) / "ref_logps" / f"{key}.npy"
+    expected = (arrays["tokens"].shape[0], 2)
     if path.exists():
-        logps = np.load(path)
-        if logps.shape == (arrays["tokens"].shape[0], 2):
+        logps, problem = _read_cached(path, expected)
+        if problem is None:
             log(f"reference log-probs: cache hit {path}")
             return logps, path, True
+        log(f"warning: reference log-prob cache {path} is unusable ({problem}); recomputing it")
     logps = compute_reference_logps(graphdef, params, arrays, batch_size=batch_size, mesh=mesh, preset=preset,
                                     bucket_multiple=bucket_multiple)
     if jax.process_index() == 0:

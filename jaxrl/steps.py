@@ -190,15 +190,19 @@ def accumulate(objective: Callable, params, batch: Batch, hp, totals: Totals, gr
 
 def train_step(state: TrainState, batch: Batch, hp, *, objective: Callable, totals_fn: Callable,
                tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int = 1):
-    """One optimiser update; a non-finite loss or gradient leaves params and moments untouched and is counted."""
+    """One optimiser update; a non-finite loss, gradient, update or result leaves params and moments untouched and
+    is counted."""
     if state.ref_params is not None:
         objective = functools.partial(objective, ref_params=state.ref_params)
     totals = totals_fn(batch)
     loss, metrics, grads = accumulate(objective, state.params, batch, hp, totals, grad_accum)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A finite gradient can still give an update that overflows (optim.lr=1e30): its norm, and the new
+    # params' norm, overflow too, so the update is refused before it ruins the weights.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+              & jnp.isfinite(optax.tree.norm(params)))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(
         step=state.step + finite.astype(jnp.int32),

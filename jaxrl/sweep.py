@@ -42,7 +42,11 @@ def run_id(cfg: Config, point: dict[str, Any]) -> str:
 
 
 def config_hash(cfg: Config) -> str:
-    """A content hash of a resolved config."""
+    """A content hash of a resolved config; settings that only change how a run is shown (train.progress,
+    train.tensorboard) are hashed at their defaults, so they never split a shared base."""
+    defaults = config_lib.TrainConfig()
+    shown = {"progress": defaults.progress, "tensorboard": defaults.tensorboard}
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **shown))
     return hashlib.sha256(json.dumps(config_lib.to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -104,27 +108,72 @@ def expand(module, workdir: str | Path, overrides=()) -> list[Run]:
     return list(runs.values())  # insertion order: every run comes after the runs it depends on
 
 
-def run_sweep(module, workdir: str | Path, overrides=(), *, log=print) -> list[dict]:
-    """Runs every unfinished run (finished ones are skipped, interrupted ones resume); returns result rows."""
+def check_stale(runs: list[Run], workdir: Path) -> None:
+    """Refuses, before anything runs, a run dir whose saved config is not its point's config (a study file or
+    an override changed since it ran), naming the keys that differ."""
+    from jaxrl import train, workdir as workdir_lib
+
+    problems = []
+    for r in runs:
+        run_dir = workdir / "runs" / r.id
+        if (run_dir / workdir_lib.CONFIG_FILE).exists():
+            try:
+                workdir_lib.check_config(run_dir, train.resolve(r.cfg))
+            except config_lib.ConfigError as e:
+                problems.append(str(e))
+    if problems:
+        more = f" (and {len(problems) - 1} more run(s))" if len(problems) > 1 else ""
+        raise config_lib.ConfigError(problems[0] + more)
+
+
+def run_sweep(module, workdir: str | Path, overrides=(), *, log=print, poll_s: float = 1.0) -> list[dict]:
+    """Runs every unfinished run (finished ones are skipped, interrupted ones resume); returns result rows.
+
+    Several sweeps may share one workdir: each run is locked by the process training it, and the others go on
+    with other runs, then wait for it. A run that fails is reported and its dependents are not started."""
     from tqdm import tqdm
 
-    from jaxrl import train
+    from jaxrl import train, workdir as workdir_lib
 
     workdir = Path(workdir).absolute()
     runs = expand(module, workdir, overrides)
     (workdir / "runs").mkdir(parents=True, exist_ok=True)
+    check_stale(runs, workdir)
     _enable_compilation_cache(workdir / "cache" / "xla")
-    todo = [r for r in runs if not (workdir / "runs" / r.id / train.DONE_FILE).exists()]
+    status = lambda r: (workdir_lib.finished_summary(workdir / "runs" / r.id) or {}).get("status", "missing")
+    todo = [r for r in runs if status(r) == "missing"]
     log(f"{len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run")
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="sweep", dynamic_ncols=True)
     quiet = lambda *a, **k: None
-    for r in todo:
-        bar.set_postfix_str(r.id[:60])
-        start = time.perf_counter()
-        cfg = config_lib.override(r.cfg, {"train.progress": False})
-        train.run(cfg, workdir / "runs" / r.id, log=quiet)
-        bar.write(f"finished {r.id} in {time.perf_counter() - start:.0f}s")
-        bar.update(1)
+    blocked: set[str] = set()  # runs whose dependency failed
+    while todo:
+        progressed = False
+        for r in list(todo):
+            states = [status(by_id) for by_id in runs if by_id.id in r.deps]
+            if any(s == "failed" for s in states) or any(d in blocked for d in r.deps):
+                blocked.add(r.id)
+                todo.remove(r)
+                bar.write(f"not run {r.id}: a run it depends on failed")
+                bar.update(1)
+                progressed = True
+                continue
+            if any(s != "finished" for s in states):
+                continue  # its base or reward model is still being trained (here or by another sweep)
+            bar.set_postfix_str(r.id[:60])
+            start = time.perf_counter()
+            try:
+                train.run(config_lib.override(r.cfg, {"train.progress": False}), workdir / "runs" / r.id, log=quiet)
+                bar.write(f"finished {r.id} in {time.perf_counter() - start:.0f}s")
+            except workdir_lib.WorkdirLocked:
+                continue  # another sweep is training it; come back to it
+            except workdir_lib.RunFailed as e:
+                bar.write(f"FAILED {r.id}: {e.summary.get('reason')}")
+            todo.remove(r)
+            bar.update(1)
+            progressed = True
+            break  # dependencies may have finished meanwhile: scan again from the first run
+        if todo and not progressed:
+            time.sleep(poll_s)
     bar.close()
     return collect(runs, workdir)
 
@@ -157,16 +206,26 @@ def _base_labels(runs: list[Run]) -> dict[str, dict[str, Any]]:
 def collect(runs: list[Run], workdir: Path) -> list[dict]:
     """One row per finished run: its overrides (for a shared base, what tells it apart from the other bases),
     base/point kind, and train/eval metrics."""
+    from jaxrl import workdir as workdir_lib
+
     rows = []
     labels = _base_labels(runs)
+    summaries = {r.id: workdir_lib.finished_summary(workdir / "runs" / r.id) for r in runs}
+    failed = {rid for rid, s in summaries.items() if s is not None and s.get("status") == "failed"}
     for r in runs:
-        done = workdir / "runs" / r.id / "final" / "summary.json"
-        if not done.exists():
+        summary = summaries[r.id]
+        if summary is None and any(d in failed for d in r.deps):
+            failed.add(r.id)  # in dependency order, so a failure propagates down the chain
+            summary = {"status": "not run", "reason": "a run it depends on failed"}
+        if summary is None:
             continue
-        summary = json.loads(done.read_text())
         row = {"run": r.id, "kind": r.kind, "stage": r.cfg.stage, **labels.get(r.id, {}), **r.point}
         if r.kind == "base":
             row["seed"] = r.cfg.seed
+        row["status"] = summary.get("status", "finished")
+        row["skipped_steps"] = summary.get("skipped_steps", 0)
+        if row["status"] != "finished":
+            row["reason"] = summary.get("reason", "")
         row |= {f"train/{k}": v for k, v in summary.get("train", {}).items()}
         row |= {f"eval/{k}": v for k, v in summary.get("eval", {}).items()}
         rows.append(row)
@@ -182,12 +241,18 @@ def aggregate(rows: list[dict], metrics: list[str], group_keys: list[str]) -> li
     for key, members in groups.items():
         agg = dict(zip(group_keys, key))
         agg["seeds"] = len(members)
+        agg["skipped"] = sum(int(r.get("skipped_steps") or 0) for r in members)
+        agg["failed"] = sum(r.get("status", "finished") != "finished" for r in members)
         for m in metrics:
-            values = [r[m] for r in members if isinstance(r.get(m), (int, float))]
+            values = [r[m] for r in members
+                      if r.get("status", "finished") == "finished" and isinstance(r.get(m), (int, float))]
             agg[m] = float(np.mean(values)) if values else None
             agg[f"{m} std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
         out.append(agg)
     return out
+
+
+RUN_FACTS = ("status", "skipped_steps", "reason")  # per-run facts of a row, not settings that define an arm
 
 
 def _fmt(value) -> str:
@@ -198,14 +263,19 @@ def _fmt(value) -> str:
 
 def write_results(rows: list[dict], metrics: list[str], workdir: Path) -> tuple[Path, Path, str]:
     """results.md and results.csv (mean ± std over seeds per arm); returns their paths and the Markdown."""
-    point_keys = sorted({k for r in rows for k in r if "/" not in k and k not in ("run", "kind", "stage", "seed")})
+    point_keys = sorted({k for r in rows for k in r
+                         if "/" not in k and k not in ("run", "kind", "stage", "seed") + RUN_FACTS})
     group_keys = ["stage"] + point_keys
     table = aggregate(rows, metrics, group_keys)
     table.sort(key=lambda r: tuple(str(r.get(k, "")) for k in group_keys))
-    header = group_keys + ["seeds"] + metrics
+    # Skipped updates and failed runs are shown whenever any arm has them: a degenerate arm never passes for
+    # an ordinary row.
+    facts = [k for k in ("skipped", "failed") if any(r[k] for r in table)]
+    header = group_keys + ["seeds"] + facts + metrics
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table:
         cells = [_fmt(r.get(k)) for k in group_keys + ["seeds"]]
+        cells += [("FAILED " if k == "failed" else "") + f"{r[k]} of {r['seeds']}" if r[k] else "" for k in facts]
         for m in metrics:
             mean, std = r.get(m), r.get(f"{m} std")
             cells.append("" if mean is None else (f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"))
@@ -214,7 +284,8 @@ def write_results(rows: list[dict], metrics: list[str], workdir: Path) -> tuple[
     md_path, csv_path = workdir / "results.md", workdir / "results.csv"
     md_path.write_text(markdown)
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=group_keys + ["seeds"] + [x for m in metrics for x in (m, f"{m} std")])
+        writer = csv.DictWriter(f, fieldnames=group_keys + ["seeds", "skipped", "failed"]
+                                + [x for m in metrics for x in (m, f"{m} std")])
         writer.writeheader()
         for r in table:
             writer.writerow({k: r.get(k) for k in writer.fieldnames})
@@ -222,7 +293,7 @@ def write_results(rows: list[dict], metrics: list[str], workdir: Path) -> tuple[
 
 
 def _arm_label(row: dict) -> str:
-    keys = [k for k in row if "/" not in k and k not in ("run", "kind", "seed")]
+    keys = [k for k in row if "/" not in k and k not in ("run", "kind", "seed") + RUN_FACTS]
     return " ".join(f"{row[k]}" for k in keys if row[k] not in ("", None))
 
 

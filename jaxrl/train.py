@@ -14,13 +14,15 @@ import numpy as np
 from flax import nnx
 
 from jaxrl import checkpoint, distributed, losses, reference, sharding, steps
+from jaxrl import metrics as metrics_lib
+from jaxrl import workdir as workdir_lib
 from jaxrl import config as config_lib
 from jaxrl.config import Config, ConfigError
 from jaxrl.data import pipeline
 from jaxrl.metrics import MetricWriter
 from jaxrl.models.transformer import Transformer, flops_per_token
 
-DONE_FILE = "final/summary.json"
+DONE_FILE = workdir_lib.SUMMARY_FILE
 
 
 def stage_model_config(cfg: Config):
@@ -96,18 +98,6 @@ def merge_init(fresh, loaded, log) -> dict:
     return merged
 
 
-def _check_workdir_config(workdir: Path, cfg: Config) -> None:
-    path = workdir / "config.json"
-    if path.exists():
-        old = config_lib.to_dict(config_lib.from_dict(json.loads(path.read_text())))
-        new = config_lib.to_dict(cfg)
-        if old != new:
-            raise ConfigError(f"{workdir} holds a run with a different config; use a new workdir "
-                              f"(or delete it) to start over")
-    else:
-        config_lib.save(cfg, path)
-
-
 def _mean_metrics(parts: list[dict]) -> dict:
     return {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
 
@@ -127,29 +117,33 @@ def evaluate(eval_fn, params, arrays, hp, batch_size: int, mesh, preset: str, re
     return _mean_metrics(jax.device_get(parts)) | {"examples": (n // batch_size) * batch_size}
 
 
-def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None = None) -> dict:
-    """Trains one stage in `workdir` (resuming if it holds a checkpoint); returns the final summary.
-
-    `stop_after` ends the loop early at that step without finishing the run (for tests of resume)."""
-    distributed.initialize()  # joins the other processes of a multi-host job; a no-op for one process
-    if cfg.stage in config_lib.RL_STAGES:
-        from jaxrl.rl import runner
-
-        return runner.run(cfg, workdir, log=log, stop_after=stop_after)
+def resolve(cfg: Config) -> Config:
+    """The config a run trains: an HF init_from decides the architecture; validated."""
     if cfg.train.init_from:
         from jaxrl.convert import is_hf_dir, with_hf_architecture
 
         if is_hf_dir(cfg.train.init_from):
             cfg = with_hf_architecture(cfg, cfg.train.init_from)  # the checkpoint decides the architecture
-    cfg = config_lib.validate(cfg)
-    workdir = Path(workdir).absolute()
-    done = workdir / DONE_FILE
-    workdir.mkdir(parents=True, exist_ok=True)
-    _check_workdir_config(workdir, cfg)  # before the done check: a finished run never answers for another config
-    if done.exists():
-        log(f"{workdir}: already finished")
-        return json.loads(done.read_text())
+    return config_lib.validate(cfg)
 
+
+def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None = None) -> dict:
+    """Trains one stage in `workdir` (resuming if it holds a checkpoint); returns the final summary.
+
+    Raises WorkdirLocked when another process holds the workdir, ConfigError when it holds a run of another
+    config, RunFailed when the run ends degenerate. `stop_after` ends the loop early at that step without
+    finishing the run (for tests of resume)."""
+    distributed.initialize()  # joins the other processes of a multi-host job; a no-op for one process
+    cfg = resolve(cfg)
+    if cfg.stage in config_lib.RL_STAGES:
+        from jaxrl.rl import runner
+
+        return runner.run(cfg, workdir, log=log, stop_after=stop_after)
+    workdir = Path(workdir).absolute()
+    return workdir_lib.run_in(workdir, cfg, lambda commit: _train(cfg, workdir, commit, log, stop_after), log=log)
+
+
+def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     preset, t = cfg.mesh.preset, cfg.train
     sharding.check_batch(t.batch_size, t.grad_accum, mesh, preset)
@@ -200,17 +194,19 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
     eval_fn = lambda p, b, h, r: steps.eval_step(p, b, h, objective=objective, totals_fn=totals_fn, ref_params=r)
     eval_step = jax.jit(_with_mesh(eval_fn, mesh, preset))
 
+    commit()  # the run has started: from here on the workdir belongs to this config
     ckpt = checkpoint.Checkpointer(workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
     start = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        saved = _saveable(state)
-        target = checkpoint.abstract_with_shardings(jax.eval_shape(lambda: saved),
-                                                    sharding.tree_shardings(jax.eval_shape(lambda: saved), preset, mesh))
-        restored, meta = ckpt.restore(latest, target)
-        state = restored.replace(ref_params=state.ref_params)
+    saved = jax.eval_shape(lambda: _saveable(state))
+    restored = ckpt.restore_latest(
+        checkpoint.abstract_with_shardings(saved, sharding.tree_shardings(saved, preset, mesh)), log=log)
+    if restored is not None:
+        latest, restored_state, meta = restored
+        state = restored_state.replace(ref_params=state.ref_params)
         start = int(meta["step"])
         log(f"resumed from {workdir}/checkpoints/{latest} at step {start}")
+    metrics_lib.truncate_after(workdir, start if start else -1, final=start >= t.steps)
+    resumed_last = last_logged(workdir) if start else {}
 
     bucket = cfg.data.padding == "bucket"
     lengths = pipeline.example_lengths(train_arrays) if bucket or cfg.data.group_by_length else None
@@ -231,8 +227,10 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
 
     progress = _progress(start, t.steps, enabled=t.progress and jax.process_index() == 0)
     pending, window_start, window = None, time.perf_counter(), []
-    last = {}
+    last, previous_skipped = resumed_last, None
     end = t.steps if stop_after is None else min(stop_after, t.steps)
+    every = max(1, t.checkpoint_every)
+    failure = None
     for step in range(start, end):
         indices = order.indices(step)
         width = pipeline.bucket_width(lengths, indices, cfg.data.bucket_multiple, seq_len) if bucket else None
@@ -240,16 +238,33 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
         state, metrics = train_step(state, batch, hp)
         window.append(step_cost(width or seq_len))
         # Fetch the previous step's metrics only after dispatching this one: the device never waits on us.
+        if previous_skipped is not None:
+            failure = workdir_lib.skip_verdict(int(previous_skipped[1]), previous_skipped[0], t.steps,
+                                               t.max_skipped_fraction)
+            if failure:
+                break
         if pending is not None:
             last = _log_metrics(writer, pending, window_start, window[:-1], progress)
             window_start, window, pending = time.perf_counter(), window[-1:], None
+        previous_skipped = (step + 1, metrics["skipped_steps"])
         if (step + 1) % t.log_every == 0 or step + 1 == end:
             pending = (step + 1, metrics)
+            if (step + 1) % every == 0:  # a checkpoint never gets ahead of the metrics rows it resumes after
+                last = _log_metrics(writer, pending, window_start, window, progress)
+                window_start, window, pending = time.perf_counter(), [], None
         ckpt.save(step + 1, _saveable(state), {"step": step + 1})
         progress.update(1)
-    if pending is not None:
+    if failure is None and previous_skipped is not None:
+        failure = workdir_lib.skip_verdict(int(previous_skipped[1]), previous_skipped[0], t.steps,
+                                           t.max_skipped_fraction)
+    if pending is not None and failure is None:
         last = _log_metrics(writer, pending, window_start, window, progress)
     progress.close()
+    skipped = int(jax.device_get(state.skipped))
+    if failure:
+        ckpt.close()
+        writer.close()
+        raise workdir_lib.fail(workdir, cfg, failure, log=log, steps=t.steps, skipped_steps=skipped, train=last)
 
     if stop_after is not None and end < t.steps:
         ckpt.save(end, _saveable(state), {"step": end}, force=True)
@@ -267,14 +282,23 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
         eval_metrics |= synthetic_eval(cfg, graphdef, state.params, ref, data.tokenizer)
     writer.write(t.steps, {f"eval/{k}": v for k, v in eval_metrics.items()})
     writer.close()
+    if bad := workdir_lib.nonfinite_eval(eval_metrics):
+        raise workdir_lib.fail(workdir, cfg, f"the final evaluation is not finite: {', '.join(bad)}", log=log,
+                               steps=t.steps, skipped_steps=skipped, train=last, eval=eval_metrics)
     checkpoint.save_params(checkpoint.final_params_dir(workdir), state.params)
-    summary = {"stage": cfg.stage, "steps": t.steps, "skipped_steps": int(jax.device_get(state.skipped)),
+    summary = {"stage": cfg.stage, "status": "finished", "steps": t.steps, "skipped_steps": skipped,
                "train": last, "eval": eval_metrics, "data": data.report}
-    if jax.process_index() == 0:
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps(summary, indent=2) + "\n")
+    workdir_lib.write_summary(workdir, summary)
     log(f"finished {cfg.stage}: eval {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
     return summary
+
+
+def last_logged(workdir: Path, prefix: str = "train/") -> dict:
+    """The metrics of the last logged step (names without `prefix`), for the summary of a resumed run."""
+    rows = [r for r in metrics_lib.read_metrics(workdir) if not any(k.startswith("eval/") for k in r)]
+    if not rows:
+        return {}
+    return {k[len(prefix):]: v for k, v in rows[-1].items() if k != "step" and k.startswith(prefix)}
 
 
 def _state(params, tx, seed: int, ref_params) -> steps.TrainState:

@@ -3,21 +3,26 @@ SLURM allocation (launch.slurm) or in N local processes (launch.local); a sweep 
 
 Each launcher first builds its plan, a list of `Step`s whose `argv` is the exact command; `--dry-run` prints
 the plan and runs nothing. `jobs()` turns an experiment file (and, with `sweep=True`, its sweep()) into the
-`jaxrl train --config <file> --workdir <dir>/runs/<id> --set k=v ...` commands, in dependency order.
+`jaxrl train --config <file> --workdir <dir>/runs/<id> --set k=v ...` commands, in dependency order (both
+paths absolute). Remote workers get a launch.bundle: the installed jaxrl and launch packages and the study
+file, so a regular (non-editable) install launches as well as a checkout. User errors raise `LaunchError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 JAXRL = ("jaxrl",)
+
+
+class LaunchError(ValueError):
+    """A launch request that cannot be carried out as given (a bad flag value, a missing study file); its
+    message is one line naming the flag."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +54,9 @@ class Step:
 
 
 def local_program() -> tuple[str, ...]:
-    """`jaxrl` when it is on PATH, else this interpreter running the CLI module."""
-    return JAXRL if shutil.which("jaxrl") else (sys.executable, "-m", "jaxrl.cli")
+    """This interpreter running the CLI module: the jaxrl that plans the jobs is the one that runs them (a
+    `jaxrl` found on PATH may belong to another environment)."""
+    return (sys.executable, "-m", "jaxrl.cli")
 
 
 def _value_text(value) -> str:
@@ -84,6 +90,7 @@ def jobs(config: str, workdir: str, overrides: Sequence[str] = (), *, sweep: boo
     from jaxrl import sweep as sweep_lib
 
     workdir = str(Path(workdir).absolute())
+    config = str(Path(config).expanduser().absolute())
     overrides = list(overrides)
     module = config_lib.load_experiment(config)
     if not sweep:

@@ -1,7 +1,9 @@
 """N processes on this machine joined by jax.distributed (coordinator on localhost), one job after another.
 
 With `cpu_devices`, each process runs on that many fake CPU devices (JAX_PLATFORMS=cpu): a multi-host
-rehearsal on one machine. Without it, the processes share whatever accelerators JAX finds.
+rehearsal on one machine. Without it, the processes share whatever accelerators JAX finds. Nothing is shipped:
+the CLI passes `launch.local_program()` (this interpreter, `-m jaxrl.cli`, so the installed jaxrl that planned
+the jobs runs them) and the jobs' --config and --workdir are absolute paths.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import socket
 import subprocess
 from collections.abc import Sequence
 
-from launch import JAXRL, Job, Step, format_plan
+from launch import JAXRL, Job, LaunchError, Step, format_plan
 
 
 def free_port() -> int:
@@ -42,7 +44,7 @@ def plan(
 ) -> list[Step]:
     """One group step per job: `env <vars> jaxrl train ...` for each process."""
     if num_processes < 1:
-        raise ValueError("num_processes must be >= 1")
+        raise LaunchError(f"--processes {num_processes}: must be >= 1")
     steps = []
     for job in jobs:
         group = tuple(

@@ -1,6 +1,8 @@
-"""TPU slices with gcloud: create a queued resource (or use an existing TPU VM), ship this checkout to every
-worker and install it (`--worker=all`), run the same `jaxrl train` on all workers with the output streamed
-back (and kept in ~/jaxrl-logs/<job>.log on each worker), then delete the slice.
+"""TPU slices with gcloud: bundle the installed jaxrl and launch packages and the study file (launch.bundle),
+create a queued resource (or use an existing TPU VM), copy the bundle to every worker and pip-install it there
+(`--worker=all`; not editable: the bundle has a pyproject.toml made from the installed metadata), run the
+same `jaxrl train --config study/<file>` on all workers with the output streamed back (and kept in
+~/jaxrl-logs/<job>.log on each worker), then delete the slice.
 
 Jobs run one after another on the slice, shared base runs first. The workdir must be on storage every worker
 sees at the same path (a gcsfuse or NFS mount): checkpoints are written by all hosts together.
@@ -12,12 +14,11 @@ import dataclasses
 import re
 import shlex
 from collections.abc import Sequence
-from pathlib import Path
 
-from launch import JAXRL, REPO_ROOT, Job, Step, execute, format_plan
+from launch import JAXRL, Job, LaunchError, Step, bundle, execute, format_plan
 
 ACTIONS = ("run", "stop", "logs", "delete")
-REMOTE_DIR, REMOTE_VENV, REMOTE_LOGS, REMOTE_TARBALL = "jaxrl", "jaxrl-venv", "jaxrl-logs", "jaxrl-src.tgz"
+REMOTE_DIR, REMOTE_VENV, REMOTE_LOGS, REMOTE_TARBALL = "jaxrl", "jaxrl-venv", "jaxrl-logs", "jaxrl-bundle.tgz"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,7 @@ class TpuOptions:
     spot: bool = False
     reserved: bool = False
     keep: bool = False  # leave the queued resource running after the jobs
-    repo: str = str(REPO_ROOT)
+    python: str = ""  # interpreter that builds the bundle; "" is this one (sys.executable)
 
 
 def _safe(name: str) -> str:
@@ -92,22 +93,23 @@ def create_steps(options: TpuOptions) -> list[Step]:
     ]
 
 
-def install_steps(options: TpuOptions) -> list[Step]:
-    """Pack this checkout, copy it to every worker, install it there in a virtualenv with the tpu extra."""
-    tarball = f"/tmp/jaxrl-src-{_safe(options.name)}.tgz"
-    pack = (
-        "tar",
-        "-czf",
-        tarball,
-        "--exclude=.git",
-        "--exclude=.venv",
-        "--exclude=runs",
-        "--exclude=__pycache__",
-        "--exclude=*.egg-info",
-        "-C",
-        options.repo,
-        ".",
-    )
+def _configs(jobs: Sequence[Job]) -> list[str]:
+    """The study files the jobs read (their --config), in order, once each."""
+    out = []
+    for job in jobs:
+        config = job.train_args[job.train_args.index("--config") + 1]
+        if config not in out:
+            out.append(config)
+    return out
+
+
+def install_steps(options: TpuOptions, jobs: Sequence[Job]) -> list[Step]:
+    """Bundle the installed jaxrl and launch packages with the jobs' study files, copy the bundle to every
+    worker, pip-install it there (not editable) in a virtualenv with the tpu extra."""
+    tarball = f"/tmp/jaxrl-bundle-{_safe(options.name)}.tgz"
+    configs = _configs(jobs)
+    bundle.study_files(configs)  # each exists, no two ship under one name: refused before anything runs
+    pack = bundle.command(configs, tarball, options.python or None)
     copy = (
         "gcloud",
         "compute",
@@ -123,24 +125,21 @@ def install_steps(options: TpuOptions) -> list[Step]:
         f"set -e; rm -rf {REMOTE_DIR}; mkdir -p {REMOTE_DIR} {REMOTE_LOGS}; "
         f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}; python3 -m venv {REMOTE_VENV}; "
         f"{REMOTE_VENV}/bin/pip install -q --upgrade pip; "
-        f"{REMOTE_VENV}/bin/pip install -q -e './{REMOTE_DIR}[tpu]'"
+        f"{REMOTE_VENV}/bin/pip install -q './{REMOTE_DIR}[tpu]'"
     )
     return [
-        Step(pack, note="ship this checkout"),
+        Step(pack, note="bundle the installed jaxrl and launch packages with the study file"),
         Step(copy),
         Step(ssh(options, install), note="install on every worker"),
     ]
 
 
-def remote_args(job: Job, repo: str) -> tuple[str, ...]:
-    """The job's train arguments with --config relative to the shipped checkout (where the workers run)."""
+def remote_args(job: Job) -> tuple[str, ...]:
+    """The job's train arguments with --config pointing at the study file in the bundle (relative to the
+    unpacked bundle, ~/jaxrl, where the workers run)."""
     args = list(job.train_args)
     i = args.index("--config") + 1
-    config = Path(args[i]).resolve()
-    try:
-        args[i] = str(config.relative_to(Path(repo).resolve()))
-    except ValueError:
-        raise ValueError(f"{args[i]} is outside {repo}, the checkout shipped to the workers") from None
+    args[i] = bundle.study_name(args[i])
     return tuple(args)
 
 
@@ -151,7 +150,7 @@ def run_step(options: TpuOptions, job: Job, program: Sequence[str] = JAXRL) -> S
     script = (
         f"set -o pipefail; mkdir -p $HOME/{REMOTE_LOGS}; cd $HOME/{REMOTE_DIR}; "
         f"export PATH=$HOME/{REMOTE_VENV}/bin:$PATH JAXRL_DISTRIBUTED=on; "
-        f"({shlex.join([*program, *remote_args(job, options.repo)])} & echo $! > {log}.pid; wait $!) 2>&1 "
+        f"({shlex.join([*program, *remote_args(job)])} & echo $! > {log}.pid; wait $!) 2>&1 "
         f"| tee -a {log}.log"
     )
     return Step(ssh(options, script), note=f"job {job.name}")
@@ -177,9 +176,10 @@ def delete_step(options: TpuOptions) -> Step:
 def plan(
     jobs: Sequence[Job], options: TpuOptions, *, action: str = "run", program: Sequence[str] = JAXRL
 ) -> list[Step]:
-    """The commands of an action: run (create, install, every job, delete), stop, logs or delete."""
+    """The commands of an action: run (bundle, create, copy and install, every job, delete), stop, logs or
+    delete."""
     if action not in ACTIONS:
-        raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+        raise LaunchError(f"--action must be one of {ACTIONS}, got {action!r}")
     if action == "delete":
         return [delete_step(options)]
     if action in ("stop", "logs"):
@@ -193,8 +193,10 @@ def plan(
             )
             steps.append(Step(ssh(options, script), note=f"{action} {job.name}"))
         return steps
-    steps = create_steps(options) if options.topology else []
-    steps += install_steps(options)
+    install = install_steps(options, jobs)
+    steps = install[:1]  # the bundle is built before a slice is requested
+    steps += create_steps(options) if options.topology else []
+    steps += install[1:]
     steps += [run_step(options, job, program) for job in jobs]
     if options.topology and not options.keep:
         steps.append(delete_step(options))
@@ -215,9 +217,13 @@ def launch(
     out(format_plan(steps))
     if dry_run:
         return steps
+    rest = steps
+    if action == "run":
+        execute(steps[:1])  # the bundle, built before a slice exists (nothing to delete if it fails)
+        rest = steps[1:]
     created = action == "run" and options.topology and not options.keep
     try:
-        execute(steps[:-1] if created else steps)
+        execute(rest[:-1] if created else rest)
     finally:
         if created:
             execute(steps[-1:])

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -178,6 +179,139 @@ def test_validate_catches_bad_choices_and_combinations(overrides, match):
     cfg = config_lib.override(Config(), overrides)
     with pytest.raises(ConfigError, match=match):
         config_lib.validate(cfg)
+
+
+# A valid base per stage: the RL stages need a reward, online_dpo two samples per prompt.
+RL_BASE = {"stage": "ppo", "rl.reward_model": "/runs/rm"}
+ONLINE_DPO_BASE = {"stage": "online_dpo", "rl.reward_model": "/runs/rm", "rl.samples_per_prompt": 2}
+OUT_OF_RANGE = [
+    ({"train.batch_size": 0}, "train.batch_size"),
+    ({"train.grad_accum": 0}, "train.grad_accum"),
+    ({"train.log_every": 0}, "train.log_every"),
+    ({"train.steps": -5}, "train.steps"),
+    ({"train.checkpoint_every": 0}, "train.checkpoint_every"),
+    ({"train.keep_checkpoints": 0}, "train.keep_checkpoints"),
+    ({"train.eval_every": -1}, "train.eval_every"),
+    ({"train.max_skipped_fraction": "nan"}, "train.max_skipped_fraction"),
+    ({"seed": -1}, "seed"),
+    ({"model.layers": 0}, "model.layers"),
+    ({"model.heads": 0}, "model.heads"),
+    ({"model.kv_heads": 0}, "model.kv_heads"),
+    ({"model.hidden": -64}, "model.hidden"),
+    ({"model.vocab_size": 0}, "model.vocab_size"),
+    ({"model.mlp": 0}, "model.mlp"),
+    ({"model.head_dim": -1}, "model.head_dim"),
+    ({"model.norm_eps": 0}, "model.norm_eps"),
+    ({"model.init_std": "nan"}, "model.init_std"),
+    ({"model.rope_theta": "inf"}, "model.rope_theta"),
+    ({"model.rope_scaling": "llama3", "model.rope_low_freq_factor": 4.0}, "model.rope_high_freq_factor"),
+    ({"mesh.tensor": 0}, "mesh.tensor"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "mesh.fsdp"),
+    ({"data.max_len": 0}, "data.max_len"),
+    ({"data.max_prompt_len": 0}, "data.max_prompt_len"),
+    ({"data.bucket_multiple": 0}, "data.bucket_multiple"),
+    ({"data.num_eval": -1}, "data.num_eval"),
+    ({"data.eval_max_new": 0}, "data.eval_max_new"),
+    ({"optim.lr": "nan"}, "optim.lr"),
+    ({"optim.lr": -1}, "optim.lr"),
+    ({"optim.lr": "inf"}, "optim.lr"),
+    ({"optim.warmup_ratio": 1.5}, "optim.warmup_ratio"),
+    ({"optim.end_lr_ratio": -0.1}, "optim.end_lr_ratio"),
+    ({"optim.weight_decay": -0.01}, "optim.weight_decay"),
+    ({"optim.grad_clip": "nan"}, "optim.grad_clip"),
+    ({"optim.b1": 1.0}, "optim.b1"),
+    ({"optim.b2": -0.1}, "optim.b2"),
+    ({"optim.eps": 0}, "optim.eps"),
+    ({"stage": "dpo", "loss.beta": 0}, "loss.beta"),
+    ({"stage": "dpo", "loss.beta": "nan"}, "loss.beta"),
+    ({"stage": "dpo", "loss.beta": "inf"}, "loss.beta"),
+    ({"stage": "dpo", "loss.beta": -0.1}, "loss.beta"),
+    ({"stage": "dpo", "loss.name": "robust", "loss.label_smoothing": 0.5}, "loss.label_smoothing"),
+    ({"stage": "dpo", "loss.name": "cdpo", "loss.label_smoothing": 0.5}, "loss.label_smoothing"),
+    ({"stage": "dpo", "loss.label_smoothing": 1.5}, "loss.label_smoothing"),
+    ({"stage": "dpo", "loss.label_smoothing": -0.1}, "loss.label_smoothing"),
+    ({"stage": "dpo", "loss.name": "simpo", "loss.gamma": "nan"}, "loss.gamma"),
+    ({"stage": "dpo", "loss.name": "rpo", "loss.nll_alpha": -1}, "loss.nll_alpha"),
+    ({"stage": "dpo", "loss.name": "kto", "loss.desirable_weight": "inf"}, "loss.desirable_weight"),
+    ({"stage": "dpo", "loss.name": "kto", "loss.undesirable_weight": -1}, "loss.undesirable_weight"),
+    ({"stage": "rm", "loss.rm_center": -0.01}, "loss.rm_center"),
+    ({**ONLINE_DPO_BASE, "loss.beta": 0}, "loss.beta"),
+    ({**RL_BASE, "rl.top_p": 1.5}, "rl.top_p"),
+    ({**RL_BASE, "rl.top_p": 0}, "rl.top_p"),
+    ({**RL_BASE, "rl.top_k": -1}, "rl.top_k"),
+    ({**RL_BASE, "rl.temperature": 0}, "rl.temperature"),
+    ({**RL_BASE, "rl.temperature": "nan"}, "rl.temperature"),
+    ({**RL_BASE, "rl.num_prompts": 0}, "rl.num_prompts"),
+    ({**RL_BASE, "rl.rollout_batch": 0}, "rl.rollout_batch"),
+    ({**RL_BASE, "rl.samples_per_prompt": 0}, "rl.samples_per_prompt"),
+    ({**RL_BASE, "rl.minibatch": 0}, "rl.minibatch"),
+    ({**RL_BASE, "rl.epochs": 0}, "rl.epochs"),
+    ({**RL_BASE, "rl.max_new_tokens": 0}, "rl.max_new_tokens"),
+    ({**RL_BASE, "rl.kl_horizon": 0}, "rl.kl_horizon"),
+    ({**RL_BASE, "rl.gamma": 1.5}, "rl.gamma"),
+    ({**RL_BASE, "rl.lam": -0.1}, "rl.lam"),
+    ({**RL_BASE, "rl.clip": 0}, "rl.clip"),
+    ({**RL_BASE, "rl.clip_high": -0.1}, "rl.clip_high"),
+    ({**RL_BASE, "rl.value_clip": "nan"}, "rl.value_clip"),
+    ({**RL_BASE, "rl.dual_clip": 0.5}, "rl.dual_clip"),
+    ({**RL_BASE, "rl.value_lr": -1e-4}, "rl.value_lr"),
+    ({**RL_BASE, "rl.value_lr": "inf"}, "rl.value_lr"),
+    ({**RL_BASE, "rl.value_coef": -1}, "rl.value_coef"),
+    ({**RL_BASE, "rl.kl_coef": -0.05}, "rl.kl_coef"),
+    ({**RL_BASE, "rl.kl_target": "nan"}, "rl.kl_target"),
+    ({**RL_BASE, "rl.entropy_coef": "nan"}, "rl.entropy_coef"),
+    ({**RL_BASE, "rl.length_penalty": "inf"}, "rl.length_penalty"),
+    ({**RL_BASE, "rl.missing_eos_penalty": "-inf"}, "rl.missing_eos_penalty"),
+    ({**RL_BASE, "rl.uncertainty_coef": "nan"}, "rl.uncertainty_coef"),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides,key", OUT_OF_RANGE, ids=[f"{k}={list(o.values())[-1]}" for o, k in OUT_OF_RANGE]
+)
+def test_validate_refuses_values_out_of_range_naming_key_value_and_range(overrides, key):
+    cfg = config_lib.override(Config(), overrides)  # a dotted override of the right type is read fine ...
+    with pytest.raises(ConfigError) as info:  # ... and refused by validate, before anything runs
+        config_lib.validate(cfg)
+    message = str(info.value)
+    assert re.search(rf"(^| ){re.escape(key)}\b", message), message
+    assert "\n" not in message and "must be" in message and "got" in message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"stage": "sft"},
+        {"stage": "rm"},
+        {"stage": "dpo"},
+        RL_BASE,
+        ONLINE_DPO_BASE,
+        {"optim.lr": 0},
+        {"optim.warmup_ratio": 0, "optim.end_lr_ratio": 1, "optim.grad_clip": 0, "optim.b1": 0},
+        {"optim.warmup_ratio": 1, "optim.weight_decay": 0},
+        {"stage": "dpo", "loss.name": "robust", "loss.label_smoothing": 0.49},
+        {"stage": "dpo", "loss.name": "robust", "loss.label_smoothing": 0.0},
+        {"stage": "dpo", "loss.name": "cdpo", "loss.label_smoothing": 0.3},
+        {"stage": "dpo", "loss.name": "simpo", "loss.gamma": 0, "loss.nll_alpha": 0},
+        {"stage": "sft", "loss.beta": 0},  # only the preference stages read loss.beta
+        {"mesh.data": 1, "mesh.fsdp": -1},
+        {"data.num_train": 0, "data.eval_prompts_per_domain": 0, "train.eval_every": 0, "model.head_dim": 0},
+        {**RL_BASE, "rl.top_p": 1.0, "rl.top_k": 0, "rl.gamma": 1.0, "rl.lam": 0.0, "rl.kl_coef": 0.0},
+        {**RL_BASE, "rl.dual_clip": 0.0, "rl.clip_high": 0.0, "rl.value_lr": 0.0},
+        {**RL_BASE, "rl.missing_eos_penalty": -10.0, "rl.length_penalty": 0.0, "rl.entropy_coef": 0.0},
+        {**RL_BASE, "rl.dual_clip": 3.0, "rl.top_p": 1e-3, "rl.temperature": 1e-3},
+    ],
+)
+def test_validate_accepts_defaults_and_edge_values(overrides):
+    config_lib.validate(config_lib.override(Config(), overrides))
+
+
+def test_cli_validate_refuses_an_out_of_range_override(capsys):
+    from jaxrl import cli
+
+    experiment = str(Path(__file__).parent.parent / "experiments" / "tiny_pipeline.py")
+    assert cli.main(["validate", "--config", experiment, "--set", "train.grad_accum=0"]) == 2
+    assert "train.grad_accum must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_unknown_loss_name_is_fine_outside_dpo():

@@ -1,8 +1,13 @@
 """Launchers: exact dry-run commands of the local, SLURM and TPU launchers; one job per sweep point."""
 
+import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tarfile
+import tomllib
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,6 +22,7 @@ from jaxrl import sweep as sweep_lib  # noqa: E402
 from launch import local, slurm, tpu  # noqa: E402
 
 CONFIG = "experiments/tiny_pipeline.py"
+ABS_CONFIG = str(REPO / CONFIG)  # jobs() makes --config absolute, like --workdir
 
 
 @pytest.fixture(autouse=True)
@@ -24,8 +30,8 @@ def _repo_cwd(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
-def _train(workdir, *sets):
-    argv = ["train", "--config", CONFIG, "--workdir", str(workdir)]
+def _train(workdir, *sets, config=ABS_CONFIG):
+    argv = ["train", "--config", config, "--workdir", str(workdir)]
     for s in sets:
         argv += ["--set", s]
     return tuple(argv)
@@ -124,7 +130,12 @@ def test_slurm_dry_run_commands_and_script(tmp_path):
     assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
     assert 'export JAX_COORDINATOR_ADDRESS="${head_node}:29500"' in script
     assert 'export JAX_NUM_PROCESSES="$SLURM_NNODES"' in script
-    assert f"jaxrl-task {shlex.join(jobs[0].argv())}" in script
+    bundled = slurm.bundle_dir(jobs[0], options)
+    assert bundled.parent == study / "runs" / jobs[0].name / "launch" and bundled.name.startswith("bundle-")
+    assert f"export PYTHONPATH={bundled}" in script
+    command = ["jaxrl", *jobs[0].train_args]
+    command[command.index("--config") + 1] = str(bundled / "study" / "tiny_pipeline.py")
+    assert f"jaxrl-task {shlex.join(command)}" in script
     assert "{{" not in script
     path = tmp_path / "job.sbatch"
     path.write_text(script)
@@ -164,13 +175,15 @@ def _ssh(script, name="node", zone="us-east5-a"):
 
 def test_tpu_dry_run_commands_queued_resource(tmp_path):
     jobs = launch.jobs(CONFIG, str(tmp_path / "run"), ["train.steps=5"])
-    options = tpu.TpuOptions(name="node", zone="us-east5-a", topology="v5e-64", spot=True, repo=str(REPO))
+    options = tpu.TpuOptions(name="node", zone="us-east5-a", topology="v5e-64", spot=True)
     commands = [s.commands()[0] for s in tpu.plan(jobs, options)]
-    train = shlex.join(["jaxrl", *_train(tmp_path / "run", "train.steps=5")])
+    tarball = "/tmp/jaxrl-bundle-node.tgz"
+    bundle = [sys.executable, "-m", "launch.bundle", "--config", ABS_CONFIG, "--out", tarball]
+    train = shlex.join(["jaxrl", *_train(tmp_path / "run", "train.steps=5", config="study/tiny_pipeline.py")])
     install = (
-        "set -e; rm -rf jaxrl; mkdir -p jaxrl jaxrl-logs; tar -xzf jaxrl-src.tgz -C jaxrl; "
+        "set -e; rm -rf jaxrl; mkdir -p jaxrl jaxrl-logs; tar -xzf jaxrl-bundle.tgz -C jaxrl; "
         "python3 -m venv jaxrl-venv; jaxrl-venv/bin/pip install -q --upgrade pip; "
-        "jaxrl-venv/bin/pip install -q -e './jaxrl[tpu]'"
+        "jaxrl-venv/bin/pip install -q './jaxrl[tpu]'"
     )
     run = (
         "set -o pipefail; mkdir -p $HOME/jaxrl-logs; cd $HOME/jaxrl; "
@@ -178,6 +191,7 @@ def test_tpu_dry_run_commands_queued_resource(tmp_path):
         f"({train} & echo $! > $HOME/jaxrl-logs/train.pid; wait $!) 2>&1 | tee -a $HOME/jaxrl-logs/train.log"
     )
     assert commands == [
+        bundle,
         [
             "gcloud",
             "compute",
@@ -202,26 +216,13 @@ def test_tpu_dry_run_commands_queued_resource(tmp_path):
             "--format=value(state.state)",
         ],
         [
-            "tar",
-            "-czf",
-            "/tmp/jaxrl-src-node.tgz",
-            "--exclude=.git",
-            "--exclude=.venv",
-            "--exclude=runs",
-            "--exclude=__pycache__",
-            "--exclude=*.egg-info",
-            "-C",
-            str(REPO),
-            ".",
-        ],
-        [
             "gcloud",
             "compute",
             "tpus",
             "tpu-vm",
             "scp",
-            "/tmp/jaxrl-src-node.tgz",
-            "node:jaxrl-src.tgz",
+            "/tmp/jaxrl-bundle-node.tgz",
+            "node:jaxrl-bundle.tgz",
             "--zone=us-east5-a",
             "--worker=all",
         ],
@@ -239,15 +240,15 @@ def test_tpu_dry_run_commands_queued_resource(tmp_path):
             "--quiet",
         ],
     ]
-    assert tpu.plan(jobs, options)[1].kind == "poll" and tpu.plan(jobs, options)[1].until == "ACTIVE"
+    assert tpu.plan(jobs, options)[2].kind == "poll" and tpu.plan(jobs, options)[2].until == "ACTIVE"
 
 
 def test_tpu_existing_vm_sweep_and_actions(tmp_path):
     jobs = launch.jobs(CONFIG, str(tmp_path / "study"), ["train.steps=5"], sweep=True)
-    options = tpu.TpuOptions(name="vm", zone="z", project="p", repo=str(REPO))
+    options = tpu.TpuOptions(name="vm", zone="z", project="p")
     steps = tpu.plan(jobs, options)
     assert [s.argv[:5] for s in steps[:3]] == [
-        ("tar", "-czf", "/tmp/jaxrl-src-vm.tgz", "--exclude=.git", "--exclude=.venv"),
+        (sys.executable, "-m", "launch.bundle", "--config", ABS_CONFIG),
         ("gcloud", "compute", "tpus", "tpu-vm", "scp"),
         ("gcloud", "compute", "tpus", "tpu-vm", "ssh"),
     ]
@@ -264,10 +265,10 @@ def test_tpu_existing_vm_sweep_and_actions(tmp_path):
             "--zone=z",
             "--project=p",
         ]
-        assert (
-            shlex.quote(shlex.join(job.argv())) not in step.argv[-1]
-        )  # quoted once, inside the bash -c script
-        assert shlex.join(job.argv()) in shlex.split(step.argv[-1].removeprefix("--command="))[2]
+        remote = ["jaxrl", *tpu.remote_args(job)]
+        assert remote[remote.index("--config") + 1] == "study/tiny_pipeline.py"
+        assert shlex.quote(shlex.join(remote)) not in step.argv[-1]  # quoted once, inside the bash -c script
+        assert shlex.join(remote) in shlex.split(step.argv[-1].removeprefix("--command="))[2]
     stop = tpu.plan(jobs[:1], options, action="stop")
     logs = tpu.plan(jobs[:1], options, action="logs")
     name = jobs[0].name
@@ -354,12 +355,19 @@ def test_cli_launch_dry_run_prints_and_runs_nothing(tmp_path, capsys):
     assert not workdir.exists()
 
 
-def test_tpu_config_path_is_relative_to_the_shipped_checkout(tmp_path):
-    job = launch.Job("train", "/w", launch.train_args(str(REPO / CONFIG), "/w"))
-    assert tpu.remote_args(job, str(REPO)) == ("train", "--config", CONFIG, "--workdir", "/w")
-    outside = launch.Job("train", "/w", launch.train_args(str(tmp_path / "x.py"), "/w"))
-    with pytest.raises(ValueError, match="outside"):
-        tpu.remote_args(outside, str(REPO))
+def test_tpu_config_points_at_the_bundled_study(tmp_path):
+    job = launch.Job("train", "/w", launch.train_args(str(tmp_path / "anywhere" / "x.py"), "/w"))
+    assert tpu.remote_args(job) == ("train", "--config", "study/x.py", "--workdir", "/w")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x.py").write_text("")
+    (tmp_path / "b" / "x.py").write_text("")
+    two = [launch.Job(d, "/w", launch.train_args(str(tmp_path / d / "x.py"), "/w")) for d in "ab"]
+    with pytest.raises(launch.LaunchError, match="--config.*both ship as study/x.py"):
+        tpu.plan(two, tpu.TpuOptions(name="n", zone="z"))
+    missing = [launch.Job("m", "/w", launch.train_args(str(tmp_path / "nope.py"), "/w"))]
+    with pytest.raises(launch.LaunchError, match="--config .*nope.py: no such file"):
+        tpu.plan(missing, tpu.TpuOptions(name="n", zone="z"))
 
 
 def test_sweep_rl_jobs_wait_for_their_reward_model(tmp_path):
@@ -375,4 +383,171 @@ def test_sweep_rl_jobs_wait_for_their_reward_model(tmp_path):
         assert names.index(rm) < names.index(job.name) and names.index(sft) < names.index(rm)
         sets = [job.train_args[i + 1] for i, a in enumerate(job.train_args) if a == "--set"]
         assert f"rl.reward_model={study}/runs/{rm}" in sets  # the last word on rl.reward_model is the run dir
-        assert [s for s in sets if s.startswith("rl.reward_model=")][-1] == f"rl.reward_model={study}/runs/{rm}"
+        last = [s for s in sets if s.startswith("rl.reward_model=")][-1]
+        assert last == f"rl.reward_model={study}/runs/{rm}"
+
+
+STUDY = '''from jaxrl.config import Config, TrainConfig
+
+
+def get_config():
+    return Config(stage="sft", train=TrainConfig(steps=3))
+'''
+
+
+def _simulated_install(tmp_path):
+    """The installed jaxrl and launch packages copied to a bare site dir (no pyproject.toml or .git above it,
+    a marker appended to jaxrl/__init__.py), the user's study in ~/, a cwd elsewhere: what a regular
+    non-editable install looks like to the launcher. Returns (site, study, elsewhere, env)."""
+    import jaxrl
+
+    site = tmp_path / "site-packages"
+    for package in (jaxrl, launch):
+        source = Path(package.__file__).parent
+        shutil.copytree(source, site / source.name, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(site / "jaxrl" / "__init__.py", "a") as f:
+        f.write("# simulated install\n")
+    assert not any((p / "pyproject.toml").exists() or (p / ".git").exists() for p in site.parents)
+    study = tmp_path / "home" / "user" / "my_study.py"
+    study.parent.mkdir(parents=True)
+    study.write_text(STUDY)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"}
+    where = subprocess.run(
+        [sys.executable, "-c", "import jaxrl, launch; print(jaxrl.__file__); print(launch.__file__)"],
+        cwd=elsewhere, env=env, check=True, capture_output=True, text=True,
+    ).stdout.split()
+    assert where == [str(site / "jaxrl" / "__init__.py"), str(site / "launch" / "__init__.py")]
+    return site, study, elsewhere, env
+
+
+def _cli(env, cwd, *argv):
+    result = subprocess.run([sys.executable, "-m", "jaxrl.cli", *argv], cwd=cwd, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_tpu_bundle_from_an_installed_jaxrl(tmp_path):
+    site, study, elsewhere, env = _simulated_install(tmp_path)
+    name = f"t{uuid.uuid4().hex[:10]}"
+    out = _cli(env, elsewhere, "launch", "tpu", "--config", str(study), "--workdir", "/mnt/w", "--name", name,
+               "--zone", "z", "--dry-run")
+    lines = out.splitlines()
+    tarball = Path(f"/tmp/jaxrl-bundle-{name}.tgz")
+    pack = [sys.executable, "-m", "launch.bundle", "--config", str(study), "--out", str(tarball)]
+    assert lines[1] == shlex.join(pack)  # the first command: the bundle is built before anything remote
+    run = next(line for line in lines if "jaxrl train" in line)
+    script = shlex.split(shlex.split(run)[-1].removeprefix("--command="))[2]
+    assert "cd $HOME/jaxrl;" in script  # where the bundle is unpacked (and pip-installed from)
+    assert "(jaxrl train --config study/my_study.py --workdir /mnt/w &" in script
+    assert not tarball.exists()  # a dry run builds nothing
+
+    try:  # the printed command, run as printed, from elsewhere
+        subprocess.run(pack, cwd=elsewhere, env=env, check=True, capture_output=True)
+        with tarfile.open(tarball) as tar:
+            names = set(tar.getnames())
+            files = {n: tar.extractfile(n).read() for n in names if tar.getmember(n).isfile()}
+    finally:
+        tarball.unlink(missing_ok=True)
+    assert {"pyproject.toml", "jaxrl/__init__.py", "jaxrl/cli.py", "jaxrl/models/transformer.py"} <= names
+    assert {"launch/__init__.py", "launch/bundle.py", "launch/templates/slurm.sbatch"} <= names
+    assert "study/my_study.py" in names and files["study/my_study.py"] == study.read_bytes()
+    assert files["jaxrl/__init__.py"].endswith(b"# simulated install\n")  # from the install, not a checkout
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    project = tomllib.loads(files["pyproject.toml"].decode())["project"]
+    assert project["name"] == "jaxrl" and "jax>=0.10.2" in project["dependencies"]
+    assert project["optional-dependencies"]["tpu"] == ["jax[tpu]>=0.10.2"]
+    assert project["scripts"] == {"jaxrl": "jaxrl.cli:main"}
+
+
+def test_local_launch_from_an_installed_jaxrl(tmp_path):
+    site, study, elsewhere, env = _simulated_install(tmp_path)
+    out = _cli(env, study.parent, "launch", "local", "--config", "my_study.py", "--workdir", "w",
+               "--processes", "2", "--port", "23456", "--cpu-devices", "1", "--dry-run")
+    train = [sys.executable, "-m", "jaxrl.cli", "train", "--config", str(study), "--workdir",
+             str(study.parent / "w")]
+    env_vars = ["env", "JAX_COORDINATOR_ADDRESS=localhost:23456", "JAX_NUM_PROCESSES=2"]
+    cpu = ["JAX_PLATFORMS=cpu", "XLA_FLAGS=--xla_force_host_platform_device_count=1"]
+    assert out.splitlines() == [
+        "# job train",
+        "# 2 processes at once",
+        shlex.join([*env_vars, "JAX_PROCESS_ID=0", *cpu, *train]),
+        shlex.join([*env_vars, "JAX_PROCESS_ID=1", *cpu, *train]),
+    ]
+    # The printed program and study path work from any directory (validate instead of a training run).
+    argv = shlex.split(out.splitlines()[2])
+    check = [*argv[: argv.index("train")], "validate", "--config", str(study)]
+    subprocess.run(check, cwd=elsewhere, env=env, check=True, capture_output=True)
+
+
+def test_slurm_refuses_flags_that_would_add_script_lines(tmp_path, capsys):
+    jobs = launch.jobs(CONFIG, str(tmp_path / "w"))
+    bad = "gpu\n#SBATCH --wrap=rm -rf /"
+    with pytest.raises(launch.LaunchError, match="^--partition ") as e:
+        slurm.launch(jobs, slurm.SlurmOptions(partition=bad), dry_run=True, out=lambda _: None)
+    assert "\n" not in str(e.value)
+    for options, flag in (
+        (slurm.SlurmOptions(account="a\rb"), "--account"),
+        (slurm.SlurmOptions(partition="gpu --wrap=x"), "--partition"),
+        (slurm.SlurmOptions(time="1:00:00\n#SBATCH --x"), "--time"),
+        (slurm.SlurmOptions(time="soon"), "--time"),
+        (slurm.SlurmOptions(setup="module load cuda\x1b"), "--setup"),
+        (slurm.SlurmOptions(script_dir=str(tmp_path / "a\nb")), "--script-dir"),
+    ):
+        with pytest.raises(launch.LaunchError, match=f"^{flag} "):
+            slurm.render(jobs[0], options)
+    newline_workdir = launch.jobs(CONFIG, str(tmp_path / "w\n#SBATCH --x"))
+    with pytest.raises(launch.LaunchError, match="^--workdir "):
+        slurm.render(newline_workdir[0], slurm.SlurmOptions())
+    newline_set = launch.jobs(CONFIG, str(tmp_path / "w"), ["name=a\nb"])
+    with pytest.raises(launch.LaunchError, match="^--set "):
+        slurm.render(newline_set[0], slurm.SlurmOptions())
+    assert "module load cuda\nsource venv/bin/activate" in slurm.render(
+        jobs[0], slurm.SlurmOptions(setup="module load cuda\nsource venv/bin/activate")
+    )  # --setup is shell lines by design
+
+    code = cli.main(["launch", "slurm", "--config", CONFIG, "--workdir", str(tmp_path / "w"),
+                     "--partition", bad, "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--partition" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_slurm_set_value_arrives_intact_and_the_code_is_shipped(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "srun.args"
+    for name, body in (
+        ("sbatch", "echo 4242"),
+        ("scontrol", "echo node1"),
+        ("srun", f'printf "%s\\0" "$PYTHONPATH" "$@" > {shlex.quote(str(record))}'),
+    ):
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    value = "name=it's a \"test\" $(touch pwned) `touch pwned2`; touch pwned3 # \\ $HOME"
+    jobs = launch.jobs(CONFIG, str(tmp_path / "w"), [value])
+    options = slurm.SlurmOptions(partition="gpu")
+    lines = []
+    slurm.launch(jobs, options, out=lines.append)
+    assert lines[-1] == "submitted train: SLURM job 4242"
+
+    bundled = slurm.bundle_dir(jobs[0], options)
+    assert (bundled / "jaxrl" / "cli.py").is_file() and (bundled / "launch" / "bundle.py").is_file()
+    assert (bundled / "study" / "tiny_pipeline.py").read_text() == (REPO / CONFIG).read_text()
+    expected = ["jaxrl", "train", "--config", str(bundled / "study" / "tiny_pipeline.py"),
+                "--workdir", str(tmp_path / "w"), "--set", value]
+    text = slurm.script_path(jobs[0], options).read_text()
+    words = shlex.split(text[text.index("\nsrun ") :].replace("\\\n", " "))
+    assert words[words.index("jaxrl-task") + 1 :] == expected  # one quoted word per argument
+
+    # bash runs the script as written: srun receives the value intact, nothing in it is executed
+    slurm_env = {**os.environ, "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1"}
+    script = slurm.script_path(jobs[0], options)
+    subprocess.run(["bash", str(script)], cwd=tmp_path, env=slurm_env, check=True)
+    pythonpath, *args = [a.decode() for a in record.read_bytes().split(b"\0")[:-1]]
+    assert pythonpath.split(":")[0] == str(bundled)
+    assert args[args.index("jaxrl-task") + 1 :] == expected
+    assert not list(tmp_path.glob("pwned*"))

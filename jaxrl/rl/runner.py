@@ -34,6 +34,8 @@ import numpy as np
 from flax import nnx
 
 from jaxrl import checkpoint, losses, rewards, sampling, sharding, steps, train
+from jaxrl import metrics as metrics_lib
+from jaxrl import workdir as workdir_lib
 from jaxrl import config as config_lib
 from jaxrl.config import Config, ConfigError
 from jaxrl.data import pipeline
@@ -798,21 +800,13 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
     """Trains one online-RL stage in `workdir` (resuming if it holds a checkpoint); returns the final summary.
 
     `stop_after` ends the loop early at that iteration without finishing the run (for tests of resume)."""
-    if cfg.train.init_from:
-        from jaxrl.convert import is_hf_dir, with_hf_architecture
-
-        if is_hf_dir(cfg.train.init_from):
-            cfg = with_hf_architecture(cfg, cfg.train.init_from)
-    cfg = config_lib.validate(cfg)
+    cfg = train.resolve(cfg)
     workdir = Path(workdir).absolute()
-    done = workdir / train.DONE_FILE
-    if done.exists():
-        log(f"{workdir}: already finished")
-        return json.loads(done.read_text())
-    workdir.mkdir(parents=True, exist_ok=True)
-    train._check_workdir_config(workdir, cfg)
-    t = cfg.train
+    return workdir_lib.run_in(workdir, cfg, lambda commit: _run(cfg, workdir, commit, log, stop_after), log=log)
 
+
+def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dict:
+    t = cfg.train
     ctx, trainable, report = _context(cfg, workdir, log)
     for line in report:
         log(line)
@@ -833,14 +827,16 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
     del trainable
     programs = _programs(cfg, ctx, abstract_state, optimizers)
 
+    commit()  # the run has started: from here on the workdir belongs to this config
     kl_coef, eval_initial, start = float(cfg.rl.kl_coef), None, 0
     ckpt = checkpoint.Checkpointer(workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
-    if (latest := ckpt.latest_step()) is not None:
-        state, meta = ckpt.restore(
-            latest, checkpoint.abstract_with_shardings(abstract_state, state_shardings)
-        )
+    restored = ckpt.restore_latest(checkpoint.abstract_with_shardings(abstract_state, state_shardings), log=log)
+    if restored is not None:
+        latest, state, meta = restored
         start, kl_coef, eval_initial = int(meta["step"]), float(meta["kl_coef"]), meta.get("eval_initial")
         log(f"resumed from {workdir}/checkpoints/{latest} at iteration {start}")
+    metrics_lib.truncate_after(workdir, start if start else -1, final=start >= t.steps)
+    resumed_last = train.last_logged(workdir, prefix="") if start else {}
     meta = lambda step: {"step": step, "kl_coef": kl_coef, "eval_initial": eval_initial}
 
     writer = MetricWriter(workdir, tensorboard=t.tensorboard)
@@ -848,8 +844,9 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
         eval_initial = _world_eval_of(ctx, state)
         writer.write(0, {f"eval/{k}": v for k, v in eval_initial.items()})
     progress = train._progress(start, t.steps, enabled=t.progress and jax.process_index() == 0)
-    last: dict[str, float] = {}
+    last: dict[str, float] = resumed_last
     end = t.steps if stop_after is None else min(stop_after, t.steps)
+    failure, updates_per_iteration = None, None
     for it in range(start, end):
         t0 = time.perf_counter()
         gen = _generate(ctx, state.policy.params, it)
@@ -872,6 +869,12 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
         }
         kl_coef = _adapted_kl_coef(cfg, kl_coef, values["objective/kl"])
         last = values
+        applied, skipped = (int(x) for x in jax.device_get((state.policy.step, state.policy.skipped)))
+        updates_per_iteration = updates_per_iteration or max(1, (applied + skipped) // (it + 1))
+        failure = workdir_lib.skip_verdict(skipped, applied + skipped, updates_per_iteration * t.steps,
+                                           t.max_skipped_fraction)
+        if failure:
+            break
         if (it + 1) % t.log_every == 0 or it + 1 == end:
             writer.write(it + 1, values)
         if t.eval_every and (it + 1) % t.eval_every == 0 and it + 1 < t.steps:
@@ -880,6 +883,11 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
         progress.update(1)
         progress.set_postfix(score=f"{values['objective/scores']:.3f}", kl=f"{values['objective/kl']:.3f}")
     progress.close()
+    skipped = int(jax.device_get(state.policy.skipped))
+    if failure:
+        ckpt.close()
+        writer.close()
+        raise workdir_lib.fail(workdir, cfg, failure, log=log, steps=t.steps, skipped_steps=skipped, train=last)
 
     if stop_after is not None and end < t.steps:
         ckpt.save(end, state, meta(end), force=True)
@@ -892,20 +900,22 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
     eval_metrics = _world_eval_of(ctx, state)
     writer.write(t.steps, {f"eval/{k}": v for k, v in eval_metrics.items()})
     writer.close()
+    if bad := workdir_lib.nonfinite_eval(eval_metrics):
+        raise workdir_lib.fail(workdir, cfg, f"the final evaluation is not finite: {', '.join(bad)}", log=log,
+                               steps=t.steps, skipped_steps=skipped, train=last, eval=eval_metrics)
     checkpoint.save_params(checkpoint.final_params_dir(workdir), state.policy.params)
     summary = {
         "stage": cfg.stage,
+        "status": "finished",
         "steps": t.steps,
-        "skipped_steps": int(jax.device_get(state.policy.skipped)),
+        "skipped_steps": skipped,
         "train": last,
         "eval": eval_metrics,
         "eval_initial": eval_initial or {},
         "lineage": run_lineage,
         "data": report,
     }
-    if jax.process_index() == 0:
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps(summary, indent=2) + "\n")
+    workdir_lib.write_summary(workdir, summary)
     log(f"finished {cfg.stage}: eval {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
     return summary
 
