@@ -261,7 +261,9 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
         last = _log_metrics(writer, pending, window_start, window, progress)
     progress.close()
     skipped = int(jax.device_get(state.skipped))
-    if failure:
+    if failure:  # counted again with the step dispatched after the one that decided it, so both agree
+        failure = workdir_lib.skip_verdict(skipped, int(jax.device_get(state.step)) + skipped, t.steps,
+                                           t.max_skipped_fraction) or failure
         ckpt.close()
         writer.close()
         raise workdir_lib.fail(workdir, cfg, failure, log=log, steps=t.steps, skipped_steps=skipped, train=last)

@@ -7,10 +7,15 @@ template emits it, as with `apply_chat_template`, which tokenizes with add_speci
 template's system prompt (default or given) is never repeated in the completion. A template whose rendered
 prompt is not a prefix of the rendered conversation (e.g. one that rewrites earlier turns) is refused with
 ChatTemplateError.
+
+The `*_bounded` methods give the same ids where a caller keeps only `keep` tokens of them (the pipeline's
+truncation), while tokenising only the part of the rendered text those tokens can come from (see
+`_encode_window`): a megabytes-long message costs its rendering, not millions of token ids.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -51,6 +56,8 @@ SPECIAL_TOKEN_NAMES = (
 )
 # encode_completion renders a completion after this prompt when none is given.
 PLACEHOLDER_PROMPT = (Message("user", "Hi"),)
+# Characters between a window's cut and the tokens taken from it (`_encode_window`).
+CUT_MARGIN = 1024
 
 
 class ChatTemplateError(ValueError):
@@ -200,6 +207,42 @@ class HFChatTokenizer:
         """Token ids of a text, without special tokens added around it (special tokens in it are matched)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters of text one token covers at most: its longest vocabulary entry (byte-level entries
+        have a symbol per byte, so at least one per character), unknown tokens and characters a normalizer
+        deletes aside. Sizes the first window `_encode_window` tries."""
+        return max(map(len, self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
+    def _encode_window(self, text: str, n: int, side: str) -> tuple[list[int], bool]:
+        """(ids, cut): the first (side "right") or last ("left") n ids of text, from tokenising only a
+        window at that end of it (cut True), or all of text's ids when it is not longer than the window.
+
+        The first window holds n * max_token_chars + CUT_MARGIN characters, so in text without unknown
+        tokens n tokens end (start) CUT_MARGIN characters before the cut at least. They are taken only when
+        their offsets show that they do, else the window doubles (up to the whole text: unknown tokens
+        covering long words, or deleted characters). Exactness rests on one property of the tokenizer:
+        cutting a text changes no token more than CUT_MARGIN characters away from the cut. That holds for
+        `tokenizers` pipelines whose pre-tokenizer splits words (ByteLevel/GPT-2 and Llama 3 regexes,
+        Whitespace, BERT, Metaspace): the model tokenizes each pre-token alone, and normalizers, added-token
+        matching and pre-token splits only look at nearby characters, so a cut changes the pre-token it
+        falls in; a pre-token (a run without whitespace) longer than the margin is the exception, exact as
+        far as BPE merges or unigram segmentations do not propagate over CUT_MARGIN characters.
+        """
+        size = n * self.max_token_chars + CUT_MARGIN
+        while size < len(text):
+            window = text[:size] if side == "right" else text[-size:]
+            encoding = self.tokenizer.encode(window, add_special_tokens=False)
+            total = len(encoding)
+            if total >= n:
+                # Offsets of the last token taken (right) or of the first (left), in window characters.
+                span = encoding.token_to_chars(n - 1 if side == "right" else total - n)
+                if span and (span[1] <= size - CUT_MARGIN if side == "right" else span[0] >= CUT_MARGIN):
+                    encoding.truncate(n, direction=side)
+                    return encoding.ids, True
+            size *= 2
+        return self.encode(text), False
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ids up to the first eos."""
         ids = [int(i) for i in ids]
@@ -220,15 +263,22 @@ class HFChatTokenizer:
         except jinja2.exceptions.TemplateError as e:
             raise ChatTemplateError(f"chat template failed to render: {e}") from e
 
-    def _split(self, head_text: str, full_text: str, full_ids: list[int], what: str) -> int:
-        """How many of full_ids belong to head_text; an error if head is not a prefix in text and tokens."""
+    def _split(
+        self, head_text: str, full_text: str, full_ids: list[int], what: str, window: bool = False
+    ) -> int:
+        """How many of full_ids belong to head_text; an error if head is not a prefix in text and tokens.
+        With window, full_ids are full_text's first ids only (`_encode_window`): the head's ids are
+        counted and checked as far as those go."""
         if not full_text.startswith(head_text):
             raise ChatTemplateError(
                 f"the chat template is not prefix-stable: the rendered {what} is not a prefix of the "
                 f"rendered conversation, so prompt and completion cannot be split.\n{what}: {head_text!r}\n"
                 f"conversation: {full_text!r}"
             )
-        head_ids = self.encode(head_text)
+        if window:
+            head_ids = self._encode_window(head_text, len(full_ids), "right")[0][: len(full_ids)]
+        else:
+            head_ids = self.encode(head_text)
         if full_ids[: len(head_ids)] != head_ids:
             raise ChatTemplateError(
                 f"tokens merge across the end of the rendered {what} ({head_text[-20:]!r}), so its tokens "
@@ -240,6 +290,11 @@ class HFChatTokenizer:
         """Ids of the prompt, ending with the template's generation prompt (e.g. the assistant header)."""
         return self.encode(self.render(messages, add_generation_prompt=True))
 
+    def encode_prompt_bounded(self, messages: Sequence[Message], keep: int) -> tuple[list[int], bool]:
+        """(ids, cut): encode_prompt's ids, or (cut) its last keep + 1 ids from tokenising only the end of
+        the rendered prompt, when the prompt is too long to matter beyond them (it is kept from the end)."""
+        return self._encode_window(self.render(messages, add_generation_prompt=True), keep + 1, "left")
+
     def encode_pair(
         self, prompt: Sequence[Message], completion: Sequence[Message]
     ) -> tuple[list[int], list[int]]:
@@ -249,6 +304,18 @@ class HFChatTokenizer:
         full_ids = self.encode(full_text)
         cut = self._split(prompt_text, full_text, full_ids, "prompt")
         return full_ids[:cut], full_ids[cut:]
+
+    def encode_pair_bounded(
+        self, prompt: Sequence[Message], completion: Sequence[Message], keep: int
+    ) -> tuple[list[int], list[int], bool]:
+        """(prompt ids, completion ids, cut): encode_pair's, or (cut) with only the first keep + 1
+        completion ids, from tokenising only the start of the rendered conversation."""
+        prompt_text = self.render(prompt, add_generation_prompt=True)
+        full_text = self.render(tuple(prompt) + tuple(completion))
+        n = len(self.encode(prompt_text)) + keep + 1
+        full_ids, window = self._encode_window(full_text, n, "right")
+        cut = self._split(prompt_text, full_text, full_ids, "prompt", window)
+        return full_ids[:cut], full_ids[cut:], window
 
     def encode_completion(
         self, messages: Sequence[Message], prompt: Sequence[Message] | None = None
@@ -262,22 +329,51 @@ class HFChatTokenizer:
             raise ValueError("a completion must start with an assistant turn")
         return self.encode_pair(PLACEHOLDER_PROMPT if prompt is None else prompt, messages)[1]
 
+    def encode_completion_bounded(
+        self, messages: Sequence[Message], keep: int, prompt: Sequence[Message] | None = None
+    ) -> tuple[list[int], bool]:
+        """(ids, cut): encode_completion's ids, or (cut) its first keep + 1 (a completion is kept from the
+        start), from tokenising only the start of the rendering."""
+        if not messages or _as_dict(messages[0])["role"] != "assistant":
+            raise ValueError("a completion must start with an assistant turn")
+        _, ids, cut = self.encode_pair_bounded(
+            PLACEHOLDER_PROMPT if prompt is None else prompt, messages, keep
+        )
+        return ids, cut
+
     def encode_conversation(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
         """(ids, assistant_mask) of a whole conversation; the mask is 1 on each assistant turn's tokens (as
         a completion after the preceding turns: content, end-of-turn tokens and eos), 0 elsewhere."""
+        return self._encode_conversation(messages, None)[:2]
+
+    def encode_conversation_bounded(
+        self, messages: Sequence[Message], keep: int
+    ) -> tuple[list[int], list[int], bool]:
+        """(ids, assistant_mask, cut): encode_conversation's, or (cut) their first keep + 1 (a conversation
+        is kept from the start), from tokenising only the start of the rendering."""
+        return self._encode_conversation(messages, keep)
+
+    def _encode_conversation(
+        self, messages: Sequence[Message], keep: int | None
+    ) -> tuple[list[int], list[int], bool]:
         messages = tuple(messages)
         full_text = self.render(messages)
-        ids = self.encode(full_text)
+        if keep is None:
+            ids, window = self.encode(full_text), False
+        else:
+            ids, window = self._encode_window(full_text, keep + 1, "right")
         mask = [0] * len(ids)
         for i, message in enumerate(messages):
             if _as_dict(message)["role"] != "assistant":
                 continue
             start = self._split(
-                self.render(messages[:i], add_generation_prompt=True), full_text, ids, "prompt"
+                self.render(messages[:i], add_generation_prompt=True), full_text, ids, "prompt", window
             )
-            end = self._split(self.render(messages[: i + 1]), full_text, ids, "conversation so far")
+            end = self._split(
+                self.render(messages[: i + 1]), full_text, ids, "conversation so far", window
+            )
             mask[start:end] = [1] * (end - start)
-        return ids, mask
+        return ids, mask, window
 
     def __repr__(self) -> str:
         template = "tulu2 fallback" if self.is_fallback else "own template"

@@ -1,15 +1,26 @@
-"""Canonical records -> fixed-length token arrays with completion-only loss masks; truncation is counted."""
+"""Canonical records -> fixed-length token arrays with completion-only loss masks; truncation is counted.
+
+Bounded memory on hostile rows: a message of megabytes is not tokenised in full only to keep data.max_len
+tokens of it. Its text is cut first to the part the kept tokens can come from, on the side truncation keeps
+(a prompt's end, a completion's or conversation's start), and the cut is counted ("texts cut before
+tokenising"). The result is the same as tokenising in full: the ids then hold more than `keep` tokens
+(`keep` = max_prompt_len for prompts, max_len otherwise), so truncation (or a drop, with the same reason)
+follows as before, and the `keep` ids on the kept side are exactly the full text's. See `_cut_words` (the
+synthetic tokenizer; exact) and HFChatTokenizer._encode_window (a checkpoint's tokenizer).
+"""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
-from jaxrl.data.records import Conversation, Messages, PreferencePair, UnpairedExample
+from jaxrl.data.records import Conversation, Message, Messages, PreferencePair, UnpairedExample
+from jaxrl.synthetic.tokenizer import SyntheticTokenizer
 
 
 class ChatTokenizer(Protocol):
@@ -26,6 +37,22 @@ class ChatTokenizer(Protocol):
     def encode_conversation(self, messages: Messages) -> tuple[list[int], list[int]]: ...
 
 
+class BoundedChatTokenizer(ChatTokenizer, Protocol):
+    """A tokenizer that tokenises only the part of a long text that `keep` kept tokens come from.
+
+    Each returns the plain method's ids (and mask), or, with cut True, more than `keep` of them of which the
+    `keep` on the kept side (a prompt's last, a completion's or conversation's first) are the plain ones.
+    """
+
+    def encode_prompt_bounded(self, messages: Messages, keep: int) -> tuple[list[int], bool]: ...
+
+    def encode_completion_bounded(self, messages: Messages, keep: int) -> tuple[list[int], bool]: ...
+
+    def encode_conversation_bounded(
+        self, messages: Messages, keep: int
+    ) -> tuple[list[int], list[int], bool]: ...
+
+
 @dataclasses.dataclass
 class TokenizeStats:
     """How many examples were kept, cut or dropped, and why."""
@@ -34,12 +61,91 @@ class TokenizeStats:
     kept: int = 0
     prompt_truncated: int = 0
     completion_truncated: int = 0
+    text_cut: int = 0  # examples with a text cut before tokenising (see the module docstring)
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def summary(self) -> str:
         drops = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
         return (f"examples {self.seen} = kept {self.kept} + dropped {sum(self.dropped.values())} ({drops}); "
-                f"prompts truncated {self.prompt_truncated}, completions truncated {self.completion_truncated}")
+                f"prompts truncated {self.prompt_truncated}, completions truncated {self.completion_truncated}"
+                f", texts cut before tokenising {self.text_cut}")
+
+
+_WORD = re.compile(r"\S+")  # the synthetic tokenizer's words: \s is str.split()'s whitespace
+
+
+def _cut_words(text: str, n: int, side: str) -> str:
+    """The shortest start (side "right") or end ("left") of text holding n of its words whole, so that its
+    split() is text.split()[:n] (or [-n:]), all of it when it has fewer words.
+
+    Exact for the synthetic tokenizer, whose ids are one per whitespace-separated word: a message cut so
+    gives the same ids as in full up to (from) its n-th word, whatever the words' lengths. Memory: O(n)
+    besides the cut text (match positions are kept for the last n + 1 words only).
+    """
+    if side == "right":
+        for count, match in enumerate(_WORD.finditer(text), 1):
+            if count == n:
+                return text[: match.end()]
+        return text
+    size = 16 * n
+    while True:
+        start = max(0, len(text) - size)
+        starts = collections.deque((m.start() for m in _WORD.finditer(text, start)), maxlen=n + 1)
+        if len(starts) > n:  # the word starting at starts[0] may be cut by the window, the n after it not
+            return text[starts[1]:]
+        if start == 0:
+            return text
+        size *= 2
+
+
+def _synthetic_cut(tok: SyntheticTokenizer, messages: Messages, keep: int,
+                   side: str) -> tuple[Messages, bool]:
+    """Messages with each long content cut to its keep + 1 words on the kept side, and whether any was.
+
+    Only contents longer than (keep + 1) * (longest vocabulary word + 1) characters are looked at (a
+    normal row is left alone), and a content is cut only where it has more than keep + 1 words. The cut
+    message alone then gives more than keep ids, so the row is truncated (or dropped) as in full, and the
+    keep ids kept are the full row's: a prompt keeps its end, so ids after the cut content's first word
+    are the full prompt's last ones; a completion or conversation keeps its start, up to the content's
+    (keep + 1)-th word.
+    """
+    bound = (keep + 1) * (max(map(len, tok.vocab)) + 1)
+    out, cut = [], False
+    for message in messages:
+        if len(message.content) > bound:
+            content = _cut_words(message.content, keep + 1, side)
+            if len(content) < len(message.content):
+                message, cut = Message(message.role, content), True
+        out.append(message)
+    return tuple(out), cut
+
+
+def _encode_prompt(tok: ChatTokenizer, messages: Messages, keep: int) -> tuple[list[int], bool]:
+    if hasattr(tok, "encode_prompt_bounded"):
+        return tok.encode_prompt_bounded(messages, keep)
+    cut = False
+    if isinstance(tok, SyntheticTokenizer):
+        messages, cut = _synthetic_cut(tok, messages, keep, "left")
+    return tok.encode_prompt(messages), cut
+
+
+def _encode_completion(tok: ChatTokenizer, messages: Messages, keep: int) -> tuple[list[int], bool]:
+    if hasattr(tok, "encode_completion_bounded"):
+        return tok.encode_completion_bounded(messages, keep)
+    cut = False
+    if isinstance(tok, SyntheticTokenizer):
+        messages, cut = _synthetic_cut(tok, messages, keep, "right")
+    return tok.encode_completion(messages), cut
+
+
+def _encode_conversation(tok: ChatTokenizer, messages: Messages,
+                         keep: int) -> tuple[list[int], list[int], bool]:
+    if hasattr(tok, "encode_conversation_bounded"):
+        return tok.encode_conversation_bounded(messages, keep)
+    cut = False
+    if isinstance(tok, SyntheticTokenizer):
+        messages, cut = _synthetic_cut(tok, messages, keep, "right")
+    return (*tok.encode_conversation(messages), cut)
 
 
 def _fit(prompt: list[int], completion: list[int], max_len: int, max_prompt_len: int, policy: str,
@@ -83,13 +189,16 @@ def encode_pairs(pairs: Sequence[PreferencePair], tok: ChatTokenizer, *, max_len
     tokens, masks, margins = [], [], []
     for pair in pairs:
         stats.seen += 1
-        prompt = tok.encode_prompt(pair.prompt)
+        prompt, text_cut = _encode_prompt(tok, pair.prompt, max_prompt_len)
         rows, cuts = [], TokenizeStats()
         for completion in (pair.chosen, pair.rejected):
-            fitted = _fit(prompt, tok.encode_completion(completion), max_len, max_prompt_len, truncation, cuts)
+            completion, cut = _encode_completion(tok, completion, max_len)
+            text_cut |= cut
+            fitted = _fit(prompt, completion, max_len, max_prompt_len, truncation, cuts)
             if fitted is None:
                 break
             rows.append(_row(*fitted, max_len, tok.pad_id))
+        stats.text_cut += text_cut
         _count_once(stats, cuts)
         if len(rows) < 2:
             continue
@@ -113,11 +222,13 @@ def encode_unpaired(examples: Sequence[UnpairedExample], tok: ChatTokenizer, *, 
     """KTO examples -> {"tokens" [N,2,T], "loss_mask", "desirable" [N]}; row 1 pairs the completion with the
     next example's prompt (a fixed mismatched pair for the KL reference point)."""
     stats = TokenizeStats()
-    prompts = [tok.encode_prompt(e.prompt) for e in examples]
+    encoded = [_encode_prompt(tok, e.prompt, max_prompt_len) for e in examples]
+    prompts, prompt_cut = [ids for ids, _ in encoded], [cut for _, cut in encoded]
     tokens, masks, labels = [], [], []
     for i, example in enumerate(examples):
         stats.seen += 1
-        completion = tok.encode_completion(example.completion)
+        completion, cut = _encode_completion(tok, example.completion, max_len)
+        stats.text_cut += cut or prompt_cut[i]
         rows, cuts = [], TokenizeStats()
         for prompt in (prompts[i], prompts[(i + 1) % len(examples)]):
             fitted = _fit(prompt, completion, max_len, max_prompt_len, truncation, cuts)
@@ -146,7 +257,8 @@ def encode_conversations(conversations: Sequence[Conversation], tok: ChatTokeniz
     tokens, masks = [], []
     for conversation in conversations:
         stats.seen += 1
-        ids, assistant_mask = tok.encode_conversation(conversation.messages)
+        ids, assistant_mask, cut = _encode_conversation(tok, conversation.messages, max_len)
+        stats.text_cut += cut
         if len(ids) > max_len:
             if truncation == "drop":
                 stats.dropped["too_long"] += 1
