@@ -46,6 +46,10 @@ def cmd_sweep(args) -> int:
     print()
     print(markdown)
     print(f"results: {md} and {csv_path}")
+    if hasattr(module, "findings"):
+        print()
+        print(sweep.write_findings(module.findings(rows), workdir))
+        print(f"findings: {workdir / 'findings.md'}")
     for p in plots:
         print(f"plot: {p}")
     failed = [r for r in rows if r.get("status", "finished") != "finished"]
@@ -63,6 +67,28 @@ def cmd_convert(args) -> int:
     else:
         out = convert.run_to_hf(args.source, args.out, tokenizer_dir=args.tokenizer)
         print(f"wrote Hugging Face checkpoint {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from jaxrl.eval import harness
+
+    model_args = {}
+    for item in args.model_arg or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--model-arg {item!r}: expected KEY=VALUE")
+        model_args[key] = value
+    try:
+        from lm_eval.utils import handle_arg_string
+    except ImportError as e:
+        raise ConfigError(f"jaxrl eval needs lm-eval: pip install -e \".[eval]\" ({e})") from e
+    model_args = {k: handle_arg_string(v) for k, v in model_args.items()}
+    harness.evaluate(args.model, [t.strip() for t in args.tasks.split(",") if t.strip()], args.out,
+                     limit=args.limit, num_fewshot=args.num_fewshot, include_path=args.include_path,
+                     batch_size=args.batch_size, model_args=model_args,
+                     apply_chat_template=args.apply_chat_template, with_optional=args.with_optional,
+                     judge=args.judge, alpaca_file=args.alpaca_file, log_samples=args.log_samples)
     return 0
 
 
@@ -188,6 +214,24 @@ def main(argv=None) -> int:
     p.add_argument("out", help="directory to write")
     p.add_argument("--tokenizer", default=None, help="tokenizer files to copy into an HF export")
     p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("eval", help="lm-eval harness tasks on a run dir or HF checkpoint (jaxrl backend)")
+    p.add_argument("--model", required=True, help="a finished jaxrl run dir or an HF checkpoint dir")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks/groups or suites (tulu25)")
+    p.add_argument("--out", required=True, help="directory for results.json and tasks/<task>.json (resumes)")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="shots for every task (default: each's own)")
+    p.add_argument("--include-path", action="append", default=None, help="a directory of local task YAMLs")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per process and forward call")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="backend argument, e.g. dtype=float32, mesh_preset=fsdp, max_length=4096")
+    p.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the model's chat template (default: the suite's setting, else off)")
+    p.add_argument("--with-optional", action="store_true", help="also the suite's optional tasks (HumanEval)")
+    p.add_argument("--judge", default=None, help="reward model dir judging alpaca_eval_rm")
+    p.add_argument("--alpaca-file", default=None, help="AlpacaEval JSON/JSONL: instruction, output")
+    p.add_argument("--log-samples", action="store_true", help="also write tasks/<task>.samples.jsonl")
+    p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("validate", help="check that an experiment's config and every sweep point validate")
     p.add_argument("--config", required=True)

@@ -1,0 +1,174 @@
+"""A model directory loaded for evaluation: params placed on the mesh by the rule table, the compute config,
+and the tokenizer as plain text <-> ids (lm-eval hands the backend strings, never messages)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from jaxrl.config import ConfigError
+
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when a checkpoint does not say
+
+
+class HFTextTokenizer:
+    """A checkpoint's fast tokenizer as the HF backend of lm-eval uses it: `add_special_tokens` runs the
+    tokenizer's own post-processor (BOS for Llama-style tokenizers), decoding skips special tokens."""
+
+    def __init__(self, chat_tokenizer, name: str):
+        self.chat = chat_tokenizer
+        self.name = name
+        self.bos_id, self.eos_id, self.pad_id = (
+            chat_tokenizer.bos_id,
+            chat_tokenizer.eos_id,
+            chat_tokenizer.pad_id,
+        )
+        token = lambda i: None if i is None else chat_tokenizer.tokenizer.id_to_token(i)
+        self.bos_text, self.eos_text = token(self.bos_id), token(self.eos_id)
+        self.chat_template = chat_tokenizer.chat_template
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.chat.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids) -> str:
+        return self.chat.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.chat.render(messages, add_generation_prompt=add_generation_prompt)
+
+
+class SyntheticTextTokenizer:
+    """The synthetic world's word tokenizer over text: reserved words (`<bos>`, `<|user|>`, ...) in the text
+    are their tokens, so a rendered chat prompt tokenises to the ids the world's policies were trained on."""
+
+    def __init__(self, tokenizer, name: str):
+        self.tok = tokenizer
+        self.name = name
+        self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+        self.bos_text, self.eos_text = tokenizer.vocab[self.bos_id], tokenizer.vocab[self.eos_id]
+        self.chat_template = "jaxrl synthetic chat format"
+        self._ids = {w: i for i, w in enumerate(tokenizer.vocab)}
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids = [self._ids.get(w, self.tok.unk_id) for w in text.split()]
+        return [self.bos_id] + ids if add_special_tokens else ids
+
+    def decode(self, ids) -> str:
+        skip = {self.tok.pad_id, self.bos_id, self.eos_id}
+        return " ".join(
+            self.tok.vocab[i] for i in map(int, ids) if i not in skip and 0 <= i < len(self.tok.vocab)
+        )
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        from jaxrl.synthetic.tokenizer import ROLE_TAGS
+
+        words = [self.bos_text]
+        for m in messages:
+            words += [ROLE_TAGS[m["role"]], m["content"]] + (
+                [self.eos_text] if m["role"] == "assistant" else []
+            )
+        if add_generation_prompt:
+            words.append(ROLE_TAGS["assistant"])
+        elif messages and messages[-1]["role"] == "assistant":
+            words.pop()  # the final assistant turn is continued, not closed
+        return " ".join(words)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """What the backend evaluates: graphdef and params (placed on `mesh`), their config, tokenizer, length."""
+
+    name: str
+    graphdef: Any
+    params: Any
+    config: Any  # ModelConfig
+    tokenizer: Any  # HFTextTokenizer | SyntheticTextTokenizer
+    max_length: int
+
+
+def _tokenizer_from(directory: Path):
+    """The tokenizer saved in a directory (a synthetic-world JSON or an HF tokenizer.json), or None."""
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    from jaxrl.synthetic.tokenizer import FORMAT, SyntheticTokenizer
+
+    if isinstance(data, dict) and data.get("format") == FORMAT:
+        return SyntheticTextTokenizer(SyntheticTokenizer.from_json(data), name=str(directory))
+    from jaxrl.data.chat import HFChatTokenizer
+
+    return HFTextTokenizer(HFChatTokenizer.from_dir(directory), name=str(directory))
+
+
+def _run_tokenizer(run_dir: Path, run_cfg):
+    """A run's tokenizer: its own tokenizer.json, else its data.tokenizer, else its init_from's, else the
+    synthetic world's for a synthetic run."""
+    for candidate in (run_dir, run_cfg.data.tokenizer, run_cfg.train.init_from):
+        if candidate and (tok := _tokenizer_from(Path(candidate))) is not None:
+            return tok
+    if run_cfg.data.source == "synthetic":
+        from jaxrl.synthetic import SyntheticTokenizer
+
+        return SyntheticTextTokenizer(SyntheticTokenizer(), name="synthetic")
+    raise ConfigError(
+        f"{run_dir}: no tokenizer found (no tokenizer.json in it, its data.tokenizer or init_from); "
+        "pass tokenizer=DIR"
+    )
+
+
+def load(
+    source: str | Path,
+    mesh,
+    preset: str,
+    *,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    max_length: int | None = None,
+) -> LoadedModel:
+    """A jaxrl run directory (finished) or an HF *ForCausalLM checkpoint directory, ready to evaluate.
+
+    `dtype` overrides the compute dtype (params keep theirs); logits and log-probs are fp32 regardless."""
+    from jaxrl import checkpoint, train
+    from jaxrl.convert import is_hf_dir
+
+    source = Path(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"model {source}: no such directory")
+    if is_hf_dir(source):
+        from jaxrl.models import hf
+
+        model_cfg, params = hf.load_hf(source, mesh=mesh, preset=preset, dtype=dtype or "float32")
+        hf_config = hf.read_hf_config(source)
+        tok = _tokenizer_from(Path(tokenizer) if tokenizer else source)
+        if tok is None:
+            raise ConfigError(f"{source}: an HF checkpoint without tokenizer.json; pass tokenizer=DIR")
+        length = max_length or hf_config.get("max_position_embeddings") or DEFAULT_MAX_LENGTH
+    else:
+        cfg_file = source / "config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(
+                f"model {source} is neither a jaxrl run directory nor an HF checkpoint (no config.json)"
+            )
+        from jaxrl import config as config_lib
+
+        run_cfg = config_lib.from_dict(json.loads(cfg_file.read_text()))
+        if not checkpoint.final_params_dir(source).exists():
+            raise ConfigError(f"model {source}: the run has not finished (no final/params)")
+        params, model_cfg = train.load_run_params(source, mesh, preset)
+        if dtype:
+            model_cfg = dataclasses.replace(model_cfg, dtype=dtype)
+        tok = _tokenizer_from(Path(tokenizer)) if tokenizer else _run_tokenizer(source, run_cfg)
+        if tok is None:
+            raise ConfigError(f"tokenizer {tokenizer}: no tokenizer.json there")
+        length = max_length or DEFAULT_MAX_LENGTH
+    if model_cfg.head != "lm":
+        raise ConfigError(f"model {source} is a reward/value model (scalar head), not a language model")
+    model_cfg = dataclasses.replace(model_cfg, remat="none")  # no backward pass: nothing to rematerialise
+    graphdef, _ = train.abstract_model(model_cfg)
+    return LoadedModel(str(source), graphdef, params, model_cfg, tok, int(length))
