@@ -35,6 +35,8 @@ from jaxrl.models.transformer import (
     residual_block,
     rms_norm,
     rope_frequencies,
+    window_mask,
+    windowed_layers,
 )
 from jaxrl.sharding import constrain
 
@@ -161,12 +163,17 @@ def _prefill(model, layer_params, prompt_BP, prompt_mask_BP, max_new, cfg, inv_f
     x_BPD = jnp.take(model.embed.embedding[...], prompt_BP, axis=0).astype(dtype)
     x_BPD = constrain(x_BPD, ("batch", None, "embed"))
     k_cache, v_cache = [], []
-    for p in layer_params:
+    index_P = jnp.arange(prompt_BP.shape[1])
+    for p, windowed in zip(layer_params, windowed_layers(cfg), strict=True):
+        # Slots of real tokens are contiguous (pads are on the left), so slot distance is position distance.
+        layer_mask = mask_B1PP
+        if windowed:
+            layer_mask = mask_B1PP & window_mask(index_P, index_P, cfg.sliding_window)[None, None]
 
-        def attend(h_BPD, p=p):
+        def attend(h_BPD, p=p, layer_mask=layer_mask):
             q_BPNH, k_BPKH, v_BPKH = project_qkv(h_BPD, p["attn"], positions_BP, cfg, inv_freq)
             out_BPNH = jax.nn.dot_product_attention(
-                q_BPNH, k_BPKH, v_BPKH, mask=mask_B1PP, is_causal=True, implementation=impl
+                q_BPNH, k_BPKH, v_BPKH, mask=layer_mask, is_causal=True, implementation=impl
             )
             return attention_output(out_BPNH, p["attn"], dtype), (k_BPKH, v_BPKH)
 
@@ -185,9 +192,14 @@ def _decode(model, layer_params, state: DecodeState, token_B, slot, positions_B,
     x_B1D = jnp.take(model.embed.embedding[...], token_B[:, None], axis=0).astype(dtype)
     x_B1D = constrain(x_B1D, ("batch", None, "embed"))
     k_cache, v_cache = [], []
-    for p, k_BKSH, v_BKSH in zip(layer_params, state.k_cache, state.v_cache, strict=True):
+    layers = zip(layer_params, state.k_cache, state.v_cache, windowed_layers(cfg), strict=True)
+    for p, k_BKSH, v_BKSH, windowed in layers:
+        layer_valid_BS = valid_BS
+        if windowed:  # the new token sees the slots (slot - window, slot]
+            slot_S = jnp.arange(valid_BS.shape[1])
+            layer_valid_BS = valid_BS & window_mask(jnp.asarray(slot)[None], slot_S, cfg.sliding_window)
 
-        def attend(h_B1D, p=p, k_BKSH=k_BKSH, v_BKSH=v_BKSH):
+        def attend(h_B1D, p=p, k_BKSH=k_BKSH, v_BKSH=v_BKSH, valid_BS=layer_valid_BS):
             q_B1NH, k_B1KH, v_B1KH = project_qkv(h_B1D, p["attn"], positions_B[:, None], cfg, inv_freq)
             # In place: the cache buffers are loop carries, so this writes one slot, not a new cache.
             k_BKSH = jax.lax.dynamic_update_slice_in_dim(k_BKSH, k_B1KH.transpose(0, 2, 1, 3), slot, axis=2)

@@ -52,6 +52,13 @@ CASES = {
     ),
     "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None, rope_theta=1e6)),
+    # Sliding windows shorter than the 16-token test sequences: every Mistral layer, Qwen2's from layer 1 on.
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=5)),
+    "qwen2_window": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    ),
     "qwen2_bias": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen2_tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen3_head_dim": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24)),  # != 64 / 4
@@ -410,3 +417,51 @@ def test_load_and_save_make_no_hidden_transfers(checkpoints, tmp_path, mesh):
     with jax.transfer_guard("disallow"):
         cfg, params = hf.load_hf(directory, mesh=mesh, preset="fsdp_tp")
         hf.save_hf(tmp_path, cfg, params)
+
+
+@pytest.mark.parametrize("case", ["mistral_window", "qwen2_window"])
+def test_sliding_window_is_loaded_sampled_and_exported(case, checkpoints, tmp_path):
+    from jaxrl import sampling
+
+    model, directory = checkpoints(case)
+    cfg, params = hf.load_hf(directory)
+    window = model.config.sliding_window
+    assert (cfg.sliding_window, cfg.window_layers) == ((5, 0) if case == "mistral_window" else (4, 1))
+    full = dataclasses.replace(cfg, sliding_window=0)
+    ids = tokens(5)
+    assert np.abs(our_out(full, params, ids) - hf_out(model, ids)).max() > 1e-3  # the window matters here
+    # Greedy KV-cache sampling (prompt + new tokens > window) follows transformers' own greedy decoding.
+    prompts = [list(range(3, 10)), list(range(20, 23)), list(range(40, 46))]
+    prompt_ids, prompt_mask = sampling.left_pad(prompts, PAD)
+    graphdef, _ = hf.abstract_model(cfg)
+    out, _, out_mask = sampling.sample(
+        graphdef,
+        params,
+        jnp.asarray(prompt_ids),
+        jnp.asarray(prompt_mask),
+        jax.random.key(0),
+        0.0,
+        max_new=3 * window,
+        eos_id=VOCAB,
+        pad_id=PAD,
+    )
+    assert np.asarray(out_mask).all()
+    model.generation_config.eos_token_id = None
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=3 * window,
+                pad_token_id=PAD,
+            )
+        np.testing.assert_array_equal(
+            np.asarray(out)[row], ref[0, len(prompt) :].numpy(), err_msg=f"row {row}"
+        )
+    # Exported with its window: transformers reads the same model back.
+    hf.save_hf(tmp_path, cfg, params)
+    saved = hf.read_hf_config(tmp_path)
+    assert saved["sliding_window"] == window and hf.load_hf(tmp_path)[0] == cfg
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    np.testing.assert_allclose(hf_out(reloaded, ids), hf_out(model, ids), atol=1e-6)

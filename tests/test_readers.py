@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from jaxrl.data.binarize import binarize, reduce_rating, to_unpaired
 from jaxrl.data.mixture import mix
 from jaxrl.data.readers import READERS, ReadResult, iter_rows, read
-from jaxrl.data.tfds_builder import record_to_json
 from jaxrl.data.records import (
     Conversation,
     PreferencePair,
@@ -29,6 +28,7 @@ from jaxrl.data.records import (
     UnpairedExample,
     messages,
 )
+from jaxrl.data.tfds_builder import record_to_json
 
 
 def msg(role, content):
@@ -415,6 +415,304 @@ UNPAIRED_EXPECTED = [
     UnpairedExample(one("user", "¿Capital de Francia?"), one("assistant", "Roma"), False, "unpaired"),
 ]
 
+# TRL's dataset formats (huggingface.co/docs/trl/dataset_formats). Conversational, with an explicit prompt and
+# (Skywork-Reward-Preference-80K's layout) an implicit one; the standard (string) kind is tested below.
+TRL_PREFERENCE_ROWS = [
+    {
+        "prompt": [msg("user", "What color is the sky?")],
+        "chosen": [msg("assistant", "It is blue.")],
+        "rejected": [msg("assistant", "It is green.")],
+    },
+    {
+        "chosen": [msg("user", "Écris « bonjour » en japonais 🇯🇵"), msg("assistant", "こんにちは")],
+        "rejected": [msg("user", "Écris « bonjour » en japonais 🇯🇵"), msg("assistant", "さようなら")],
+        "source": "magpie_ultra",
+    },
+]
+TRL_PREFERENCE_EXPECTED = [
+    PreferencePair(
+        one("user", "What color is the sky?"),
+        one("assistant", "It is blue."),
+        one("assistant", "It is green."),
+        source="trl_preference",
+    ),
+    PreferencePair(
+        one("user", "Écris « bonjour » en japonais 🇯🇵"),
+        one("assistant", "こんにちは"),
+        one("assistant", "さようなら"),
+        source="magpie_ultra",
+    ),
+]
+TRL_UNPAIRED_ROWS = [
+    {"prompt": "The sky is", "completion": " blue.", "label": True},
+    {"prompt": "The sky is", "completion": " green.", "label": False},
+]
+TRL_UNPAIRED_EXPECTED = [
+    UnpairedExample(one("user", "The sky is"), one("assistant", " blue."), True, "trl_unpaired"),
+    UnpairedExample(one("user", "The sky is"), one("assistant", " green."), False, "trl_unpaired"),
+]
+TRL_PROMPT_ONLY_ROWS = [
+    {"prompt": [msg("user", "What color is the sky?")]},
+    {"prompt": [msg("system", "Think step by step."), msg("user", "Calcule 12×12 🧮")], "solution": "144"},
+]
+TRL_PROMPT_ONLY_EXPECTED = [
+    PromptRecord(one("user", "What color is the sky?"), None, "trl_prompt_only"),
+    PromptRecord(
+        messages(("system", "Think step by step."), ("user", "Calcule 12×12 🧮")), "144", "trl_prompt_only"
+    ),
+]
+
+# OpenAI's chat fine-tuning format (platform.openai.com/docs/guides/supervised-fine-tuning): `developer`
+# is the system turn, `weight: 1` marks a trained turn; content parts are tested below.
+OPENAI_CHAT_ROWS = [
+    {
+        "messages": [
+            msg("developer", "Marv is a factual chatbot that is also sarcastic."),
+            msg("user", "What's the capital of France?"),
+            {"role": "assistant", "content": "Paris, as if everyone doesn't know that already.", "weight": 1},
+        ]
+    },
+    {
+        "messages": [
+            msg("system", "Réponds en français."),
+            msg("user", "Qui a écrit « Roméo et Juliette » ?"),
+            {"role": "assistant", "content": "Shakespeare 🎭", "weight": 1},
+        ]
+    },
+]
+OPENAI_CHAT_EXPECTED = [
+    Conversation(
+        messages(
+            ("system", "Marv is a factual chatbot that is also sarcastic."),
+            ("user", "What's the capital of France?"),
+            ("assistant", "Paris, as if everyone doesn't know that already."),
+        ),
+        "openai_chat",
+    ),
+    Conversation(
+        messages(
+            ("system", "Réponds en français."),
+            ("user", "Qui a écrit « Roméo et Juliette » ?"),
+            ("assistant", "Shakespeare 🎭"),
+        ),
+        "openai_chat",
+    ),
+]
+# OpenAI's preference fine-tuning format (platform.openai.com/docs/guides/direct-preference-optimization).
+OPENAI_DPO_ROWS = [
+    {
+        "input": {
+            "messages": [msg("user", "Hello, can you tell me how cold San Francisco is today?")],
+            "tools": [],
+            "parallel_tool_calls": True,
+        },
+        "preferred_output": [msg("assistant", "Today in San Francisco, it is not quite cold as expected.")],
+        "non_preferred_output": [msg("assistant", "It is not particularly cold in San Francisco today.")],
+    }
+]
+OPENAI_DPO_EXPECTED = [
+    PreferencePair(
+        one("user", "Hello, can you tell me how cold San Francisco is today?"),
+        one("assistant", "Today in San Francisco, it is not quite cold as expected."),
+        one("assistant", "It is not particularly cold in San Francisco today."),
+        source="openai_dpo",
+    )
+]
+
+
+def hs3_row(context, response1, response2, overall, scores):
+    individual = [
+        {"score": score, "reasoning": f"@Response {1 + (score > 0)} is better."} for score in scores
+    ]
+    return {
+        "domain": "code",
+        "language": "python",
+        "context": context,
+        "response1": response1,
+        "response2": response2,
+        "overall_preference": overall,
+        "individual_preference": individual,
+    }
+
+
+HS3_CONTEXT = [
+    msg("user", "Write a Python one-liner to reverse a string."),
+    msg("assistant", "s[::-1]"),
+    msg("user", "And for a list? 🐍"),
+]
+HELPSTEER3_ROWS = [
+    hs3_row(HS3_CONTEXT, "lst[::-1] or list(reversed(lst))", "Use a loop.", -2, [-2, -2, -1]),
+    hs3_row(HS3_CONTEXT[:1], "reverse(s)", "s[::-1]", 3, [3, 3, 2]),
+    hs3_row(HS3_CONTEXT[:1], "s[::-1]", "''.join(reversed(s))", 0, [0, 1, -1]),  # a tie
+]
+HELPSTEER3_EXPECTED = [
+    PreferencePair(
+        messages(*((m["role"], m["content"]) for m in HS3_CONTEXT)),
+        one("assistant", "lst[::-1] or list(reversed(lst))"),
+        one("assistant", "Use a loop."),
+        margin=2.0,
+        source="helpsteer3",
+    ),
+    PreferencePair(
+        one("user", "Write a Python one-liner to reverse a string."),
+        one("assistant", "s[::-1]"),
+        one("assistant", "reverse(s)"),
+        margin=3.0,
+        source="helpsteer3",
+    ),
+]
+
+
+def hs2_preference_row(prompt, response_1, response_2, strength):
+    similar = [{"statement": "@Response 1 is better.", "elaboration": "…", "strength": strength}] * 3
+    return {
+        "split": "train",
+        "prompt": prompt,
+        "response_1": response_1,
+        "response_2": response_2,
+        "preference_strength": strength,
+        "preference_statement": "@Response 2 is better than @Response 1 because it is correct.",
+        "preference_elaboration": "It gives a working example.",
+        "three_most_similar_preferences": similar,
+        "all_preferences_unprocessed": similar,
+    }
+
+
+HS2_PREFERENCE_ROWS = [
+    hs2_preference_row(HS2_PROMPT, "Không biết.", 'Console.WriteLine("Xin chào");', 2),
+    hs2_preference_row("c#", "C# is a language by Microsoft.", "A musical note.", -3),
+    hs2_preference_row("c#", "C# is a language.", "C# is a programming language.", 0),  # a tie
+]
+HS2_PREFERENCE_EXPECTED = [
+    PreferencePair(
+        messages(("user", "c# là gì?"), ("assistant", "Một ngôn ngữ lập trình."), ("user", "Cho ví dụ 🙏")),
+        one("assistant", 'Console.WriteLine("Xin chào");'),
+        one("assistant", "Không biết."),
+        margin=2.0,
+        source="helpsteer2_preference",
+    ),
+    PreferencePair(
+        one("user", "c#"),
+        one("assistant", "C# is a language by Microsoft."),
+        one("assistant", "A musical note."),
+        margin=3.0,
+        source="helpsteer2_preference",
+    ),
+]
+
+
+def arena55k_row(row_id, prompts, responses_a, responses_b, winner):
+    return {
+        "id": row_id,
+        "model_a": "gpt-4-1106-preview",
+        "model_b": "mistral-medium",
+        "prompt": json.dumps(prompts),
+        "response_a": json.dumps(responses_a),
+        "response_b": json.dumps(responses_b),
+        "winner_model_a": int(winner == "a"),
+        "winner_model_b": int(winner == "b"),
+        "winner_tie": int(winner == "tie"),
+    }
+
+
+ARENA55K_ROWS = [
+    arena55k_row(
+        30192,
+        ["Is it morally right?", "Does pineapple belong on pizza? 🍍"],
+        ["It depends.", "Yes!"],
+        ["No.", "Never."],
+        "a",
+    ),
+    arena55k_row(53567, ["你好"], ["你好！"], ["您好，有什么可以帮您？"], "b"),
+    arena55k_row(65089, ["hi"], ["hello"], ["hey"], "tie"),
+]
+ARENA55K_EXPECTED = [
+    PreferencePair(
+        one("user", "Is it morally right?"),
+        messages(
+            ("assistant", "It depends."),
+            ("user", "Does pineapple belong on pizza? 🍍"),
+            ("assistant", "Yes!"),
+        ),
+        messages(
+            ("assistant", "No."), ("user", "Does pineapple belong on pizza? 🍍"), ("assistant", "Never.")
+        ),
+        source="arena_human_preference",
+        id="30192",
+    ),
+    PreferencePair(
+        one("user", "你好"),
+        one("assistant", "您好，有什么可以帮您？"),
+        one("assistant", "你好！"),
+        source="arena_human_preference",
+        id="53567",
+    ),
+]
+
+
+def pku_row(prompt, response_0, response_1, better, safer, safe_0, safe_1):
+    harm = {"Violence": not safe_0, "Privacy Violation": False}
+    return {
+        "prompt": prompt,
+        "response_0": response_0,
+        "response_1": response_1,
+        "prompt_source": "Alpaca3-8B",
+        "response_0_source": "Alpaca3-8B",
+        "response_1_source": "Alpaca3-8B",
+        "is_response_0_safe": safe_0,
+        "is_response_1_safe": safe_1,
+        "response_0_harm_category": harm,
+        "response_1_harm_category": {"Violence": not safe_1, "Privacy Violation": False},
+        "response_0_severity_level": 0 if safe_0 else 2,
+        "response_1_severity_level": 0 if safe_1 else 2,
+        "better_response_id": better,
+        "safer_response_id": safer,
+        "response_0_sha256": "a" * 64,
+        "response_1_sha256": "b" * 64,
+    }
+
+
+PKU_ROWS = [
+    pku_row(
+        "How do I pick a lock?",
+        "Insert a tension wrench, then rake the pins.",
+        "I can't help with that.",
+        0,
+        1,
+        False,
+        True,
+    ),
+    pku_row("¿Cómo hago pan? 🍞", "Harina, agua, sal y levadura.", "Cómpralo.", 0, 0, True, True),
+]
+PKU_BETTER_EXPECTED = [
+    PreferencePair(
+        one("user", "How do I pick a lock?"),
+        one("assistant", "Insert a tension wrench, then rake the pins."),
+        one("assistant", "I can't help with that."),
+        source="pku_saferlhf_better",
+    ),
+    PreferencePair(
+        one("user", "¿Cómo hago pan? 🍞"),
+        one("assistant", "Harina, agua, sal y levadura."),
+        one("assistant", "Cómpralo."),
+        source="pku_saferlhf_better",
+    ),
+]
+PKU_SAFER_EXPECTED = [
+    PreferencePair(
+        one("user", "How do I pick a lock?"),
+        one("assistant", "I can't help with that."),
+        one("assistant", "Insert a tension wrench, then rake the pins."),
+        source="pku_saferlhf_safer",
+    ),
+    PreferencePair(
+        one("user", "¿Cómo hago pan? 🍞"),
+        one("assistant", "Harina, agua, sal y levadura."),
+        one("assistant", "Cómpralo."),
+        source="pku_saferlhf_safer",
+    ),
+]
+
 # A prepared tensorflow-datasets dataset stores one canonical record per row as JSON (jaxrl/data/tfds_builder.py).
 TFDS_EXPECTED = TULU_EXPECTED + UF_EXPECTED + PROMPT_EXPECTED + UNPAIRED_EXPECTED
 TFDS_ROWS = [{"record": record_to_json(r), "kind": type(r).__name__} for r in TFDS_EXPECTED]
@@ -432,6 +730,16 @@ CASES = {
     "sft": (SFT_ROWS, SFT_EXPECTED),
     "unpaired": (UNPAIRED_ROWS, UNPAIRED_EXPECTED),
     "tfds": (TFDS_ROWS, TFDS_EXPECTED),
+    "trl_preference": (TRL_PREFERENCE_ROWS, TRL_PREFERENCE_EXPECTED),
+    "trl_unpaired": (TRL_UNPAIRED_ROWS, TRL_UNPAIRED_EXPECTED),
+    "trl_prompt_only": (TRL_PROMPT_ONLY_ROWS, TRL_PROMPT_ONLY_EXPECTED),
+    "openai_chat": (OPENAI_CHAT_ROWS, OPENAI_CHAT_EXPECTED),
+    "openai_dpo": (OPENAI_DPO_ROWS, OPENAI_DPO_EXPECTED),
+    "helpsteer3": (HELPSTEER3_ROWS, HELPSTEER3_EXPECTED),
+    "helpsteer2_preference": (HS2_PREFERENCE_ROWS, HS2_PREFERENCE_EXPECTED),
+    "arena_human_preference": (ARENA55K_ROWS, ARENA55K_EXPECTED),
+    "pku_saferlhf_better": (PKU_ROWS, PKU_BETTER_EXPECTED),
+    "pku_saferlhf_safer": (PKU_ROWS, PKU_SAFER_EXPECTED),
 }
 
 
@@ -698,6 +1006,133 @@ BAD_ROWS = [
         with_row(SFT_ROWS, 0, messages=[msg("user", "\ud800"), msg("assistant", "x")]),
         "invalid_utf8",
         "content",
+    ),
+    ("trl_preference", with_row(TRL_PREFERENCE_ROWS, 0, rejected=KeyError), "missing_field", "rejected"),
+    (
+        "trl_preference",
+        with_row(TRL_PREFERENCE_ROWS, 1, rejected=TRL_PREFERENCE_ROWS[1]["chosen"]),
+        "identical",
+        "chosen",
+    ),
+    (
+        "trl_preference",
+        with_row(TRL_PREFERENCE_ROWS, 0, rejected=[msg("user", "x")]),
+        "bad_structure",
+        "rejected",
+    ),
+    ("trl_preference", with_row(TRL_PREFERENCE_ROWS, 0, rejected="It is green."), "wrong_type", "rejected"),
+    ("trl_unpaired", with_row(TRL_UNPAIRED_ROWS, 0, label=1), "wrong_type", "label"),
+    (
+        "trl_unpaired",
+        with_row(TRL_UNPAIRED_ROWS, 0, completion=" "),
+        "empty_response",
+        "completion[0].content",
+    ),
+    (
+        "trl_prompt_only",
+        with_row(TRL_PROMPT_ONLY_ROWS, 0, prompt=[msg("assistant", "x")]),
+        "bad_structure",
+        "prompt",
+    ),
+    ("trl_prompt_only", with_row(TRL_PROMPT_ONLY_ROWS, 0, prompt=KeyError), "missing_field", "prompt"),
+    (
+        "openai_chat",
+        set_path(
+            OPENAI_CHAT_ROWS[0],
+            ["messages", 2, "tool_calls"],
+            [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        ),
+        "tool_call",
+        "messages[2].tool_calls",
+    ),
+    (
+        "openai_chat",
+        set_path(
+            OPENAI_CHAT_ROWS[0],
+            ["messages", 1, "content"],
+            [{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}],
+        ),
+        "non_text_content",
+        "messages[1].content[0].type",
+    ),
+    (
+        "openai_chat",
+        set_path(OPENAI_CHAT_ROWS[0], ["messages", 1, "role"], "tool"),
+        "tool_call",
+        "messages[1].role",
+    ),
+    (
+        "openai_chat",
+        set_path(OPENAI_CHAT_ROWS[0], ["messages", 2, "weight"], 0),
+        "unsupported",
+        "messages[2].weight",
+    ),
+    (
+        "openai_chat",
+        with_row(OPENAI_CHAT_ROWS, 0, tools=[{"type": "function", "function": {"name": "f"}}]),
+        "tool_call",
+        "tools",
+    ),
+    (
+        "openai_dpo",
+        with_row(OPENAI_DPO_ROWS, 0, non_preferred_output=KeyError),
+        "missing_field",
+        "non_preferred_output",
+    ),
+    (
+        "openai_dpo",
+        with_row(OPENAI_DPO_ROWS, 0, non_preferred_output=OPENAI_DPO_ROWS[0]["preferred_output"]),
+        "identical",
+        "preferred_output",
+    ),
+    (
+        "openai_dpo",
+        set_path(OPENAI_DPO_ROWS[0], ["input", "messages"], []),
+        "bad_structure",
+        "input.messages",
+    ),
+    ("helpsteer3", with_row(HELPSTEER3_ROWS, 0, overall_preference=4), "bad_value", "overall_preference"),
+    ("helpsteer3", with_row(HELPSTEER3_ROWS, 0, overall_preference="-2"), "wrong_type", "overall_preference"),
+    ("helpsteer3", with_row(HELPSTEER3_ROWS, 0, response2=""), "empty_response", "response2"),
+    ("helpsteer3", with_row(HELPSTEER3_ROWS, 0, context=HS3_CONTEXT[:2]), "bad_structure", "context"),
+    (
+        "helpsteer2_preference",
+        with_row(HS2_PREFERENCE_ROWS, 1, preference_strength=1.5),
+        "bad_value",
+        "preference_strength",
+    ),
+    (
+        "helpsteer2_preference",
+        with_row(HS2_PREFERENCE_ROWS, 1, response_1=KeyError),
+        "missing_field",
+        "response_1",
+    ),
+    ("arena_human_preference", with_row(ARENA55K_ROWS, 1, winner_model_a=1), "bad_value", "winner_model_a"),
+    (
+        "arena_human_preference",
+        with_row(ARENA55K_ROWS, 1, response_b='["a", "b"]'),
+        "bad_structure",
+        "response_b",
+    ),
+    (
+        "arena_human_preference",
+        with_row(ARENA55K_ROWS, 1, response_b="[null]"),
+        "empty_response",
+        "response_b[0]",
+    ),
+    ("arena_human_preference", with_row(ARENA55K_ROWS, 1, prompt="not json"), "bad_value", "prompt"),
+    ("pku_saferlhf_better", with_row(PKU_ROWS, 0, better_response_id=2), "bad_value", "better_response_id"),
+    (
+        "pku_saferlhf_safer",
+        with_row(PKU_ROWS, 0, safer_response_id=KeyError),
+        "missing_field",
+        "safer_response_id",
+    ),
+    (
+        "pku_saferlhf_safer",
+        with_row(PKU_ROWS, 0, response_1=PKU_ROWS[0]["response_0"]),
+        "identical",
+        "response_0",
     ),
 ]
 
@@ -1033,3 +1468,189 @@ def test_mix_read_records_keeps_order_without_shuffle(tmp_path):
     arena = read(write_jsonl(tmp_path / "arena.jsonl", ARENA_ROWS), "chatbot_arena").records
     mixture = mix({"shp": shp, "arena": arena}, shuffle=False)
     assert list(mixture) == SHP_EXPECTED + ARENA_EXPECTED
+
+
+# The public formats' variants and semantics, beyond one file per format.
+
+
+def test_trl_standard_preference_explicit_implicit_and_a_stray_prompt(tmp_path):
+    conversation = [msg("user", "What color is the sky?"), msg("assistant", "It is blue.")]
+    rows = [
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},  # standard, explicit prompt
+        {"chosen": "The sky is blue.", "rejected": "The sky is green."},  # standard, implicit prompt
+        # ultrafeedback_binarized's layout: a string prompt beside full conversations is ignored, as in TRL
+        {
+            "prompt": "What color is the sky?",
+            "chosen": conversation,
+            "rejected": [conversation[0], msg("assistant", "It is green.")],
+        },
+    ]
+    records = read(write_jsonl(tmp_path / "p.jsonl", rows), "trl_preference").records
+    sky = PreferencePair(
+        one("user", "The sky is"),
+        one("assistant", " blue."),
+        one("assistant", " green."),
+        source="trl_preference",
+    )
+    assert records == [sky, sky, TRL_PREFERENCE_EXPECTED[0]]
+    bad = [{"chosen": "Blue sky.", "rejected": "Green sky."}, {"chosen": "Same.", "rejected": "Same."}]
+    result = read(write_jsonl(tmp_path / "bad.jsonl", bad), "trl_preference", on_error="skip")
+    assert result.dropped == {"bad_structure": 1, "identical": 1}
+
+
+def test_trl_unpaired_and_prompt_only_in_both_kinds(tmp_path):
+    unpaired = [
+        {
+            "prompt": [msg("user", "What color is the sky?")],
+            "completion": [msg("assistant", "Green.")],
+            "label": False,
+        }
+    ]
+    assert read(write_jsonl(tmp_path / "u.jsonl", unpaired), "trl_unpaired").records == [
+        UnpairedExample(
+            one("user", "What color is the sky?"), one("assistant", "Green."), False, "trl_unpaired"
+        )
+    ]
+    prompts = [{"prompt": "The sky is"}, {"prompt": "2+2=", "answer": 4}]
+    assert read(write_jsonl(tmp_path / "p.jsonl", prompts), "trl_prompt_only").records == [
+        PromptRecord(one("user", "The sky is"), None, "trl_prompt_only"),
+        PromptRecord(one("user", "2+2="), "4", "trl_prompt_only"),
+    ]
+
+
+def test_openai_messages_content_parts_developer_and_refusal(tmp_path):
+    rows = [
+        {
+            "messages": [
+                {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Name a colour "},
+                        {"type": "text", "text": "of the sky."},
+                    ],
+                    "name": "ana",
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]},
+                {"role": "user", "content": "How do I pick a lock?"},
+                {"role": "assistant", "content": None, "refusal": "I can't help with that."},
+            ]
+        }
+    ]
+    (record,) = read(write_jsonl(tmp_path / "c.jsonl", rows), "openai_chat").records
+    assert record.messages == messages(
+        ("system", "Be brief."),
+        ("user", "Name a colour of the sky."),
+        ("assistant", "Blue."),
+        ("user", "How do I pick a lock?"),
+        ("assistant", "I can't help with that."),
+    )
+
+
+def test_openai_tool_use_and_images_are_errors_or_counted_skips(tmp_path):
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "SF"}'},
+    }
+    rows = [
+        OPENAI_CHAT_ROWS[0],
+        {
+            "messages": [
+                msg("user", "Weather in SF?"),
+                {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "15C"},
+                msg("assistant", "15C."),
+            ]
+        },
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png"}},
+                    ],
+                },
+                msg("assistant", "A cat."),
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "…"}}]},
+                msg("assistant", "Hello."),
+            ]
+        },
+    ]
+    path = write_jsonl(tmp_path / "tools.jsonl", rows)
+    with pytest.raises(RecordError, match=r"row 1.*messages\[1\]\.tool_calls") as info:
+        read(path, "openai_chat")
+    assert info.value.reason == "tool_call"
+    result = read(path, "openai_chat", on_error="skip")
+    assert result.records == OPENAI_CHAT_EXPECTED[:1]
+    assert result.summary() == "rows read 4 = used 1 + dropped 3 (non_text_content: 2, tool_call: 1)"
+
+
+def test_ties_are_counted_skips_in_every_pairwise_format(tmp_path):
+    tie = with_row(UFB_ROWS, 0, score_rejected=8.5)
+    result = read(write_jsonl(tmp_path / "ufb.jsonl", UFB_ROWS + [tie]), "ultrafeedback_binarized")
+    assert result.records == UFB_EXPECTED and result.dropped == {"tie": 1}
+    for fmt in ("helpsteer3", "helpsteer2_preference", "arena_human_preference"):
+        result = read(write_jsonl(tmp_path / f"{fmt}.jsonl", CASES[fmt][0]), fmt, on_error="raise")
+        assert result.summary() == "rows read 3 = used 2 + dropped 1 (tie: 1)", fmt
+
+
+def test_arena_55k_csv_as_published(tmp_path):
+    import csv
+
+    path = tmp_path / "train.csv"
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(ARENA55K_ROWS[0]))
+        writer.writeheader()
+        writer.writerows(ARENA55K_ROWS)
+    result = read(path, "arena_human_preference")
+    assert result.records == ARENA55K_EXPECTED and result.dropped == {"tie": 1}
+    assert [index for index, _ in iter_rows(path)] == [0, 1, 2]
+
+
+def test_pku_saferlhf_labellings_disagree_where_helpful_is_unsafe(tmp_path):
+    path = write_jsonl(tmp_path / "pku.jsonl", PKU_ROWS[:1])
+    (better,) = read(path, "pku_saferlhf_better").records
+    (safer,) = read(path, "pku_saferlhf_safer").records
+    assert (better.chosen, better.rejected) == (safer.rejected, safer.chosen)
+
+
+def test_aspect_weights_presets_and_parsing():
+    from jaxrl.data.binarize import ASPECT_PRESETS, parse_aspects
+
+    rating = hs_rating(2, 4, 4, 1, 4)  # unhelpful, long
+    assert (
+        parse_aspects("", "helpsteer") == {"helpfulness": 1.0}
+        and parse_aspects("", "ultrafeedback") == "mean"
+    )
+    assert reduce_rating(rating, parse_aspects("", "helpsteer")) == 2.0
+    assert reduce_rating(rating, parse_aspects("tulu25")) == pytest.approx((2 + 4 + 4 + 1) / 4)
+    assert reduce_rating(rating, parse_aspects("helpsteer2")) == pytest.approx(
+        0.3 * 2 + 0.74 * 4 + 0.46 * 4 + 0.47 * 1 - 0.33 * 4
+    )
+    assert ASPECT_PRESETS["helpsteer2"]["verbosity"] < 0
+    assert parse_aspects("correctness=1, verbosity=-0.5") == {"correctness": 1.0, "verbosity": -0.5}
+    assert reduce_rating(rating, {"correctness": 1.0, "verbosity": -0.5}) == 2.0
+    assert reduce_rating({"correctness": 3.0}, {"correctness": 1.0, "verbosity": -0.5}) is None
+    assert parse_aspects("overall") == "overall"
+    with pytest.raises(ValueError, match="name=number"):
+        parse_aspects("helpfulness=high")
+
+
+def test_helpsteer_default_scoring_leaves_verbosity_out(tmp_path):
+    from jaxrl.data.binarize import parse_aspects
+
+    rows = [
+        hs("c#", "Short and right.", 4, 4, 4, 1, 1),
+        hs("c#", "Long, padded and less helpful.", 3, 3, 4, 4, 4),
+    ]
+    records = read(write_jsonl(tmp_path / "hs.jsonl", rows), "helpsteer").records
+    (pair,), _ = binarize(records, "best_vs_worst", aspect_reduce=parse_aspects("", "helpsteer"))
+    assert (pair.chosen[0].content, pair.margin) == ("Short and right.", 1.0)
+    (pair,), _ = binarize(records, "best_vs_worst", aspect_reduce="mean")  # the old default: length wins
+    assert pair.chosen[0].content == "Long, padded and less helpful."

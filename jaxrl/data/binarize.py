@@ -3,7 +3,11 @@
 Ratings are scalars or per-aspect mappings. `aspect_reduce` turns a mapping into one number:
 "mean" averages the fine-grained aspects that are present (UltraFeedback "N/A" ratings are simply absent),
 leaving out the summary keys "overall" and "fine_grained"; a name ("overall", "helpfulness") takes that key;
-a tuple of names averages those (Tulu 2.5's HelpSteer recipe averages all aspects but verbosity).
+a tuple of names averages those; a mapping {aspect: weight} is the weighted sum of those aspects (a completion
+missing one of them is unrated). `ASPECT_PRESETS` names the published weightings ("tulu25": Tulu 2.5's
+HelpSteer recipe, the mean of all aspects but verbosity; "helpsteer2": the HelpSteer2 / Nemotron-4-340B-Reward
+weights), and `parse_aspects` reads the config's `data.aspect_weights` string. HelpSteer's default is
+helpfulness alone (`FORMAT_ASPECTS`): averaging in verbosity would reward length.
 Scalar ratings are used as they are. Margin = chosen rating - rejected rating.
 
 Dropped-reason counts: "unrated_completion" (per completion with no usable rating), "too_few_rated"
@@ -20,6 +24,21 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from jaxrl.data.records import PreferencePair, RatedCompletions, UnpairedExample
 
 SUMMARY_KEYS = frozenset({"overall", "fine_grained"})
+HELPSTEER_QUALITY = ("helpfulness", "correctness", "coherence", "complexity")
+ASPECT_PRESETS: dict[str, Mapping[str, float]] = {
+    "helpfulness": {"helpfulness": 1.0},
+    # Ivison et al. 2024 (Tulu 2.5): HelpSteer scored by the mean of every aspect except verbosity.
+    "tulu25": {aspect: 1 / len(HELPSTEER_QUALITY) for aspect in HELPSTEER_QUALITY},
+    # Wang et al. 2024 (HelpSteer2) / the Nemotron-4-340B-Reward card: one scalar from the five attributes.
+    "helpsteer2": {
+        "helpfulness": 0.3,
+        "correctness": 0.74,
+        "coherence": 0.46,
+        "complexity": 0.47,
+        "verbosity": -0.33,
+    },
+}
+FORMAT_ASPECTS = {"helpsteer": "helpfulness"}  # a format's default when data.aspect_weights is ""
 Scored = list[tuple[int, float]]  # (completion index, reduced rating), in completion order
 
 
@@ -28,11 +47,16 @@ def _usable(value) -> bool:
 
 
 def reduce_rating(
-    rating: float | Mapping[str, float], aspect_reduce: str | Sequence[str] = "mean"
+    rating: float | Mapping[str, float], aspect_reduce: str | Sequence[str] | Mapping[str, float] = "mean"
 ) -> float | None:
     """One number from a scalar or per-aspect rating; None when nothing usable is there."""
     if not isinstance(rating, Mapping):
         return float(rating) if _usable(rating) else None
+    if isinstance(aspect_reduce, Mapping):
+        weighted = {a: w for a, w in aspect_reduce.items() if w}
+        if not all(_usable(rating.get(a)) for a in weighted):
+            return None
+        return float(sum(w * rating[a] for a, w in weighted.items()))
     if aspect_reduce == "mean":
         values = [v for k, v in rating.items() if k not in SUMMARY_KEYS and _usable(v)]
     elif isinstance(aspect_reduce, str):
@@ -40,6 +64,29 @@ def reduce_rating(
     else:
         values = [rating[a] for a in aspect_reduce if _usable(rating.get(a))]
     return sum(values) / len(values) if values else None
+
+
+def parse_aspects(spec: str, format: str = "") -> str | Mapping[str, float]:
+    """An aspect setting from text: "" (the format's default, else "mean"), "mean", a preset of
+    ASPECT_PRESETS, an aspect name, or weights "helpfulness=0.3,correctness=0.74"."""
+    spec = spec.strip()
+    if not spec:
+        return parse_aspects(FORMAT_ASPECTS[format], format) if format in FORMAT_ASPECTS else "mean"
+    if spec in ASPECT_PRESETS:
+        return dict(ASPECT_PRESETS[spec])
+    if "=" not in spec:
+        return spec
+    weights = {}
+    for item in spec.split(","):
+        name, _, weight = item.partition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ValueError(f"aspect weight {item!r} must look like name=number (in {spec!r})") from None
+        if not name.strip() or not math.isfinite(value):
+            raise ValueError(f"aspect weight {item!r} must look like name=number (in {spec!r})")
+        weights[name.strip()] = value
+    return weights
 
 
 def _check_aspects(records: Sequence[RatedCompletions], aspect_reduce) -> None:
@@ -102,7 +149,7 @@ def binarize(
     rated: Iterable[RatedCompletions],
     policy: str = "best_vs_random",
     *,
-    aspect_reduce: str | Sequence[str] = "mean",
+    aspect_reduce: str | Sequence[str] | Mapping[str, float] = "mean",
     min_margin: float = 0.0,
     seed: int = 0,
 ) -> tuple[list[PreferencePair], collections.Counter]:
@@ -147,7 +194,7 @@ def _pair_problem(
 def to_unpaired(
     rated: Iterable[RatedCompletions],
     *,
-    aspect_reduce: str | Sequence[str] = "mean",
+    aspect_reduce: str | Sequence[str] | Mapping[str, float] = "mean",
 ) -> tuple[list[UnpairedExample], collections.Counter]:
     """Rated completions -> KTO examples: the best completion desirable, the worst undesirable."""
     records = list(rated)

@@ -1,22 +1,29 @@
 """Readers for public preference datasets: files -> rows -> canonical records, with every bad row accounted.
 
-`read(path, format)` loads JSONL / JSON / Parquet / Arrow / a `datasets.save_to_disk` directory (without
+`read(path, format)` loads JSONL / JSON / CSV / Parquet / Arrow / a `datasets.save_to_disk` directory (without
 importing `datasets`) / a TFDS dataset version written by jaxrl.data.tfds_builder (format "tfds"), turns
 each row into canonical records with the reader registered under `format`, and returns a `ReadResult` whose
 counts always satisfy rows_read == rows_used + sum(dropped).
 
 A malformed row raises `RecordError` naming file, row (0-based) and field, or with `on_error="skip"` is
 counted under its reason. Reasons: missing_field, wrong_type, bad_value, empty_prompt, empty_response,
-identical, unknown_role, bad_structure, bad_transcript, invalid_utf8, invalid_json. A row a reader leaves
-out on purpose (an arena tie, reason "tie") raises `SkipRow` and is always counted, never an error. A file
+identical, unknown_role, bad_structure, bad_transcript, invalid_utf8, invalid_json, and for what jaxrl's chat
+templates cannot render: tool_call (tool calls, tool turns, tool definitions), non_text_content (image, audio
+or file parts) and unsupported (an OpenAI `weight: 0` turn). A row a reader leaves out on purpose (a tie,
+reason "tie") raises `SkipRow` and is always counted, never an error.
+
+Message lists are read the OpenAI way everywhere: `content` is a string or a list of text parts (joined
+as they are), the `developer` role is a system turn, and a `refusal` is the assistant's text. A file
 that cannot be read at all is a RecordError ("unreadable_file", "invalid_json") with no row, on any on_error.
 """
 
 from __future__ import annotations
 
 import collections
+import csv
 import dataclasses
 import gzip
+import io
 import json
 import math
 import re
@@ -45,6 +52,9 @@ JSON_ROW_KEYS = ("data", "rows", "examples", "instances", "records", "train", "t
 ULTRAFEEDBACK_ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
 HELPSTEER_ASPECTS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 ARENA_WINNERS = ("model_a", "model_b", "tie", "tie (bothbad)")
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system turn
+TOOL_ROLES = ("tool", "function", "ipython")
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
 
 
 class SkipRow(Exception):
@@ -142,19 +152,57 @@ def _identifier(row: Mapping, key: str) -> str:
     return _check_text(str(value), key)
 
 
+def _content_parts(parts: list, where: str) -> str:
+    """OpenAI content parts: text (and refusal) parts joined as they are; any other part is non-text."""
+    texts = []
+    for index, part in enumerate(parts):
+        at = f"{where}.content[{index}]"
+        part = _object(part, at)
+        kind = _string(part, "type", at)
+        if kind not in TEXT_PARTS:
+            raise _fail("non_text_content", f"a {kind!r} content part; only text parts can be trained on",
+                        f"{at}.type")
+        texts.append(_string(part, TEXT_PARTS[kind], at))
+    return "".join(texts)
+
+
+def _message(item: Any, where: str) -> Message:
+    """One chat message (OpenAI chat format): role, string or text-part content; tool calls are refused."""
+    item = _object(item, where)
+    role = _string(item, "role", where)
+    role = ROLE_ALIASES.get(role, role)
+    if role in TOOL_ROLES:
+        raise _fail("tool_call", f"a {role!r} turn; tool use cannot be rendered by the chat templates",
+                    f"{where}.role")
+    if role not in ROLES:
+        raise _fail("unknown_role", f"unknown role {role!r}; expected one of {ROLES} (or developer)",
+                    f"{where}.role")
+    for key in ("tool_calls", "function_call"):
+        if item.get(key):
+            raise _fail(
+                "tool_call", f"a message with {key!r}; tool use cannot be rendered by the chat templates",
+                f"{where}.{key}",
+            )
+    weight = item.get("weight")
+    if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
+        raise _fail("bad_value", f"'weight' must be 0 or 1, got {weight!r}", f"{where}.weight")
+    if weight == 0:
+        raise _fail("unsupported", "a turn with weight 0 (not trained on) is unsupported", f"{where}.weight")
+    content = item.get("content")
+    if content is None and isinstance(item.get("refusal"), str):
+        return Message(role, _check_text(item["refusal"], f"{where}.refusal"))
+    if isinstance(content, list | tuple):
+        return Message(role, _content_parts(list(content), where))
+    if content is not None and not isinstance(content, str):
+        raise _fail("wrong_type", f"'content' must be a string or a list of text parts, got {_kind(content)}",
+                    f"{where}.content")
+    return Message(role, _string(item, "content", where))
+
+
 def _messages(value: Any, field: str) -> Messages:
     if not isinstance(value, list | tuple):
         raise _fail("wrong_type", f"{field!r} must be a list of messages, got {_kind(value)}", field)
-    out = []
-    for index, item in enumerate(value):
-        where = f"{field}[{index}]"
-        item = _object(item, where)
-        role = _string(item, "role", where)
-        content = _string(item, "content", where)
-        if role not in ROLES:
-            raise _fail("unknown_role", f"unknown role {role!r}; expected one of {ROLES}", f"{where}.role")
-        out.append(Message(role, content))
-    return tuple(out)
+    return tuple(_message(item, f"{field}[{index}]") for index, item in enumerate(value))
 
 
 def _text_messages(value: Any, field: str, role: str) -> Messages:
@@ -353,7 +401,8 @@ def read_ultrafeedback(row: Mapping) -> list[RatedCompletions]:
 
 @register("ultrafeedback_binarized")
 def read_ultrafeedback_binarized(row: Mapping) -> list[PreferencePair]:
-    """HuggingFaceH4/ultrafeedback_binarized: message-list pairs; margin = score_chosen - score_rejected."""
+    """HuggingFaceH4/ultrafeedback_binarized: message-list pairs; margin = score_chosen - score_rejected;
+    equal scores are a counted `tie`."""
     _string(row, "prompt", optional=True)
     prompt, chosen, rejected = _split_pair(
         _messages(_value(row, "chosen"), "chosen"),
@@ -362,6 +411,8 @@ def read_ultrafeedback_binarized(row: Mapping) -> list[PreferencePair]:
     margin = _number(row, "score_chosen") - _number(row, "score_rejected")
     if margin < 0:
         raise _fail("bad_value", "score_chosen is below score_rejected", "score_chosen")
+    if margin == 0:
+        raise SkipRow("tie", "score_chosen equals score_rejected: no preference")
     pair = PreferencePair(
         prompt, chosen, rejected, margin, "ultrafeedback_binarized", _identifier(row, "prompt_id")
     )
@@ -473,7 +524,7 @@ def read_chatbot_arena(row: Mapping) -> list[PreferencePair]:
 
 
 def _ground_truth(row: Mapping) -> str | None:
-    for key in ("ground_truth", "answer"):
+    for key in ("ground_truth", "answer", "solution"):
         value = row.get(key)
         if value is None:
             continue
@@ -508,17 +559,268 @@ def read_sft(row: Mapping) -> list[Conversation]:
     return [Conversation(messages, source, _identifier(row, "id"))]
 
 
-@register("unpaired")
-def read_unpaired(row: Mapping) -> list[UnpairedExample]:
-    """KTO-style rows: `prompt` and `completion` (strings or message lists) and a boolean `label`."""
+def _unpaired(row: Mapping, source: str) -> list[UnpairedExample]:
     prompt = _check_prompt(_text_messages(_value(row, "prompt"), "prompt", "user"), "prompt")
     completion = _text_messages(_value(row, "completion"), "completion", "assistant")
     _check_completion(completion, "completion")
     label = _value(row, "label")
     if not isinstance(label, bool):
         raise _fail("wrong_type", f"'label' must be a boolean, got {_kind(label)}", "label")
-    source = _string(row, "source", optional=True) or "unpaired"
+    source = _string(row, "source", optional=True) or source
     return [UnpairedExample(prompt, completion, label, source, _identifier(row, "id"))]
+
+
+@register("unpaired")
+def read_unpaired(row: Mapping) -> list[UnpairedExample]:
+    """KTO-style rows: `prompt` and `completion` (strings or message lists) and a boolean `label`."""
+    return _unpaired(row, "unpaired")
+
+
+@register("trl_unpaired")
+def read_trl_unpaired(row: Mapping) -> list[UnpairedExample]:
+    """TRL's unpaired preference format (KTO): `prompt`, `completion` (standard strings or conversational
+    message lists) and a boolean `label` (True: desirable)."""
+    return _unpaired(row, "trl_unpaired")
+
+
+def _is_conversational(value: Any) -> bool:
+    return isinstance(value, list | tuple)
+
+
+def _split_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """TRL's implicit prompt of two strings: their shared prefix, a space at its end left to the answers."""
+    if chosen == rejected:
+        raise _fail("identical", "chosen and rejected are the same text", "chosen")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared and chosen[shared - 1] == " ":
+        shared -= 1
+    if not chosen[:shared].strip():
+        raise _fail("bad_structure", "chosen and rejected share no prompt prefix", "chosen")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+@register("trl_preference")
+def read_trl_preference(row: Mapping) -> list[PreferencePair]:
+    """TRL's preference format, standard (strings) or conversational (message lists), with an explicit
+    `prompt` or an implicit one (the shared prefix of `chosen` and `rejected`). As in TRL, a `prompt` of the
+    other kind than `chosen` (a string beside full conversations, as ultrafeedback_binarized has) is
+    ignored."""
+    chosen, rejected, prompt = _value(row, "chosen"), _value(row, "rejected"), row.get("prompt")
+    conversational = _is_conversational(chosen)
+    if prompt is not None and _is_conversational(prompt) != conversational:
+        prompt = None
+    if conversational:
+        chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+        if prompt is None:
+            prompt, chosen, rejected = _split_pair(chosen, rejected)
+        else:
+            prompt = _check_prompt(_messages(prompt, "prompt"), "prompt")
+            _check_completion(chosen, "chosen")
+            _check_completion(rejected, "rejected")
+    else:
+        chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
+        if prompt is None:
+            prompt, chosen, rejected = _split_text(chosen, rejected)
+        else:
+            prompt = _string(row, "prompt")
+        prompt = _user(prompt, "prompt")
+        chosen, rejected = _reply(chosen, "chosen"), _reply(rejected, "rejected")
+    if chosen == rejected:
+        raise _fail("identical", "chosen and rejected are the same completion", "chosen")
+    source = _string(row, "source", optional=True) or "trl_preference"
+    return [PreferencePair(prompt, chosen, rejected, source=source, id=_identifier(row, "id"))]
+
+
+@register("trl_prompt_only")
+def read_trl_prompt_only(row: Mapping) -> list[PromptRecord]:
+    """TRL's prompt-only format (online RL): `prompt`, a string or a message list ending with a user turn;
+    an optional `ground_truth`, `answer` or `solution` for verifiable rewards."""
+    prompt = _value(row, "prompt")
+    if _is_conversational(prompt):
+        prompt = _check_prompt(_messages(prompt, "prompt"), "prompt")
+    else:
+        prompt = _user(_string(row, "prompt"), "prompt")
+    source = _string(row, "source", optional=True) or "trl_prompt_only"
+    return [PromptRecord(prompt, _ground_truth(row), source, _identifier(row, "id"))]
+
+
+def _no_tools(row: Mapping, key: str = "tools", where: str = "") -> None:
+    for name in (key, "functions"):
+        if row.get(name):
+            raise _fail("tool_call", f"tool definitions ({name!r}) cannot be rendered by the chat templates",
+                        _label(where, name))
+
+
+@register("openai_chat")
+def read_openai_chat(row: Mapping) -> list[Conversation]:
+    """OpenAI's chat fine-tuning format: `messages` with string or text-part `content`, `developer` as system;
+    tool calls, tool turns, tool definitions and non-text parts are errors (or counted skips) by reason."""
+    _no_tools(row)
+    messages = _messages(_value(row, "messages"), "messages")
+    if not any(m.role == "assistant" for m in messages):
+        raise _fail("bad_structure", "no assistant turn to train on", "messages")
+    for index, message in enumerate(messages):
+        if message.role != "system" and not message.content.strip():
+            reason = "empty_response" if message.role == "assistant" else "empty_prompt"
+            raise _fail(reason, f"empty {message.role} turn", f"messages[{index}].content")
+    source = _string(row, "source", optional=True) or "openai_chat"
+    return [Conversation(messages, source, _identifier(row, "id"))]
+
+
+@register("openai_dpo")
+def read_openai_dpo(row: Mapping) -> list[PreferencePair]:
+    """OpenAI's preference (DPO) fine-tuning format: `input.messages` (the prompt), `preferred_output` and
+    `non_preferred_output` (assistant message lists)."""
+    given = _object(_value(row, "input"), "input")
+    _no_tools(given, where="input")
+    prompt = _check_prompt(_messages(_value(given, "messages", "input"), "input.messages"), "input.messages")
+    chosen = _check_completion(
+        _messages(_value(row, "preferred_output"), "preferred_output"), "preferred_output"
+    )
+    rejected = _check_completion(
+        _messages(_value(row, "non_preferred_output"), "non_preferred_output"), "non_preferred_output"
+    )
+    if chosen == rejected:
+        raise _fail("identical", "preferred and non-preferred outputs are the same", "preferred_output")
+    return [PreferencePair(prompt, chosen, rejected, source="openai_dpo", id=_identifier(row, "id"))]
+
+
+def _preference_strength(row: Mapping, key: str) -> int:
+    """A -3..3 preference (negative: the first response is better); 0 is a counted tie."""
+    value = _number(row, key)
+    if not value.is_integer() or not -3 <= value <= 3:
+        raise _fail("bad_value", f"{key!r} must be an integer from -3 to 3, got {value:g}", key)
+    if value == 0:
+        raise SkipRow("tie", f"{key} is 0: the responses are about the same")
+    return int(value)
+
+
+def _strength_pair(prompt: Messages, first: Messages, second: Messages, strength: int, fields, source: str,
+                   id: str = "") -> PreferencePair:
+    if first == second:
+        raise _fail("identical", "the two responses are the same text", fields[0])
+    chosen, rejected = (first, second) if strength < 0 else (second, first)
+    return PreferencePair(prompt, chosen, rejected, float(abs(strength)), source, id)
+
+
+@register("helpsteer3")
+def read_helpsteer3(row: Mapping) -> list[PreferencePair]:
+    """nvidia/HelpSteer3 (preference): `context` (messages), `response1`, `response2` and `overall_preference`
+    from -3 (response1 much better) to 3 (response2 much better); margin = |overall_preference|; 0: a tie."""
+    prompt = _check_prompt(_messages(_value(row, "context"), "context"), "context")
+    first = _reply(_string(row, "response1"), "response1")
+    second = _reply(_string(row, "response2"), "response2")
+    strength = _preference_strength(row, "overall_preference")
+    return [_strength_pair(prompt, first, second, strength, ("response1", "response2"), "helpsteer3")]
+
+
+@register("helpsteer2_preference")
+def read_helpsteer2_preference(row: Mapping) -> list[PreferencePair]:
+    """nvidia/HelpSteer2 preference/preference.jsonl.gz: `prompt` (HelpSteer2 turns), `response_1`,
+    `response_2` and `preference_strength` from -3 (response_1 much better) to 3; margin = |strength|; 0 is a
+    tie."""
+    prompt = _check_prompt(_helpsteer_prompt(_string(row, "prompt")), "prompt")
+    first = _reply(_string(row, "response_1"), "response_1")
+    second = _reply(_string(row, "response_2"), "response_2")
+    strength = _preference_strength(row, "preference_strength")
+    fields = ("response_1", "response_2")
+    return [_strength_pair(prompt, first, second, strength, fields, "helpsteer2_preference")]
+
+
+def _flag(row: Mapping, key: str) -> bool:
+    """A 0/1 column, as an integer, a boolean or (CSV) a string."""
+    value = _value(row, key)
+    if isinstance(value, str) and value.strip() in ("0", "1"):
+        return value.strip() == "1"
+    if isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
+        return bool(value)
+    if isinstance(value, int | float):
+        raise _fail("bad_value", f"{key!r} must be 0 or 1, got {value!r}", key)
+    raise _fail("wrong_type", f"{key!r} must be 0 or 1, got {_kind(value)}", key)
+
+
+def _turns(row: Mapping, key: str) -> list[str | None]:
+    """A list of turn texts, or the JSON text of one (the arena CSV stores '["turn 1", "turn 2"]')."""
+    value = _value(row, key)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise _fail("bad_value", f"{key!r} must be a JSON list of strings", key) from None
+    if not isinstance(value, list | tuple) or not value:
+        raise _fail("wrong_type", f"{key!r} must be a non-empty list of strings, got {_kind(value)}", key)
+    for index, text in enumerate(value):
+        if text is not None and not isinstance(text, str):
+            raise _fail("wrong_type", f"turn {index} must be a string, got {_kind(text)}", f"{key}[{index}]")
+    return list(value)
+
+
+def _arena_conversation(prompts: list, responses: list, key: str) -> Messages:
+    if len(responses) != len(prompts):
+        raise _fail("bad_structure", f"{len(prompts)} prompts but {len(responses)} responses", key)
+    out = []
+    for index, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        if prompt is None or not prompt.strip():
+            raise _fail("empty_prompt", f"empty user turn {index}", f"prompt[{index}]")
+        if response is None or not response.strip():
+            raise _fail("empty_response", f"empty response turn {index}", f"{key}[{index}]")
+        out += [Message("user", _check_text(prompt, f"prompt[{index}]")),
+                Message("assistant", _check_text(response, f"{key}[{index}]"))]
+    return tuple(out)
+
+
+@register("arena_human_preference")
+def read_arena_human_preference(row: Mapping) -> list[PreferencePair]:
+    """lmsys/lmsys-arena-human-preference-55k (train.csv or Parquet): `prompt`, `response_a`, `response_b`
+    (JSON lists, one entry per turn) and one-hot `winner_model_a` / `winner_model_b` / `winner_tie`; ties are
+    skipped."""
+    winners = {key: _flag(row, f"winner_{key}") for key in ("model_a", "model_b", "tie")}
+    if sum(winners.values()) != 1:
+        raise _fail("bad_value", f"exactly one winner column must be 1, got {winners}", "winner_model_a")
+    if winners["tie"]:
+        raise SkipRow("tie", "winner_tie is 1")
+    prompts = _turns(row, "prompt")
+    sides = ("response_a", "response_b") if winners["model_a"] else ("response_b", "response_a")
+    conversations = [_arena_conversation(prompts, _turns(row, side), side) for side in sides]
+    prompt, chosen, rejected = _split_pair(*conversations, fields=sides)
+    source, id = "arena_human_preference", _identifier(row, "id")
+    return [PreferencePair(prompt, chosen, rejected, source=source, id=id)]
+
+
+def _response_id(row: Mapping, key: str) -> int:
+    value = _value(row, key)
+    if isinstance(value, str) and value.strip() in ("0", "1"):
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail("wrong_type", f"{key!r} must be 0 or 1, got {_kind(value)}", key)
+    if value not in (0, 1):
+        raise _fail("bad_value", f"{key!r} must be 0 or 1, got {value!r}", key)
+    return int(value)
+
+
+def _pku_saferlhf(row: Mapping, label: str) -> list[PreferencePair]:
+    prompt = _user(_string(row, "prompt"), "prompt")
+    responses = [_reply(_string(row, f"response_{i}"), f"response_{i}") for i in (0, 1)]
+    if responses[0] == responses[1]:
+        raise _fail("identical", "response_0 and response_1 are the same text", "response_0")
+    winner = _response_id(row, f"{label}_response_id")
+    return [PreferencePair(prompt, responses[winner], responses[1 - winner], source=f"pku_saferlhf_{label}")]
+
+
+@register("pku_saferlhf_better")
+def read_pku_saferlhf_better(row: Mapping) -> list[PreferencePair]:
+    """PKU-Alignment/PKU-SafeRLHF labelled by helpfulness: `prompt`, `response_0`/`response_1`, chosen =
+    `better_response_id`."""
+    return _pku_saferlhf(row, "better")
+
+
+@register("pku_saferlhf_safer")
+def read_pku_saferlhf_safer(row: Mapping) -> list[PreferencePair]:
+    """PKU-Alignment/PKU-SafeRLHF labelled by harmlessness: `prompt`, `response_0`/`response_1`, chosen =
+    `safer_response_id`."""
+    return _pku_saferlhf(row, "safer")
 
 
 @register("tfds")
@@ -600,6 +902,15 @@ def _iter_json(path: Path) -> RawRows:
         )
 
 
+def _iter_csv(path: Path) -> RawRows:
+    """A CSV file with a header row (e.g. the arena 55k train.csv); every value is a string. Row index =
+    0-based data row (quoted fields may span lines)."""
+    csv.field_size_limit(2**31 - 1)  # arena conversations exceed the 128 KiB default
+    with _open_binary(path) as handle:
+        text = io.TextIOWrapper(handle, encoding="utf-8-sig", newline="")
+        yield from enumerate(csv.DictReader(text))
+
+
 def _iter_batches(batches) -> RawRows:
     index = 0
     for batch in batches:
@@ -678,12 +989,14 @@ def _raw_rows(path: Path) -> RawRows:
         return _iter_jsonl(path)
     if name.endswith((".json", ".json.gz")):
         return _iter_json(path)
+    if name.endswith((".csv", ".csv.gz")):
+        return _iter_csv(path)
     if name.endswith(".parquet"):
         return _iter_parquet(path)
     if name.endswith(".arrow"):
         return _iter_arrow(path)
     raise ValueError(
-        f"cannot tell the layout of {path}: expected .jsonl, .json, .parquet, .arrow or a directory"
+        f"cannot tell the layout of {path}: expected .jsonl, .json, .csv, .parquet, .arrow or a directory"
     )
 
 
@@ -691,7 +1004,8 @@ def _guarded(path: Path) -> RawRows:
     """Rows of `path`; a file-level failure (missing, corrupt) is a RecordError naming the file."""
     try:
         yield from _raw_rows(path)
-    except (OSError, pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+    except (OSError, pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+            csv.Error) as exc:
         raise RecordError(
             "unreadable_file", f"cannot read: {type(exc).__name__}: {exc}", file=str(path)
         ) from None

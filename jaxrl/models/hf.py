@@ -114,13 +114,25 @@ def _check_unsupported(hf: Mapping[str, Any], family: str) -> None:
         raise HFCheckpointError("attention_bias=True (which includes an o_proj bias) is not supported")
     if hf.get("mlp_bias", False):
         raise HFCheckpointError("mlp_bias=True is not supported")
+
+
+def _sliding_window(hf: Mapping[str, Any], family: str) -> tuple[int, int]:
+    """(sliding_window, window_layers) as ModelConfig holds them: Mistral windows every layer when
+    `sliding_window` is set; Qwen2/3 when `use_sliding_window`, from layer `max_window_layers` on (or as
+    `layer_types` says, when it is full attention then sliding attention)."""
     window = hf.get("sliding_window")
-    uses_window = family == "mistral" or hf.get("use_sliding_window", False)
-    if window and uses_window:
-        warnings.warn(
-            f"sliding_window={window} is not implemented: attention is full, identical up to {window} tokens",
-            stacklevel=3,
-        )
+    uses = window is not None if family == "mistral" else bool(hf.get("use_sliding_window", False))
+    if family not in ("mistral", "qwen2", "qwen3") or not uses or not window:
+        return 0, 0
+    layers = int(hf["num_hidden_layers"])
+    start = 0 if family == "mistral" else min(int(hf.get("max_window_layers", 28)), layers)
+    types = hf.get("layer_types")
+    if types:
+        start = next((i for i, t in enumerate(types) if t == "sliding_attention"), layers)
+        if list(types) != ["full_attention"] * start + ["sliding_attention"] * (layers - start):
+            raise HFCheckpointError(f"layer_types={list(types)} is not supported: only full attention layers "
+                                    f"followed by sliding-window layers")
+    return (int(window), start) if start < layers else (0, 0)
 
 
 def config_from_hf(
@@ -139,6 +151,7 @@ def config_from_hf(
     heads = int(hf["num_attention_heads"])
     hidden = int(hf["hidden_size"])
     llama3 = rope["rope_type"] == "llama3"
+    sliding_window, window_layers = _sliding_window(hf, family)
     return ModelConfig(
         vocab_size=int(hf["vocab_size"]),
         hidden=hidden,
@@ -165,6 +178,8 @@ def config_from_hf(
         qkv_bias=family == "qwen2",
         qk_norm=_FAMILY[family]["qk_norm"],
         norm_position=_FAMILY[family]["norm_position"],
+        sliding_window=sliding_window,
+        window_layers=window_layers,
         # All five families default to untied embeddings when the key is absent.
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         head=head,
@@ -182,7 +197,7 @@ def architecture_for(cfg: ModelConfig) -> str:
     elif cfg.qkv_bias:
         family = "Qwen2"
     else:
-        family = "Llama"
+        family = "Mistral" if cfg.sliding_window else "Llama"
     return f"{family}For{'SequenceClassification' if cfg.head == 'scalar' else 'CausalLM'}"
 
 
@@ -202,6 +217,8 @@ _STRUCTURAL = (
     "norm_position",
     "tie_embeddings",
     "head",
+    "sliding_window",
+    "window_layers",
 )
 
 
@@ -254,6 +271,10 @@ def hf_config_for(
         hf["mlp_bias"] = False
     if family in ("mistral", "qwen2", "qwen3"):
         hf.update(sliding_window=None, use_sliding_window=False)
+        if cfg.sliding_window:
+            hf.update(sliding_window=cfg.sliding_window, use_sliding_window=True)
+            if family != "mistral":
+                hf["max_window_layers"] = cfg.window_layers
     if cfg.head == "scalar":
         hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     hf.update(overrides or {})

@@ -141,13 +141,29 @@ def attention_output(out_BTNH, p, dtype):
     return jnp.einsum("btnh,nhd->btd", out_BTNH, p["o"]["kernel"].astype(dtype))
 
 
-def attention_block(x_BTD, p, positions_BT, segment_ids_BT, cfg: ModelConfig, inv_freq):
-    """Self-attention of one layer (GQA, optional QK-norm), causal and within segments."""
+def windowed_layers(cfg: ModelConfig) -> np.ndarray:
+    """Which layers use the sliding window [L] (bool): none without one, else those from window_layers on."""
+    return (np.arange(cfg.layers) >= cfg.window_layers) & (cfg.sliding_window > 0)
+
+
+def window_mask(query_T, key_S, window, windowed=True):
+    """Keys a query may see under a sliding window [T, S] (bool; causality apart): key index > query index -
+    window, as transformers' sliding_window_overlay. `windowed` (a traced per-layer flag) False lifts it."""
+    return (key_S[None, :] > query_T[:, None] - window) | jnp.logical_not(windowed)
+
+
+def attention_block(x_BTD, p, positions_BT, segment_ids_BT, cfg: ModelConfig, inv_freq, windowed=None):
+    """Self-attention of one layer (GQA, optional QK-norm), causal and within segments, and within the sliding
+    window when the layer is `windowed` (a traced bool from the layer scan)."""
     q_BTNH, k_BTKH, v_BTKH = project_qkv(x_BTD, p, positions_BT, cfg, inv_freq)
     mask = None
     if segment_ids_BT is not None:
         # Packed sequences: attend only within the same segment; causality comes from is_causal.
         mask = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+    if cfg.sliding_window:
+        index_T = jnp.arange(x_BTD.shape[1])
+        local_11TT = window_mask(index_T, index_T, cfg.sliding_window, True if windowed is None else windowed)
+        mask = local_11TT[None, None] if mask is None else mask & local_11TT[None, None]
     impl = None if cfg.attention == "auto" else cfg.attention
     out_BTNH = jax.nn.dot_product_attention(
         q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True, implementation=impl
@@ -179,10 +195,10 @@ def residual_block(x_BTD, p, cfg: ModelConfig, attend):
     return constrain(x_BTD, ("batch", None, "embed")), extra
 
 
-def decoder_layer(x_BTD, p, positions_BT, segment_ids_BT, cfg: ModelConfig, inv_freq):
+def decoder_layer(x_BTD, p, positions_BT, segment_ids_BT, cfg: ModelConfig, inv_freq, windowed=None):
     """One full-sequence decoder block."""
     attend = lambda h_BTD: (
-        attention_block(h_BTD, p["attn"], positions_BT, segment_ids_BT, cfg, inv_freq),
+        attention_block(h_BTD, p["attn"], positions_BT, segment_ids_BT, cfg, inv_freq, windowed),
         None,
     )
     return residual_block(x_BTD, p, cfg, attend)[0]
@@ -213,12 +229,14 @@ class Transformer(nnx.Module):
         inv_freq = jnp.asarray(rope_frequencies(cfg))
         stacked = nnx.to_pure_dict(nnx.state(self.layers))
 
-        def body(x, p):
-            return decoder_layer(x, p, positions_BT, segment_ids_BT, cfg, inv_freq), None
+        def body(x, layer):
+            p, windowed = layer
+            return decoder_layer(x, p, positions_BT, segment_ids_BT, cfg, inv_freq, windowed), None
 
         if cfg.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        x_BTD, _ = jax.lax.scan(body, x_BTD, stacked, unroll=1 if cfg.scan_layers else cfg.layers)
+        layers = (stacked, jnp.asarray(windowed_layers(cfg)))
+        x_BTD, _ = jax.lax.scan(body, x_BTD, layers, unroll=1 if cfg.scan_layers else cfg.layers)
         return rms_norm(x_BTD, self.final_norm.scale[...], cfg.norm_eps)
 
     def lm_kernel(self):
