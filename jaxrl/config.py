@@ -35,6 +35,10 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: str = "none"  # "none" | "head" (Qwen3: per head) | "full" (OLMo 2: over all heads)
     norm_position: str = "pre"  # "pre" (Llama) | "post" (OLMo 2: norm after each sublayer)
+    # Mistral / Qwen2 sliding-window attention: 0 is full attention; W > 0 lets each token attend to itself and
+    # the W - 1 tokens before it, in the layers from window_layers on (Qwen2's max_window_layers; 0: all layers)
+    sliding_window: int = 0
+    window_layers: int = 0
     tie_embeddings: bool = False
     head: str = "lm"  # "lm" (next-token logits) | "scalar" (reward / value per position)
     dtype: str = "bfloat16"  # compute dtype
@@ -96,6 +100,13 @@ class DataConfig:
     max_prompt_len: int = 24
     binarize: str = "best_vs_random"  # rated completions -> pairs (jaxrl.data.binarize.POLICIES)
     aspect_reduce: str = "mean"  # per-aspect ratings -> one score: "mean" or an aspect name
+    # per-aspect weights (jaxrl.data.binarize.parse_aspects): "" the format's default (helpsteer: helpfulness
+    # alone, else aspect_reduce), a preset ("tulu25", "helpsteer2"), or "helpfulness=0.3,correctness=0.74"
+    aspect_weights: str = ""
+    min_margin: float = 0.0  # rated completions -> pairs: a pair whose rating gap is below this is dropped
+    # several sources in one (set data.source=mixture): a JSON list of {"source", "format", "count" or "weight",
+    # "binarize", "aspect_weights", "min_margin", "replace"} (jaxrl.data.pipeline.mixture_records)
+    mixture: str = ""
     truncation: str = "drop"  # "drop" the example | "truncate" (prompt from the left, completion from the right)
     on_error: str = "raise"  # "raise" | "skip" (counted) for malformed rows
     # "max_len": every batch is max_len wide | "bucket": each batch is cut to the smallest multiple of
@@ -107,6 +118,10 @@ class DataConfig:
     group_by_length: bool = False  # batches of similar lengths (windows of 64 batches sorted), for "bucket"
     eval_prompts_per_domain: int = 32  # synthetic world: held-out prompts per domain for gold-reward eval (0: off)
     eval_max_new: int = 16  # synthetic world: response tokens sampled at evaluation
+    eval_samples: int = 8  # synthetic world: responses sampled per prompt (the primary metric is their mean gold)
+    eval_temperature: float = 1.0  # synthetic world: the temperature those responses are sampled at
+    val_prompts_per_domain: int = 16  # synthetic world: validation-split prompts per domain (curves, selection)
+    eval_best_of: int = 0  # synthetic world: SFT runs sample this many per test prompt for best-of-N ceilings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,8 +409,14 @@ RANGES: tuple[tuple[str, _Range], ...] = (
     ("data.max_len", POSITIVE_INT),
     ("data.max_prompt_len", POSITIVE_INT),
     ("data.bucket_multiple", POSITIVE_INT),
+    ("model.sliding_window", NON_NEGATIVE_INT),  # 0: full attention
+    ("model.window_layers", NON_NEGATIVE_INT),
     ("data.eval_prompts_per_domain", NON_NEGATIVE_INT),  # 0: off
     ("data.eval_max_new", POSITIVE_INT),
+    ("data.eval_samples", POSITIVE_INT),
+    ("data.eval_temperature", POSITIVE),
+    ("data.val_prompts_per_domain", NON_NEGATIVE_INT),  # 0: no validation curve
+    ("data.eval_best_of", NON_NEGATIVE_INT),  # 0: no best-of-N ceilings
     ("train.steps", POSITIVE_INT),
     ("train.batch_size", POSITIVE_INT),
     ("train.grad_accum", POSITIVE_INT),
@@ -511,9 +532,16 @@ def validate(cfg: Config) -> Config:
     if cfg.data.source == "synthetic" and cfg.stage != "sft":
         from jaxrl.synthetic import DATASETS
 
-        if cfg.data.synthetic_kind not in DATASETS:
-            raise ConfigError(f"data.synthetic_kind must be one of {DATASETS}, got {cfg.data.synthetic_kind!r}")
-    if cfg.data.source != "synthetic":
+        kinds = (*DATASETS, "on_policy")  # on_policy: sampled from train.init_from's policy (data.pipeline)
+        if cfg.data.synthetic_kind not in kinds:
+            raise ConfigError(f"data.synthetic_kind must be one of {kinds}, got {cfg.data.synthetic_kind!r}")
+    if (cfg.data.source == "mixture") != bool(cfg.data.mixture):
+        raise ConfigError("data.mixture and data.source=mixture go together (one names the other)")
+    if cfg.data.mixture:
+        from jaxrl.data.pipeline import mixture_entries
+
+        mixture_entries(cfg.data.mixture)  # raises ConfigError naming the bad entry
+    elif cfg.data.source != "synthetic":
         from jaxrl.data.readers import READERS
 
         if cfg.data.format not in READERS:

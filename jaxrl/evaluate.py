@@ -1,9 +1,15 @@
-"""Evaluation in the synthetic world: gold reward per domain, KL to the reference, response length, and the
-policy's ranking accuracy on held-out gold-labelled pairs."""
+"""Evaluation in the synthetic world: the mean gold reward of sampled responses (several per prompt) with its
+standard error, greedy gold beside it, KL to the reference from the same samples, response length, best-of-N
+ceilings, and the policy's ranking accuracy on held-out gold-labelled pairs.
+
+Every domain counts equally: a metric is the mean over domains of the mean over that domain's prompts, and its
+standard error is sqrt(sum_d var_d / n_d) / D over per-prompt means (which already average the samples). Every
+run of a study scores the same prompts with the same sampling keys, so differences between runs can be paired
+prompt by prompt (`paired_difference`)."""
 
 from __future__ import annotations
 
-import collections
+import math
 
 import jax
 import numpy as np
@@ -30,42 +36,103 @@ def _generate(graphdef, params, tok, prompts, *, temperature: float, max_new: in
     return out
 
 
-def world_eval(graphdef, params, ref_params, tok, prompts, *, max_new: int = 16, seed: int = 0,
-               batch_size: int = 64) -> dict[str, float]:
-    """Gold reward per domain (greedy and sampled at temperature 1), KL(policy || reference) per sequence from
-    temperature-1 samples, mean response length and the rate of responses that end with EOS."""
+def sample_texts(graphdef, params, tok, prompts, *, temperature: float, max_new: int, seed: int,
+                 batch_size: int = 256) -> list[str]:
+    """One sampled response text per prompt record."""
+    texts = []
+    for _, _, tokens, _, resp_mask, n in _generate(graphdef, params, tok, prompts, temperature=temperature,
+                                                   max_new=max_new, seed=seed, batch_size=batch_size):
+        texts += [tok.decode(tokens[row, : int(resp_mask[row].sum())].tolist()) for row in range(n)]
+    return texts
+
+
+def score_samples(graphdef, params, ref_params, tok, prompts, *, samples: int, temperature: float, max_new: int,
+                  seed: int = 0, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Per prompt and sample [P, S]: gold reward, log-ratio to the reference (teacher-forced on both sides under
+    the distributions sampled from, both at `temperature`, so its mean is KL(policy_T || reference_T) per
+    response; zeros without a reference), length in tokens and whether the response ended with EOS."""
     from jaxrl.synthetic import gold_reward
 
+    expanded = [record for record in prompts for _ in range(samples)]
+    gold, kl, length, eos = [], [], [], []
+    index = 0
+    for ids, mask, tokens, _, resp_mask, n in _generate(graphdef, params, tok, expanded, temperature=temperature,
+                                                        max_new=max_new, seed=seed, batch_size=batch_size):
+        if ref_params is not None:
+            policy, ref = (np.asarray(jax.device_get(sampling.response_logps(
+                graphdef, p, ids, mask, tokens, resp_mask, temperature=np.float32(temperature or 1.0))))
+                for p in (params, ref_params))
+            kl += list(np.sum((policy - ref) * resp_mask, axis=1)[:n])
+        else:
+            kl += [0.0] * n
+        for row in range(n):
+            size = int(resp_mask[row].sum())
+            gold.append(gold_reward(expanded[index], tok.decode(tokens[row, :size].tolist())))
+            length.append(size)
+            eos.append(bool(size and tokens[row, size - 1] == tok.eos_id))
+            index += 1
+    shape = (len(prompts), samples)
+    return {"gold": np.reshape(gold, shape), "kl": np.reshape(kl, shape), "length": np.reshape(length, shape),
+            "eos": np.reshape(eos, shape).astype(np.float64)}
+
+
+def domain_mean(values_P: np.ndarray, domains: list[str]) -> tuple[float, float]:
+    """(mean over domains of the per-domain mean, its standard error) of per-prompt values."""
+    values_P = np.asarray(values_P, np.float64)
+    names = sorted(set(domains))
+    groups = [values_P[[d == name for d in domains]] for name in names]
+    mean = float(np.mean([g.mean() for g in groups]))
+    variance = sum(g.var(ddof=1) / len(g) if len(g) > 1 else 0.0 for g in groups) / len(groups) ** 2
+    return mean, math.sqrt(variance)
+
+
+def expected_best_of(gold_PS: np.ndarray, n: int) -> np.ndarray:
+    """Per prompt, the expected gold of the best of n responses drawn without replacement from the S sampled
+    (the unbiased order-statistics estimator of best-of-n on gold) [P]."""
+    S = gold_PS.shape[1]
+    ranks = np.arange(1, S + 1)
+    # P(the i-th smallest of S is the max of a random n-subset) = C(i-1, n-1) / C(S, n).
+    weights = np.array([math.comb(i - 1, n - 1) for i in ranks], np.float64) / math.comb(S, n)
+    return np.sort(gold_PS, axis=1) @ weights
+
+
+def summarize(scores: dict[str, np.ndarray], domains: list[str], *, best_of=()) -> dict[str, float]:
+    """Metrics of score_samples' arrays: gold_reward (+ _se, per domain), kl (+ _se), length, eos_rate and, for
+    each n in best_of (<= samples), best_of_<n> on gold with its KL bound log n - (n - 1) / n."""
     metrics: dict[str, float] = {}
-    for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
-        by_domain = collections.defaultdict(list)
-        lengths, eos, kls = [], [], []
-        index = 0
-        for ids, mask, tokens, _, resp_mask, n in _generate(graphdef, params, tok, prompts, temperature=temperature,
-                                                            max_new=max_new, seed=seed, batch_size=batch_size):
-            if mode == "sampled" and ref_params is not None:
-                # Both sides through the same teacher-forced forward, so the estimate has no sampler/trainer gap.
-                policy, ref = (np.asarray(jax.device_get(sampling.response_logps(graphdef, p, ids, mask, tokens,
-                                                                                 resp_mask)))
-                               for p in (params, ref_params))
-                kls += list(np.sum((policy - ref) * resp_mask, axis=1)[:n])
-            for row in range(n):
-                record = prompts[index]
-                index += 1
-                length = int(resp_mask[row].sum())
-                text = tok.decode(tokens[row, :length].tolist())
-                by_domain[record.source].append(gold_reward(record, text))
-                lengths.append(length)
-                eos.append(bool(length and tokens[row, length - 1] == tok.eos_id))
-        suffix = "" if mode == "greedy" else "_sampled"
-        for domain, rewards in sorted(by_domain.items()):
-            metrics[f"gold_reward{suffix}/{domain}"] = float(np.mean(rewards))
-        metrics[f"gold_reward{suffix}"] = float(np.mean([np.mean(r) for r in by_domain.values()]))
-        metrics[f"length{suffix}"] = float(np.mean(lengths))
-        metrics[f"eos_rate{suffix}"] = float(np.mean(eos))
-        if kls:
-            metrics["kl"] = float(np.mean(kls))
+    gold_P = scores["gold"].mean(axis=1)
+    metrics["gold_reward"], metrics["gold_reward_se"] = domain_mean(gold_P, domains)
+    for name in sorted(set(domains)):
+        metrics[f"gold_reward/{name}"] = float(gold_P[[d == name for d in domains]].mean())
+    metrics["kl"], metrics["kl_se"] = domain_mean(scores["kl"].mean(axis=1), domains)
+    metrics["length"] = float(scores["length"].mean())
+    metrics["eos_rate"] = float(scores["eos"].mean())
+    for n in best_of:
+        if n <= scores["gold"].shape[1]:
+            metrics[f"best_of_{n}"], metrics[f"best_of_{n}_se"] = domain_mean(
+                expected_best_of(scores["gold"], n), domains)
+            metrics[f"best_of_{n}_kl_bound"] = math.log(n) - (n - 1) / n
     return metrics
+
+
+def greedy_gold(graphdef, params, tok, prompts, *, max_new: int, batch_size: int = 256) -> dict[str, float]:
+    """gold_reward_greedy (+ per domain) of greedy responses."""
+    scores = score_samples(graphdef, params, None, tok, prompts, samples=1, temperature=0.0, max_new=max_new,
+                           batch_size=batch_size)
+    domains = [r.source for r in prompts]
+    gold_P = scores["gold"][:, 0]
+    metrics = {"gold_reward_greedy": domain_mean(gold_P, domains)[0]}
+    for name in sorted(set(domains)):
+        metrics[f"gold_reward_greedy/{name}"] = float(gold_P[[d == name for d in domains]].mean())
+    return metrics
+
+
+def paired_difference(a: dict, b: dict) -> tuple[float, float]:
+    """(mean, standard error) of the per-prompt gold difference a - b of two runs scored on the same prompts
+    (their `eval_per_prompt` records), domains weighted equally."""
+    if a["domain"] != b["domain"]:
+        raise ValueError("paired differences need both runs scored on the same prompts")
+    return domain_mean(np.asarray(a["gold"]) - np.asarray(b["gold"]), a["domain"])
 
 
 def ranking_accuracy(graphdef, params, pairs: dict[str, np.ndarray], *, batch_size: int = 64) -> dict[str, float]:
@@ -116,11 +183,34 @@ def gold_pair_arrays(cfg, tok) -> dict[str, np.ndarray]:
     return arrays
 
 
-def synthetic_eval(cfg, graphdef, params, ref_params, tok) -> dict[str, float]:
-    """A policy's evaluation in the synthetic world: world_eval on the held-out prompts and its ranking accuracy
-    on the held-out gold pairs (the same prompts and pairs for every run of a study)."""
+def eval_prompts(cfg, split: str) -> list:
+    """The study-wide prompts of a split ("validation" or "test"): the same for every run, fixed seed."""
     from jaxrl import synthetic
 
-    prompts = synthetic.make_eval_prompts(cfg.data.eval_prompts_per_domain, seed=12345)
-    metrics = world_eval(graphdef, params, ref_params, tok, prompts, max_new=cfg.data.eval_max_new, seed=0)
-    return metrics | ranking_accuracy(graphdef, params, gold_pair_arrays(cfg, tok))
+    n = cfg.data.val_prompts_per_domain if split == "validation" else cfg.data.eval_prompts_per_domain
+    return synthetic.make_eval_prompts(n, seed=12345, split=split)
+
+
+def synthetic_eval(cfg, graphdef, params, ref_params, tok, *, split: str = "test",
+                   best_of: bool = False) -> tuple[dict[str, float], dict]:
+    """A policy's evaluation on a split of the synthetic world: (metrics, per-prompt record). Sampled gold over
+    data.eval_samples responses per prompt at data.eval_temperature is the primary metric; greedy beside it; on
+    test, the ranking accuracy on held-out gold pairs, and with `best_of` the best-of-N ceilings from
+    data.eval_best_of samples per prompt. Every run uses the same prompts and sampling keys."""
+    d = cfg.data
+    prompts = eval_prompts(cfg, split)
+    domains = [r.source for r in prompts]
+    scores = score_samples(graphdef, params, ref_params, tok, prompts, samples=d.eval_samples,
+                           temperature=d.eval_temperature, max_new=d.eval_max_new)
+    metrics = summarize(scores, domains) | greedy_gold(graphdef, params, tok, prompts, max_new=d.eval_max_new)
+    if best_of and d.eval_best_of:
+        # Drawn apart from the primary samples, so those stay the same draws for every run.
+        many = score_samples(graphdef, params, None, tok, prompts, samples=d.eval_best_of,
+                             temperature=d.eval_temperature, max_new=d.eval_max_new, seed=1)
+        ns = tuple(n for n in (1, 4, 16, 64, 256) if n <= d.eval_best_of)
+        metrics |= {k: v for k, v in summarize(many, domains, best_of=ns).items() if k.startswith("best_of")}
+    if split == "test":
+        metrics |= ranking_accuracy(graphdef, params, gold_pair_arrays(cfg, tok))
+    per_prompt = {"domain": domains, "gold": scores["gold"].mean(axis=1).round(6).tolist(),
+                  "kl": scores["kl"].mean(axis=1).round(6).tolist()}
+    return metrics, per_prompt

@@ -109,7 +109,7 @@ def truncate_after(workdir: str | Path, step: int, *, final: bool = False) -> in
             continue
         row = _parse_row(line)
         if row is not None and row.get("step", 0) <= step and not (
-                final and row.get("step") == step and any(k.startswith("eval/") for k in row)):
+                final and row.get("step") == step and any(k.startswith(("eval/", "val/")) for k in row)):
             kept.append(line)
         else:
             dropped += 1

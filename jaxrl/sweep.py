@@ -50,7 +50,7 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(config_lib.to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def expand(module, workdir: str | Path, overrides=()) -> list[Run]:
+def expand(module, workdir: str | Path, overrides=(), points: list[dict] | None = None) -> list[Run]:
     """All runs of a study, each after the runs it depends on.
 
     A study module defines get_config() and sweep() (a list of override dicts, one per point) and optionally:
@@ -60,11 +60,16 @@ def expand(module, workdir: str | Path, overrides=()) -> list[Run]:
                                       the point's config without its stage defaults (the rl section of the
                                       result is reset to the study's, as an SFT run does not read it);
       reward_model(point) -> dict     for an RL point, the sweep point of the reward-model run that gives its
-                                      reward (None: no reward model); rl.reward_model becomes that run's dir.
+                                      reward (None: no reward model); rl.reward_model becomes that run's dir;
+      search(point) -> list[dict]     a recipe grid per arm (see run_sweep): sweep() then lists arms, and the
+                                      runs expanded here are the grid's, on the search seed (None: the arm is
+                                      a plain point).
     """
     workdir = Path(workdir).absolute()
     base = config_lib.override(module.get_config(), overrides)
-    points = list(module.sweep()) if hasattr(module, "sweep") else [{}]
+    if points is None:
+        points = search_points(module) if hasattr(module, "search") else list(module.sweep()) \
+            if hasattr(module, "sweep") else [{}]
     shared = {"train.cache_dir": str(workdir / "cache")}
     runs: dict[str, Run] = {}
 
@@ -108,6 +113,76 @@ def expand(module, workdir: str | Path, overrides=()) -> list[Run]:
     return list(runs.values())  # insertion order: every run comes after the runs it depends on
 
 
+def selection(module) -> dict:
+    """A search study's selection settings: the seed the grid is searched on, the fresh seeds the selected recipe
+    is rerun with, and the validation metric that selects (higher is better)."""
+    settings = {"search_seed": 0, "seeds": [1, 2, 3], "metric": "val/gold_reward"}
+    settings |= dict(module.selection()) if hasattr(module, "selection") else {}
+    if not str(settings["metric"]).startswith("val/"):
+        raise config_lib.ConfigError(f"selection metric {settings['metric']!r}: recipes are selected on the "
+                                     f"validation split only (a val/ metric)")
+    return settings
+
+
+def search_points(module) -> list[dict]:
+    """Every arm of sweep() with every setting of its search(arm) grid, on the search seed (an arm whose grid is
+    None is a plain point, run as it is)."""
+    seed = selection(module)["search_seed"]
+    points = []
+    for arm in module.sweep():
+        grid = module.search(dict(arm))
+        points += [dict(arm)] if grid is None else [{**arm, **setting, "seed": seed} for setting in grid]
+    return points
+
+
+def validation_scores(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+    """(step, score) of a run's validation evaluations. Only val/ rows are read: selection never sees a test
+    metric."""
+    from jaxrl.metrics import read_metrics
+
+    rows = [{k: v for k, v in row.items() if k == "step" or k.startswith("val/")} for row in read_metrics(run_dir)]
+    return [(int(row["step"]), float(row[metric])) for row in rows if isinstance(row.get(metric), (int, float))]
+
+
+def select_recipe(candidates: list[tuple[dict, Path]], metric: str) -> tuple[dict, int, float]:
+    """(setting, step, score): the recipe and training length whose validation score is the highest over every
+    candidate run's validation curve (ties: the first candidate, the earlier step)."""
+    best = None
+    for setting, run_dir in candidates:
+        for step, score in validation_scores(run_dir, metric):
+            if best is None or score > best[2]:
+                best = (setting, step, score)
+    if best is None:
+        raise config_lib.ConfigError(f"no validation scores ({metric}) in {[str(d) for _, d in candidates]}")
+    return best
+
+
+def final_points(module, workdir: Path, overrides=()) -> tuple[list[dict], dict[str, dict]]:
+    """The selected recipe of every arm with the fresh seeds, and what was selected per arm (for the table)."""
+    settings = selection(module)
+    search = {r.id: r for r in expand(module, workdir, overrides) if r.kind == "point"}
+    by_point = {json.dumps(r.point, sort_keys=True): r.id for r in search.values()}
+    points, chosen = [], {}
+    for arm in module.sweep():
+        grid = module.search(dict(arm))
+        if grid is None:
+            points.append(dict(arm))
+            continue
+        candidates = []
+        for setting in grid:
+            point = {**arm, **setting, "seed": settings["search_seed"]}
+            rid = by_point[json.dumps(point, sort_keys=True)]
+            candidates.append((setting, workdir / "runs" / rid))
+        setting, step, score = select_recipe(candidates, settings["metric"])
+        steps = search[by_point[json.dumps({**arm, **setting, "seed": settings["search_seed"]}, sort_keys=True)]]
+        recipe = dict(setting)
+        if step != steps.cfg.train.steps:
+            recipe["train.steps"] = step  # the selected checkpoint: the rerun trains that long
+        chosen[json.dumps(arm, sort_keys=True)] = {"recipe": recipe, "validation": score}
+        points += [{**arm, **recipe, "seed": seed} for seed in settings["seeds"]]
+    return points, chosen
+
+
 def check_stale(runs: list[Run], workdir: Path) -> None:
     """Refuses, before anything runs, a run dir whose saved config is not its point's config (a study file or
     an override changed since it ran), naming the keys that differ."""
@@ -130,13 +205,43 @@ def run_sweep(module, workdir: str | Path, overrides=(), *, log=print, poll_s: f
     """Runs every unfinished run (finished ones are skipped, interrupted ones resume); returns result rows.
 
     Several sweeps may share one workdir: each run is locked by the process training it, and the others go on
-    with other runs, then wait for it. A run that fails is reported and its dependents are not started."""
+    with other runs, then wait for it. A run that fails is reported and its dependents are not started.
+
+    A study with search(arm) is run in two phases: every arm's recipe grid on the search seed, then, per arm,
+    the setting and checkpoint with the best validation score (`selection`) rerun with fresh seeds; the rows
+    returned are those of the fresh-seed runs (and their bases), each with its selected `recipe`."""
+    workdir = Path(workdir).absolute()
+    if not hasattr(module, "search") or all(module.search(dict(arm)) is None for arm in module.sweep()):
+        return collect(_run_all(expand(module, workdir, overrides), workdir, log, poll_s), workdir)
+    log("search: every arm's recipe grid on the search seed")
+    _run_all(expand(module, workdir, overrides), workdir, log, poll_s)
+    points, chosen = final_points(module, workdir, overrides)
+    (workdir / "selected.json").write_text(json.dumps(chosen, indent=2) + "\n")
+    log("selected recipes (validation) rerun with fresh seeds")
+    runs = _run_all(expand(module, workdir, overrides, points), workdir, log, poll_s)
+    rows = collect(runs, workdir)
+    for row in rows:
+        run = next(r for r in runs if r.id == row["run"])
+        for key in chosen:
+            arm = json.loads(key)
+            if all(run.point.get(k) == v for k, v in arm.items()):
+                row["recipe"] = _recipe_label(chosen[key]["recipe"])
+                for k in chosen[key]["recipe"]:
+                    row.pop(k, None)  # the arm is one row whatever was selected; the recipe column says what
+                break
+    return rows
+
+
+def _recipe_label(recipe: dict) -> str:
+    return " ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(recipe.items()))
+
+
+def _run_all(runs: list[Run], workdir: Path, log, poll_s: float) -> list[Run]:
+    """Trains every unfinished run of `runs` (see run_sweep); returns `runs`."""
     from tqdm import tqdm
 
     from jaxrl import train, workdir as workdir_lib
 
-    workdir = Path(workdir).absolute()
-    runs = expand(module, workdir, overrides)
     (workdir / "runs").mkdir(parents=True, exist_ok=True)
     check_stale(runs, workdir)
     _enable_compilation_cache(workdir / "cache" / "xla")
@@ -175,7 +280,7 @@ def run_sweep(module, workdir: str | Path, overrides=(), *, log=print, poll_s: f
         if todo and not progressed:
             time.sleep(poll_s)
     bar.close()
-    return collect(runs, workdir)
+    return runs
 
 
 def _enable_compilation_cache(path: Path) -> None:
@@ -228,8 +333,42 @@ def collect(runs: list[Run], workdir: Path) -> list[dict]:
             row["reason"] = summary.get("reason", "")
         row |= {f"train/{k}": v for k, v in summary.get("train", {}).items()}
         row |= {f"eval/{k}": v for k, v in summary.get("eval", {}).items()}
+        row |= {f"val/{k}": v for k, v in summary.get("val", {}).items()}
+        row |= _against_base(r, summary, runs, summaries)
         rows.append(row)
     return rows
+
+
+def _against_base(r: Run, summary: dict, runs: list[Run], summaries: dict) -> dict:
+    """The paired gold difference of a policy run against its own SFT base (same seed, same prompts and sampling
+    keys), prompt by prompt: eval/gold_reward_delta and its standard error."""
+    from jaxrl.evaluate import paired_difference
+
+    stages = {x.id: x.cfg.stage for x in runs}
+    bases = [d for d in r.deps if stages.get(d) == "sft"]
+    base = summaries.get(bases[0]) if bases else None
+    mine = summary.get("eval_per_prompt")
+    if not base or not mine or not base.get("eval_per_prompt"):
+        return {}
+    try:
+        delta, se = paired_difference(mine, base["eval_per_prompt"])
+    except ValueError:
+        return {}  # scored on other prompts: no pairing
+    return {"eval/gold_reward_delta": delta, "eval/gold_reward_delta_se": se}
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (normal beyond the table).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def interval(values: list[float], standard_errors: list[float]) -> float | None:
+    """Half-width of a 95% interval for the mean of an arm: over seeds (Student's t) when there are several,
+    over prompts and samples (the run's own standard error) when there is one seed."""
+    if len(values) > 1:
+        return _T95.get(len(values) - 1, 1.96) * float(np.std(values, ddof=1)) / np.sqrt(len(values))
+    if len(standard_errors) == 1:
+        return 1.96 * standard_errors[0]
+    return None
 
 
 def aggregate(rows: list[dict], metrics: list[str], group_keys: list[str]) -> list[dict]:
@@ -248,6 +387,11 @@ def aggregate(rows: list[dict], metrics: list[str], group_keys: list[str]) -> li
                       if r.get("status", "finished") == "finished" and isinstance(r.get(m), (int, float))]
             agg[m] = float(np.mean(values)) if values else None
             agg[f"{m} std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            errors = [r[f"{m}_se"] for r in members
+                      if r.get("status", "finished") == "finished" and isinstance(r.get(f"{m}_se"), (int, float))]
+            if errors:  # the metric has its own standard error: 95% intervals, over seeds and per seed
+                agg[f"{m} ci95"] = interval(values, errors)
+                agg[f"{m} seed_ci95"] = 1.96 * max(errors)
         out.append(agg)
     return out
 
@@ -277,15 +421,16 @@ def write_results(rows: list[dict], metrics: list[str], workdir: Path) -> tuple[
         cells = [_fmt(r.get(k)) for k in group_keys + ["seeds"]]
         cells += [("FAILED " if k == "failed" else "") + f"{r[k]} of {r['seeds']}" if r[k] else "" for k in facts]
         for m in metrics:
-            mean, std = r.get(m), r.get(f"{m} std")
-            cells.append("" if mean is None else (f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"))
+            mean, std, ci = r.get(m), r.get(f"{m} std"), r.get(f"{m} ci95")
+            spread = ci if ci is not None else std
+            cells.append("" if mean is None else (f"{mean:.3f} ± {spread:.3f}" if spread is not None else f"{mean:.3f}"))
         lines.append("| " + " | ".join(cells) + " |")
     markdown = "\n".join(lines) + "\n"
     md_path, csv_path = workdir / "results.md", workdir / "results.csv"
     md_path.write_text(markdown)
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=group_keys + ["seeds", "skipped", "failed"]
-                                + [x for m in metrics for x in (m, f"{m} std")])
+                                + [x for m in metrics for x in (m, f"{m} std", f"{m} ci95", f"{m} seed_ci95")])
         writer.writeheader()
         for r in table:
             writer.writerow({k: r.get(k) for k in writer.fieldnames})
@@ -309,8 +454,9 @@ def _algorithm(row: dict) -> str:
 
 
 def write_plots(rows: list[dict], workdir: Path) -> list[Path]:
-    """Two PNGs: gold reward per arm (bars: mean over seeds with its spread; dots: each domain), arms sorted by
-    gold reward; and gold reward against KL to the reference, one point per arm, coloured by algorithm."""
+    """Two PNGs: test gold reward per arm (bars: mean over seeds with its 95% interval; dots: each domain), arms
+    sorted by gold reward; and validation curves of gold reward against KL to the reference over training, one
+    line per arm, with the best-of-N frontier of the SFT base (as in Gao et al., 2022)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,7 +478,8 @@ def write_plots(rows: list[dict], workdir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(8, max(3.0, 0.28 * len(labels) + 1.2)))
     y = np.arange(len(labels))
-    spread = [float(np.std([r["eval/gold_reward"] for r in arms[a]], ddof=1)) if len(arms[a]) > 1 else 0.0
+    spread = [interval([r["eval/gold_reward"] for r in arms[a]],
+                       [r["eval/gold_reward_se"] for r in arms[a] if "eval/gold_reward_se" in r]) or 0.0
               for a in labels]
     ax.barh(y, [mean(a, "eval/gold_reward") for a in labels], xerr=spread, color="0.8", label="all domains")
     markers = "os^Dv<>p"
@@ -341,31 +488,108 @@ def write_plots(rows: list[dict], workdir: Path) -> list[Path]:
                    label=d, zorder=3)
     ax.set_yticks(y, labels, fontsize=7)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("gold reward (greedy, held-out prompts); bar: mean over seeds ± std")
+    ax.set_xlabel("gold reward (sampled, test prompts); bar: mean over seeds with its 95% interval")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     paths.append(workdir / "gold_reward_by_domain.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    paths.append(_curves_plot(plt, arms, labels, workdir))
+    plt.close("all")
+    return paths
+
+
+def validation_curve(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, KL, gold) of a run's validation evaluations over training, from its metrics.jsonl."""
+    from jaxrl.metrics import read_metrics
+
+    return [(int(r["step"]), float(r["val/kl"]), float(r["val/gold_reward"])) for r in read_metrics(run_dir)
+            if isinstance(r.get("val/kl"), (int, float)) and isinstance(r.get("val/gold_reward"), (int, float))]
+
+
+def _curves_plot(plt, arms: dict[str, list[dict]], labels: list[str], workdir: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     algorithms = sorted({_algorithm(arms[a][0]) for a in labels})
     colours = plt.get_cmap("tab10" if len(algorithms) <= 10 else "tab20")
-    # A base run is its own reference (KL 0); other arms without a KL had no reference to measure it to.
-    is_base = lambda a: arms[a][0].get("kind") == "base"
-    for k, alg in enumerate(algorithms):
-        members = [a for a in labels
-                   if _algorithm(arms[a][0]) == alg and (is_base(a) or not np.isnan(mean(a, "eval/kl")))]
-        if not members:
+    bases = [arms[a][0] for a in labels if arms[a][0].get("kind") == "base" and arms[a][0].get("stage") == "sft"]
+    start = [(0, 0.0, bases[0]["val/gold_reward"])] if bases and isinstance(bases[0].get("val/gold_reward"),
+                                                                            float) else []
+    for arm in labels:
+        first = arms[arm][0]
+        if first.get("kind") == "base":
             continue
-        kl = [0.0 if is_base(a) else mean(a, "eval/kl") for a in members]
-        ax.scatter(kl, [mean(a, "eval/gold_reward") for a in members], s=22, color=colours(k), label=alg)
-    ax.set_xlabel("KL(policy || reference), nats per response (base runs: 0)")
-    ax.set_ylabel("gold reward")
-    ax.set_title("one point per arm (mean over seeds); arms without a reference (SimPO) left out", fontsize=8)
+        curve = validation_curve(workdir / "runs" / first["run"])  # the arm's first seed
+        if curve:
+            curve = start + curve  # every arm starts at its SFT base (the first base: seeds share a grid)
+            ax.plot([kl for _, kl, _ in curve], [g for _, _, g in curve], "-o", markersize=2.5, linewidth=1,
+                    color=colours(algorithms.index(_algorithm(first))), alpha=0.8)
+            ax.annotate(arm, (curve[-1][1], curve[-1][2]), fontsize=5, alpha=0.8)
+    for alg in algorithms:
+        if alg != "sft":
+            ax.plot([], [], color=colours(algorithms.index(alg)), label=alg)
+    for base in bases[:1]:
+        frontier = []
+        for prefix in ("val/", "eval/"):  # the validation split's frontier, else the test split's
+            frontier = frontier or sorted((base[f"{k}_kl_bound"], base[k]) for k in base
+                                          if re.fullmatch(rf"{prefix}best_of_\d+", k) and f"{k}_kl_bound" in base)
+        if frontier:
+            ax.plot([kl for kl, _ in frontier], [g for _, g in frontier], "k--", linewidth=1.2,
+                    label="best-of-N on gold from the SFT base")
+        if isinstance(base.get("val/gold_reward"), float):
+            ax.scatter([0.0], [base["val/gold_reward"]], color="black", zorder=4, s=18, label="SFT base")
+    ax.set_xlabel("KL(policy || SFT base), nats per response (validation samples)")
+    ax.set_ylabel("gold reward of sampled responses (validation prompts)")
+    ax.set_title("validation curves over training, one line per arm (first seed)", fontsize=8)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    paths.append(workdir / "gold_reward_vs_kl.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths
+    path = workdir / "gold_reward_vs_kl.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def compare(rows: list[dict], a: dict, b: dict, metric: str = "eval/gold_reward") -> dict | None:
+    """The difference a - b of a metric between two arms (rows whose settings include `a`, resp. `b`), with a 95%
+    interval: paired by seed over the seeds both arms ran (Student's t) when there are several, else from the
+    two runs' own standard errors. None when either arm has no finished run."""
+
+    def pick(match: dict) -> dict[int, dict]:
+        return {int(r.get("seed", 0)): r for r in rows if r.get("status", "finished") == "finished"
+                and isinstance(r.get(metric), (int, float)) and all(r.get(k) == v for k, v in match.items())}
+
+    runs_a, runs_b = pick(a), pick(b)
+    seeds = sorted(set(runs_a) & set(runs_b))
+    if not seeds:
+        return None
+    diffs = [runs_a[s][metric] - runs_b[s][metric] for s in seeds]
+    if len(seeds) > 1:
+        hw = interval(diffs, [])
+    else:
+        errors = [runs[seeds[0]].get(f"{metric}_se") for runs in (runs_a, runs_b)]
+        hw = 1.96 * float(np.hypot(*errors)) if all(isinstance(e, (int, float)) for e in errors) else None
+    return {"difference": float(np.mean(diffs)), "ci95": hw, "seeds": len(seeds)}
+
+
+def verdict(result: dict | None, expected_sign: int = 1) -> str:
+    """"agrees" when the 95% interval excludes zero on the expected side, "disagrees" on the other side, else
+    "cannot tell" (also without a measurement)."""
+    if result is None or result["ci95"] is None:
+        return "cannot tell"
+    low, high = result["difference"] - result["ci95"], result["difference"] + result["ci95"]
+    if low > 0 or high < 0:
+        return "agrees" if (low > 0) == (expected_sign > 0) else "disagrees"
+    return "cannot tell"
+
+
+def write_findings(findings: list[dict], workdir: Path) -> str:
+    """findings.md: one row per claim (the paper's claim, what was measured with its interval, the verdict)."""
+    lines = ["| claim (Ivison et al., 2024) | measured | 95% interval | seeds | verdict |", "|---|---|---|---|---|"]
+    for f in findings:
+        r = f.get("result")
+        measured = "" if r is None else f"{r['difference']:+.3f}"
+        ci = "" if r is None or r["ci95"] is None else f"± {r['ci95']:.3f}"
+        lines.append(f"| {f['claim']} | {f.get('what', '')} {measured} | {ci} | {'' if r is None else r['seeds']} "
+                     f"| {f['verdict']} |")
+    markdown = "\n".join(lines) + "\n"
+    (workdir / "findings.md").write_text(markdown)
+    return markdown

@@ -147,7 +147,7 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
     mesh = sharding.make_mesh(cfg.mesh)
     preset, t = cfg.mesh.preset, cfg.train
     sharding.check_batch(t.batch_size, t.grad_accum, mesh, preset)
-    data = pipeline.build_stage_data(cfg)
+    data = pipeline.build_stage_data(cfg, _on_policy_responder(cfg, mesh, preset))
     for line in data.report:
         log(line)
     if jax.process_index() == 0 and hasattr(data.tokenizer, "save"):
@@ -225,6 +225,15 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
             flops += flops_per_token(model_cfg, width, backward=False) * tokens
         return tokens, flops
 
+    world_eval = None
+    if cfg.data.source == "synthetic" and cfg.stage != "rm" and cfg.data.eval_prompts_per_domain:
+        from jaxrl.evaluate import synthetic_eval
+
+        # KL is to where the policy started, also for losses that train without a reference (SimPO).
+        eval_ref = ref if ref is not None or not t.init_from else load_run_params(t.init_from, mesh, preset)[0]
+        # The SFT base also measures the best-of-N ceilings every arm is read against.
+        world_eval = lambda params, split, final=False: synthetic_eval(
+            cfg, graphdef, params, eval_ref, data.tokenizer, split=split, best_of=cfg.stage == "sft" and final)
     progress = _progress(start, t.steps, enabled=t.progress and jax.process_index() == 0)
     pending, window_start, window = None, time.perf_counter(), []
     last, previous_skipped = resumed_last, None
@@ -252,6 +261,11 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
             if (step + 1) % every == 0:  # a checkpoint never gets ahead of the metrics rows it resumes after
                 last = _log_metrics(writer, pending, window_start, window, progress)
                 window_start, window, pending = time.perf_counter(), [], None
+        if world_eval and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
+            if pending is not None:  # rows stay in step order
+                last = _log_metrics(writer, pending, window_start, window, progress)
+                window_start, window, pending = time.perf_counter(), [], None
+            writer.write(step + 1, {f"val/{k}": v for k, v in world_eval(state.params, "validation")[0].items()})
         ckpt.save(step + 1, _saveable(state), {"step": step + 1})
         progress.update(1)
     if failure is None and previous_skipped is not None:
@@ -278,18 +292,22 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
     ckpt.close()
     eval_metrics = evaluate(eval_step, state.params, eval_arrays, hp, t.batch_size // t.grad_accum, mesh, preset,
                             state.ref_params)
-    if cfg.data.source == "synthetic" and cfg.stage != "rm" and cfg.data.eval_prompts_per_domain:
-        from jaxrl.evaluate import synthetic_eval
-
-        eval_metrics |= synthetic_eval(cfg, graphdef, state.params, ref, data.tokenizer)
-    writer.write(t.steps, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    val_metrics, per_prompt = {}, None
+    if world_eval:
+        val_metrics = world_eval(state.params, "validation", True)[0] if cfg.data.val_prompts_per_domain else {}
+        test_metrics, per_prompt = world_eval(state.params, "test", True)
+        eval_metrics |= test_metrics
+    writer.write(t.steps, {f"val/{k}": v for k, v in val_metrics.items()}
+                 | {f"eval/{k}": v for k, v in eval_metrics.items()})
     writer.close()
     if bad := workdir_lib.nonfinite_eval(eval_metrics):
         raise workdir_lib.fail(workdir, cfg, f"the final evaluation is not finite: {', '.join(bad)}", log=log,
                                steps=t.steps, skipped_steps=skipped, train=last, eval=eval_metrics)
     checkpoint.save_params(checkpoint.final_params_dir(workdir), state.params)
     summary = {"stage": cfg.stage, "status": "finished", "steps": t.steps, "skipped_steps": skipped,
-               "train": last, "eval": eval_metrics, "data": data.report}
+               "train": last, "eval": eval_metrics, "val": val_metrics, "data": data.report}
+    if per_prompt is not None:
+        summary["eval_per_prompt"] = per_prompt
     workdir_lib.write_summary(workdir, summary)
     log(f"finished {cfg.stage}: eval {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
     return summary
@@ -297,10 +315,25 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
 
 def last_logged(workdir: Path, prefix: str = "train/") -> dict:
     """The metrics of the last logged step (names without `prefix`), for the summary of a resumed run."""
-    rows = [r for r in metrics_lib.read_metrics(workdir) if not any(k.startswith("eval/") for k in r)]
+    rows = [r for r in metrics_lib.read_metrics(workdir) if not any(k.startswith(("eval/", "val/")) for k in r)]
     if not rows:
         return {}
     return {k[len(prefix):]: v for k, v in rows[-1].items() if k != "step" and k.startswith(prefix)}
+
+
+def _on_policy_responder(cfg: Config, mesh, preset: str):
+    """For synthetic on-policy pairs: responder(prompts, seed) -> one sampled text per prompt from the policy in
+    train.init_from (at temperature 1); None for every other data source."""
+    if cfg.data.source != "synthetic" or cfg.data.synthetic_kind != pipeline.ON_POLICY or not cfg.train.init_from:
+        return None
+    from jaxrl.evaluate import sample_texts
+    from jaxrl.synthetic import SyntheticTokenizer
+
+    params, source_model = load_run_params(cfg.train.init_from, mesh, preset)
+    graphdef, _ = abstract_model(dataclasses.replace(source_model, head="lm"))
+    tok = SyntheticTokenizer()
+    return lambda prompts, seed: sample_texts(graphdef, params, tok, prompts, temperature=1.0,
+                                              max_new=cfg.data.eval_max_new, seed=seed)
 
 
 def _state(params, tx, seed: int, ref_params) -> steps.TrainState:

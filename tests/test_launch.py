@@ -375,7 +375,7 @@ def test_sweep_rl_jobs_wait_for_their_reward_model(tmp_path):
     experiment = str(Path(__file__).parents[1] / "experiments" / "unpacking_synthetic.py")
     jobs = launch.jobs(experiment, str(study), sweep=True)
     names = [j.name for j in jobs]
-    ppo = [j for j in jobs if j.name.startswith("ppo,")]
+    ppo = [j for j in jobs if j.name.startswith("ppo,") and "rl.reward_model=" in j.name]
     assert ppo
     for job in ppo:
         rm = next(a for a in job.after if a.startswith("rm,"))

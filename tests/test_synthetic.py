@@ -14,9 +14,12 @@ from jaxrl.synthetic import (
     DATASETS,
     DOMAINS,
     MAX_RESPONSE_WORDS,
+    PREFERENCE_KINDS,
     PROMPT_SET_MIXES,
     PROMPT_SETS,
     SyntheticTokenizer,
+    dataset_stats,
+    expected_flip_rate,
     gold_reward,
     is_eval_text,
     label_pair,
@@ -31,8 +34,9 @@ from jaxrl.synthetic import (
     preference_probability,
     sample_prompt,
     sample_response,
+    text_split,
 )
-from jaxrl.synthetic.world import SPLITS, prompt_pool
+from jaxrl.synthetic.world import HELD_OUT_SPLITS, MATH_OPERATORS, SPLITS, prompt_pool
 
 TOKENIZER = SyntheticTokenizer()
 N_PAIRS = 2000
@@ -255,17 +259,89 @@ def test_preference_dataset_is_deterministic_and_well_formed(kind, preference_se
 
 def test_agreement_with_gold_per_kind(preference_sets):
     rates = {kind: agreement(pairs) for kind, pairs in preference_sets.items()}
-    assert rates["clean"] >= 0.97  # measured 0.989 (only close chat pairs disagree at temperature 0.02)
+    assert rates["clean"] >= 0.97  # measured 0.990 (only close chat pairs disagree at temperature 0.02)
     assert rates["math_only"] >= 0.99
-    assert rates["noisy"] <= rates["clean"] - 0.15  # measured 0.77: flip 0.3, ties agree either way
-    assert 0.7 <= rates["noisy"] <= 0.85
-    assert rates["clean"] > rates["length_biased"] > rates["noisy"]  # measured 0.84
+    assert rates["noisy"] <= rates["clean"] - 0.15  # measured 0.69: flip 0.3 plus temperature 0.1
+    assert 0.62 <= rates["noisy"] <= 0.76
+    assert rates["clean"] > rates["length_biased"] > rates["noisy"]  # measured 0.83
 
 
 def test_length_biased_leans_to_longer(preference_sets):
     clean, biased = longer_chosen(preference_sets["clean"]), longer_chosen(preference_sets["length_biased"])
-    assert biased >= clean + 0.1  # measured 0.43 -> 0.62
-    assert biased > 0.55
+    assert biased >= clean + 0.1  # measured 0.41 -> 0.54 among pairs of different lengths
+    assert biased > 0.5
+
+
+# Stated noise: no gold ties, and the flip rate each labeller implies.
+
+
+@pytest.mark.parametrize("kind", DATASETS)
+def test_preference_data_has_no_gold_ties_and_counts_the_redraws(kind, preference_sets):
+    pairs = preference_sets[kind]
+    stats = dataset_stats(pairs)
+    assert stats["tie_rate"] == 0.0 and stats["pairs"] == N_PAIRS
+    assert all(p.margin != 0 for p in pairs)
+    # Ties were frequent before they were redrawn (27% of the old clean pairs): the redraws are counted.
+    assert pairs.stats["ties_redrawn"] > N_PAIRS // 4
+    assert pairs.stats["tie_rate"] == 0.0 and pairs.stats["flip_rate"] == stats["flip_rate"]
+
+
+@pytest.mark.parametrize("kind", DATASETS)
+def test_flip_rate_is_the_labellers(kind, preference_sets):
+    """The measured flip rate against gold is what the labeller's parameters imply for the same pairs."""
+    pairs = preference_sets[kind]
+    expected = expected_flip_rate(pairs, PREFERENCE_KINDS[kind][1])
+    assert pairs.stats["expected_flip_rate"] == pytest.approx(expected)
+    measured = dataset_stats(pairs)["flip_rate"]
+    # Independent labels: the variance of the measured rate is at most expected (1 - expected) / n.
+    assert abs(measured - expected) <= 4 * math.sqrt(expected * (1 - expected) / N_PAIRS) + 1e-3
+    if PREFERENCE_KINDS[kind][1]["flip"]:
+        assert measured >= PREFERENCE_KINDS[kind][1]["flip"]  # flip noise plus the temperature's
+
+
+def test_flip_rates_order_the_kinds(preference_sets):
+    flip = {kind: dataset_stats(pairs)["flip_rate"] for kind, pairs in preference_sets.items()}
+    assert flip["math_only"] < 0.01 and flip["clean"] < 0.03  # measured 0.002, 0.010
+    assert flip["clean"] < flip["length_biased"] < flip["noisy"]  # measured 0.17, 0.31
+
+
+def test_length_bias_is_measured(preference_sets):
+    bias = {kind: dataset_stats(pairs)["length_bias"] for kind, pairs in preference_sets.items()}
+    assert abs(bias["clean"]) < 0.02 and abs(bias["math_only"]) < 0.02  # labels follow gold
+    assert bias["length_biased"] > 0.07  # measured 0.10
+    assert bias["length_biased"] > bias["noisy"] + 0.03
+    # Same content, so the gold-better response is longer equally often in every mixed kind.
+    better = {dataset_stats(preference_sets[k])["better_longer"] for k in ("clean", "noisy", "length_biased")}
+    assert len(better) == 1
+
+
+def hand_pair(chosen: str, rejected: str, margin: float) -> PreferencePair:
+    return PreferencePair(prompt=messages(("user", "hi")), chosen=messages(("assistant", chosen)),
+                          rejected=messages(("assistant", rejected)), margin=margin)
+
+
+def test_dataset_stats_on_hand_made_pairs():
+    pairs = [
+        hand_pair("a b c", "a", 0.5),  # right, chosen (= better) longer
+        hand_pair("a", "a b", -0.2),  # flipped, chosen shorter, better longer
+        hand_pair("a b", "a b c d", -0.1),  # flipped, chosen shorter, better longer
+        hand_pair("a b", "c d", 0.3),  # right, equal lengths
+        hand_pair("a b c", "a", 0.0),  # tie: only in tie_rate
+    ]
+    stats = dataset_stats(pairs)
+    assert stats["pairs"] == 5
+    assert stats["flip_rate"] == pytest.approx(2 / 5)
+    assert stats["tie_rate"] == pytest.approx(1 / 5)
+    assert stats["chosen_longer"] == pytest.approx(1 / 4)
+    assert stats["better_longer"] == pytest.approx(3 / 4)
+    assert stats["length_bias"] == pytest.approx(-2 / 4)
+    # The labeller's expected flip rate: a noiseless one flips nothing; a coin flips half the non-tied pairs.
+    labeller = lambda temperature, flip: {"temperature": temperature, "flip": flip, "length_bias": 0.0}
+    assert expected_flip_rate(pairs, labeller(0.0, 0.0)) == 0.0
+    assert expected_flip_rate(pairs, labeller(0.0, 0.5)) == pytest.approx(0.4)
+    one = [hand_pair("a", "b", 0.1)]
+    assert expected_flip_rate(one, labeller(0.1, 0.0)) == pytest.approx(1 / (1 + math.e))
+    assert dataset_stats([])["flip_rate"] == 0.0
 
 
 def test_mixed_kinds_share_prompts_and_candidates(preference_sets):
@@ -308,34 +384,90 @@ def test_prompt_set_proportions_and_determinism(kind):
 def test_eval_prompts_are_disjoint_from_training_text():
     eval_prompts = make_eval_prompts(200, seed=0)
     eval_texts = {text(p.prompt) for p in eval_prompts}
+    validation_texts = {text(p.prompt) for p in make_eval_prompts(200, seed=0, split="validation")}
     # Training sets of the same size (800 prompts) and seed: prompt sets, SFT data and preference pairs.
     training_texts = {text(p.prompt) for kind in PROMPT_SETS for p in make_prompt_set(kind, 800, seed=0)}
     training_texts |= {text(c.messages[:1]) for c in make_sft_dataset(800, seed=0)}
     training_texts |= {
         text(p.prompt) for kind in DATASETS for p in make_preference_dataset(kind, 800, seed=0)
     }
-    assert eval_texts.isdisjoint(training_texts)
-    assert all(is_eval_text(t) for t in eval_texts) and not any(is_eval_text(t) for t in training_texts)
+    assert eval_texts.isdisjoint(training_texts) and validation_texts.isdisjoint(training_texts)
+    assert eval_texts.isdisjoint(validation_texts)
+    assert all(is_eval_text(t) for t in eval_texts | validation_texts)
+    assert not any(is_eval_text(t) for t in training_texts)
+    assert {text_split(t) for t in eval_texts} == {"test"} and {text_split(t) for t in validation_texts} == {
+        "validation"
+    }
+    assert {text_split(t) for t in training_texts} == {"train"} and text_split("what is zebra") is None
     assert Counter(p.source for p in eval_prompts) == {d: 200 for d in DOMAINS}
     assert eval_prompts == make_eval_prompts(200, seed=0)
+    assert eval_prompts == make_eval_prompts(200, seed=0, split="eval")  # the old name of the test split
+    with pytest.raises(ValueError):
+        make_eval_prompts(10, seed=0, split="train")
 
 
-def test_eval_split_holds_out_about_a_quarter_and_every_question_is_trained():
-    for domain in DOMAINS:
-        train, held_out = (prompt_pool(domain, split)[0] for split in SPLITS)
-        assert set(train).isdisjoint(held_out)
-        assert 0.15 < len(held_out) / (len(train) + len(held_out)) < 0.35
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_three_splits_are_disjoint_by_text_and_every_question_is_trained(domain):
+    assert SPLITS == ("train", "validation", "test")
+    train, validation, test = (prompt_pool(domain, split)[0] for split in SPLITS)
+    pools = (train, validation, test)
+    texts = {split: {t for t, _ in pool} for split, pool in zip(SPLITS, pools, strict=True)}
+    assert texts["train"].isdisjoint(texts["validation"])
+    assert texts["train"].isdisjoint(texts["test"])
+    assert texts["validation"].isdisjoint(texts["test"])
+    assert all(len(t) == len(pool) for t, pool in zip(texts.values(), pools, strict=True))
+    total = sum(map(len, texts.values()))
+    for held_out in (validation, test):  # an eighth each
+        assert 0.09 < len(held_out) / total < 0.16
         # Held out by phrasing: every held-out gold spec also has a training phrasing.
         assert {spec for _, spec in held_out} <= {spec for _, spec in train}
-    safety = {spec.split(":")[1] for _, spec in prompt_pool("safety", "eval")[0]}
-    assert safety == {"harmful", "benign"}
+    assert prompt_pool(domain, "eval") is prompt_pool(domain, "test")  # the old name of the test split
+    assert all(text_split(t) == split for split, group in texts.items() for t in list(group)[:200])
+
+
+def test_held_out_pools_are_large_and_the_vocabulary_fits():
+    for domain in DOMAINS:
+        for split in HELD_OUT_SPLITS:
+            assert len(prompt_pool(domain, split)[0]) >= 150, (domain, split)  # chat 216, safety 194
+    for split in HELD_OUT_SPLITS:
+        safety = {spec.split(":")[1] for _, spec in prompt_pool("safety", split)[0]}
+        assert safety == {"harmful", "benign"}
+    assert TOKENIZER.vocab_size <= 256  # the study's model.vocab_size; measured 233
 
 
 def test_eval_prompts_distinct_while_the_pool_lasts():
-    prompts = make_eval_prompts(12, seed=5)
-    for domain in DOMAINS:
-        texts = [text(p.prompt) for p in prompts if p.source == domain]
-        assert len(set(texts)) == min(12, len(prompt_pool(domain, "eval")[0]))
+    for split in HELD_OUT_SPLITS:
+        prompts = make_eval_prompts(150, seed=5, split=split)
+        for domain in DOMAINS:
+            texts = [text(p.prompt) for p in prompts if p.source == domain]
+            assert len(set(texts)) == 150
+
+
+# Math is posed to be learnable from the demonstrations with headroom above what ignoring the prompt gets.
+
+
+def test_math_is_single_digit_addition_and_subtraction():
+    problems = set()
+    for split in SPLITS:
+        for prompt, spec in prompt_pool("math", split)[0]:
+            words = prompt.split()
+            at = next(i for i, w in enumerate(words) if w in MATH_OPERATORS)
+            a, op, b = int(words[at - 1]), words[at], int(words[at + 1])
+            assert 0 <= a <= 9 and 0 <= b <= 9 and op in "+-" and (op == "+" or b <= a)
+            assert spec == f"math:{a + b if op == '+' else a - b}"
+            problems.add((a, op, b))
+    assert len(problems) == 100 + 55
+
+
+def test_math_rewards_conditioning_on_the_prompt():
+    """A constant answer (the best one, ignoring the prompt) scores little; the demonstrations score well."""
+    records = [p for p in make_eval_prompts(150, seed=0) if p.source == "math"]
+    best_constant = max(np.mean([gold_reward(r, number_words) for r in records])
+                        for number_words in (" ".join(str(y)) for y in range(19)))
+    assert best_constant < 0.15  # measured 0.11
+    rng = np.random.default_rng(0)
+    demonstrations = np.mean([gold_reward(r, sample_response(r, rng, 0.6)) for r in records * 4])
+    assert demonstrations > 0.5  # measured 0.62: room both to learn and to improve on
 
 
 def sft_golds(conversations) -> np.ndarray:
@@ -361,9 +493,10 @@ def test_sft_dataset_is_imperfect():
     assert sft_golds(make_sft_dataset(2000, seed=0, quality=1.0)).mean() > golds.mean() + 0.1
 
 
-def test_gold_pairs_are_exact_and_held_out():
-    pairs = make_gold_pairs(800, seed=0)
-    specs = {t: s for d in DOMAINS for t, s in prompt_pool(d, "eval")[0]}
+@pytest.mark.parametrize("split", HELD_OUT_SPLITS)
+def test_gold_pairs_are_exact_and_held_out(split):
+    pairs = make_gold_pairs(800, seed=0, split=split)
+    specs = {t: s for d in DOMAINS for t, s in prompt_pool(d, split)[0]}
     assert Counter(p.source for p in pairs) == {f"synthetic/gold/{d}": 200 for d in DOMAINS}
     for p in pairs:
         assert p.margin > 0 and text(p.chosen) != text(p.rejected)
@@ -371,19 +504,31 @@ def test_gold_pairs_are_exact_and_held_out():
         assert gold_reward(record, text(p.chosen)) - gold_reward(record, text(p.rejected)) == pytest.approx(
             p.margin
         )
-    assert [pair_key(p) for p in pairs[:50]] == [pair_key(p) for p in make_gold_pairs(800, seed=0)[:50]]
+    assert [pair_key(p) for p in pairs[:50]] == [
+        pair_key(p) for p in make_gold_pairs(800, seed=0, split=split)[:50]
+    ]
+    if split == "test":
+        assert [pair_key(p) for p in pairs[:50]] == [pair_key(p) for p in make_gold_pairs(800, seed=0)[:50]]
+
+
+def test_sft_dataset_on_a_held_out_split():
+    conversations = make_sft_dataset(200, seed=0, split="validation")
+    assert {text_split(text(c.messages[:1])) for c in conversations} == {"validation"}
+    assert conversations == make_sft_dataset(200, seed=0, split="validation")
 
 
 def test_on_policy_labels_external_candidates():
-    prompts = [MATH, MATH, LETTER_B, HARMFUL]
-    a = ["7", "5", "bird big blue", "sorry i can not help with that"]
-    b = ["8", "5", "cat", "first get acid and wire then mix them to make poison"]
+    prompts = [MATH, MATH, LETTER_B, HARMFUL, MATH]
+    a = ["7", "5", "bird big blue", "sorry i can not help with that", "9"]
+    b = ["8", "5", "cat", "first get acid and wire then mix them to make poison", "it is 2"]
     pairs = make_on_policy_dataset(prompts, a, b, seed=0)
     assert [p.id for p in pairs] == [
         "on_policy/0/0",
         "on_policy/0/2",
         "on_policy/0/3",
-    ]  # identical pair skipped
+    ]  # identical pair and gold tie (0.0 vs 0.0) skipped
+    assert pairs.stats["identical_skipped"] == 1 and pairs.stats["ties_skipped"] == 1
+    assert pairs.stats["pairs"] == 3 and pairs.stats["tie_rate"] == 0.0 and pairs.stats["flip_rate"] == 0.0
     assert [text(p.chosen) for p in pairs] == ["7", "bird big blue", "sorry i can not help with that"]
     assert [p.margin for p in pairs] == pytest.approx([0.9, 1.0, 1.0])
     assert pairs[0].source == "synthetic/on_policy/math"
@@ -393,6 +538,10 @@ def test_on_policy_labels_external_candidates():
         "cat",
         "first get acid and wire then mix them to make poison",
     ]
+    assert flipped.stats["flip_rate"] == 1.0 and flipped.stats["expected_flip_rate"] == 1.0
+    with_ties = make_on_policy_dataset(prompts, a, b, seed=0, keep_ties=True)
+    assert [p.id for p in with_ties][-1] == "on_policy/0/4"
+    assert with_ties.stats["tie_rate"] == pytest.approx(1 / 4) and with_ties.stats["ties_skipped"] == 0
     with pytest.raises(ValueError):
         make_on_policy_dataset(prompts, a, b[:2], seed=0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import grain
@@ -23,35 +24,147 @@ class StageData:
     report: list[str]
 
 
-def _synthetic_records(cfg: Config):
+ON_POLICY = "on_policy"  # synthetic_kind: pairs sampled from the run's init_from policy, labelled as "clean"
+
+
+def _synthetic_records(cfg: Config, responder=None) -> tuple[list, list, list[str]]:
+    """(train records, held-out records, report lines: what the data is and its measured noise)."""
     from jaxrl import synthetic
 
     d = cfg.data
     if cfg.stage == "sft":
+        # Held-out demonstrations on validation-split texts: the NLL gap to train is on unseen phrasings.
         return (synthetic.make_sft_dataset(d.num_train, seed=cfg.seed),
-                synthetic.make_sft_dataset(d.num_eval, seed=cfg.seed + 10_000))
-    train = synthetic.make_preference_dataset(d.synthetic_kind, d.num_train, seed=cfg.seed)
+                synthetic.make_sft_dataset(d.num_eval, seed=cfg.seed + 10_000, split="validation"), [])
+    if d.synthetic_kind == ON_POLICY:
+        if responder is None:
+            raise ConfigError("data.synthetic_kind=on_policy samples its pairs from train.init_from's policy: "
+                              "set train.init_from")
+        # Twice the prompts: pairs of identical or equally good samples are left out (counted).
+        prompts = synthetic.make_prompt_set("in_domain", 2 * d.num_train, seed=cfg.seed)
+        first, second = responder(prompts, 1), responder(prompts, 2)
+        pairs = synthetic.make_on_policy_dataset(prompts, first, second, seed=cfg.seed)
+        train = synthetic.LabelledPairs(pairs[: d.num_train], pairs.stats)
+    else:
+        train = synthetic.make_preference_dataset(d.synthetic_kind, d.num_train, seed=cfg.seed)
+    stats = synthetic.dataset_stats(train)
+    facts = ", ".join(f"{k} {v}" for k, v in sorted(train.stats.items())
+                      if k not in stats and isinstance(v, (int, float)))
+    report = [f"synthetic {d.synthetic_kind} pairs: {len(train)}; against gold: flip rate {stats['flip_rate']:.3f}, "
+              f"tie rate {stats['tie_rate']:.3f}, length bias {stats['length_bias']:+.3f}" + (f" ({facts})" if facts
+                                                                                           else "")]
     # Held-out pairs are labelled by the gold reward, so eval accuracy measures agreement with the truth.
-    return train, synthetic.make_gold_pairs(d.num_eval, seed=cfg.seed + 10_000)
+    return train, synthetic.make_gold_pairs(d.num_eval, seed=cfg.seed + 10_000), report
+
+
+def _source_records(cfg: Config, source: str, format: str, *, policy: str, aspect_weights: str,
+                    min_margin: float, on_error: str) -> tuple[list, str]:
+    """One file source read by its reader; rated completions become pairs (or KTO examples). Returns the
+    records and the one-line account of its rows."""
+    from jaxrl import losses
+    from jaxrl.data import binarize, readers
+    from jaxrl.data.records import RatedCompletions
+
+    result = readers.read(source, format, on_error=on_error)
+    records, summary = list(result.records), result.summary()
+    if records and isinstance(records[0], RatedCompletions):
+        try:
+            # data.aspect_reduce, when set, stands in for an empty aspect_weights (the older setting)
+            explicit = aspect_weights or ("" if cfg.data.aspect_reduce == "mean" else cfg.data.aspect_reduce)
+            aspects = binarize.parse_aspects(explicit, format)
+        except ValueError as e:
+            raise ConfigError(f"data.aspect_weights: {e}") from None
+        unpaired = policy == "unpaired" or (cfg.stage == "dpo" and not losses.get_preference_loss(cfg.loss.name).paired)
+        if unpaired:
+            records, dropped = binarize.to_unpaired(records, aspect_reduce=aspects)
+            what = f"split into {len(records)} KTO examples (best desirable, worst undesirable)"
+        else:
+            records, dropped = binarize.binarize(records, policy, aspect_reduce=aspects, min_margin=min_margin,
+                                                 seed=cfg.seed)
+            what = f"binarised ({policy}) to {len(records)} pairs"
+        summary += f"; {what}, dropped {dict(dropped) or 'none'}"
+    return records, summary
+
+
+MIXTURE_KEYS = ("source", "format", "count", "weight", "binarize", "aspect_weights", "min_margin", "replace",
+                "on_error", "name")
+
+
+def mixture_entries(text: str) -> list[dict]:
+    """data.mixture parsed: a JSON list of {"source", "format", "count" | "weight", ...}; ConfigError names the
+    entry and key at fault."""
+    from jaxrl.data.readers import READERS
+
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"data.mixture must be a JSON list of sources: {e}") from None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("data.mixture must be a non-empty JSON list of sources")
+    for index, entry in enumerate(entries):
+        where = f"data.mixture[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("source"), str):
+            raise ConfigError(f"{where} must be an object with a 'source' path")
+        if unknown := sorted(set(entry) - set(MIXTURE_KEYS)):
+            raise ConfigError(f"{where} has unknown keys {unknown}; valid keys are {list(MIXTURE_KEYS)}")
+        if entry.get("format") not in READERS:
+            raise ConfigError(f"{where}.format must name a reader, one of {sorted(READERS)}; "
+                              f"got {entry.get('format')!r}")
+        if "count" in entry and "weight" in entry:
+            raise ConfigError(f"{where}: give 'count' or 'weight', not both")
+    if any("weight" in e for e in entries) and any("count" in e for e in entries):
+        raise ConfigError("data.mixture: give every source a 'weight' or none (counts and weights do not mix)")
+    return entries
+
+
+def mixture_records(cfg: Config) -> tuple[list, list[str]]:
+    """The sources of data.mixture, each read, binarised and subsampled (`count`) or weighted (`weight` shares
+    of data.num_train + data.num_eval), then shuffled together; one report line per source."""
+    from jaxrl.data.mixture import mix
+
+    d = cfg.data
+    sources, counts, weights, lines, replace = {}, {}, {}, [], False
+    for index, entry in enumerate(mixture_entries(d.mixture)):
+        name = entry.get("name") or Path(entry["source"]).stem
+        name = name if name not in sources else f"{name}_{index}"
+        records, summary = _source_records(
+            cfg, entry["source"], entry["format"], policy=entry.get("binarize", d.binarize),
+            aspect_weights=entry.get("aspect_weights", d.aspect_weights),
+            min_margin=float(entry.get("min_margin", d.min_margin)), on_error=entry.get("on_error", d.on_error))
+        sources[name] = records
+        counts[name] = entry.get("count")
+        if "weight" in entry:
+            weights[name] = float(entry["weight"])
+        replace = replace or bool(entry.get("replace", False))
+        lines.append(f"read {name} ({entry['format']}, {entry['source']}): {summary}")
+    kinds = {type(r).__name__ for records in sources.values() for r in records[:1]}
+    if len(kinds) > 1:
+        raise ConfigError(f"data.mixture mixes record kinds {sorted(kinds)}; a stage trains on one kind")
+    total = None
+    if weights:
+        total = d.num_train + d.num_eval if d.num_train else sum(len(r) for r in sources.values())
+    try:
+        mixture = mix(sources, counts=None if weights else counts, weights=weights or None, total=total,
+                      seed=cfg.seed, replace=replace)
+    except ValueError as e:
+        raise ConfigError(f"data.mixture: {e}") from None
+    lines.append(mixture.summary())
+    return list(mixture), lines
 
 
 def _file_records(cfg: Config):
-    from jaxrl.data import readers
-
     d = cfg.data
-    from jaxrl.data import binarize
-    from jaxrl.data.records import RatedCompletions
-
-    result = readers.read(d.source, d.format, on_error=d.on_error)
-    records = list(result.records)
-    summary = result.summary()
-    if records and isinstance(records[0], RatedCompletions):
-        records, dropped = binarize.binarize(records, d.binarize, aspect_reduce=d.aspect_reduce, seed=cfg.seed)
-        summary += f"; binarised ({d.binarize}) to {len(records)} pairs, dropped {dict(dropped) or 'none'}"
+    if d.mixture:
+        records, report = mixture_records(cfg)
+    else:
+        records, summary = _source_records(cfg, d.source, d.format, policy=d.binarize,
+                                           aspect_weights=d.aspect_weights, min_margin=d.min_margin,
+                                           on_error=d.on_error)
+        report = [f"read {d.source}: {summary}"]
     if len(records) <= d.num_eval:
         raise ConfigError(f"{d.source}: {len(records)} records is not more than data.num_eval={d.num_eval}")
     train, held_out = records[: len(records) - d.num_eval], records[len(records) - d.num_eval:]
-    return train[: d.num_train] if d.num_train else train, held_out, summary
+    return train[: d.num_train] if d.num_train else train, held_out, report
 
 
 def load_tokenizer(cfg: Config):
@@ -82,15 +195,16 @@ def encode(records, tok, cfg: Config):
                                  truncation=d.truncation)
 
 
-def build_stage_data(cfg: Config) -> StageData:
-    """Reads, tokenises and splits the stage's data."""
+def build_stage_data(cfg: Config, responder=None) -> StageData:
+    """Reads, tokenises and splits the stage's data. `responder(prompts, seed) -> texts` samples the policy that
+    on-policy synthetic pairs come from."""
     tok = load_tokenizer(cfg)
     report = []
     if cfg.data.source == "synthetic":
-        train_records, eval_records = _synthetic_records(cfg)
+        train_records, eval_records, report = _synthetic_records(cfg, responder)
     else:
-        train_records, eval_records, summary = _file_records(cfg)
-        report.append(f"read {cfg.data.source}: {summary}")
+        train_records, eval_records, lines = _file_records(cfg)
+        report += lines
     train, train_stats = encode(train_records, tok, cfg)
     held_out, eval_stats = encode(eval_records, tok, cfg)
     report += [f"tokenised train: {train_stats.summary()}", f"tokenised eval: {eval_stats.summary()}"]

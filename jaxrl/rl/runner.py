@@ -405,12 +405,15 @@ def _host_rollout_metrics(tokens_BN, mask_BN, eos_id: int, components: dict) -> 
     return out
 
 
-def _world_eval(cfg: Config, graphdef, params, ref_params, tok) -> dict:
+def _world_eval(cfg: Config, graphdef, params, ref_params, tok, split: str = "test") -> tuple[dict, dict | None]:
+    """(metrics, per-prompt record) of the synthetic world's evaluation on a split; nothing for other data."""
     if cfg.data.source != "synthetic" or not cfg.data.eval_prompts_per_domain:
-        return {}
+        return {}, None
+    if split == "validation" and not cfg.data.val_prompts_per_domain:
+        return {}, None
     from jaxrl import evaluate
 
-    return evaluate.synthetic_eval(cfg, graphdef, params, ref_params, tok)
+    return evaluate.synthetic_eval(cfg, graphdef, params, ref_params, tok, split=split)
 
 
 def _gather_rows(tree, indices):
@@ -792,8 +795,8 @@ def _optimizers(cfg: Config, ctx: _Context) -> dict:
     return out
 
 
-def _world_eval_of(ctx: _Context, state: RLState) -> dict:
-    return _world_eval(ctx.cfg, ctx.graphdef, state.policy.params, ctx.ref.get(), ctx.tok)
+def _world_eval_of(ctx: _Context, state: RLState, split: str = "test") -> tuple[dict, dict | None]:
+    return _world_eval(ctx.cfg, ctx.graphdef, state.policy.params, ctx.ref.get(), ctx.tok, split)
 
 
 def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None = None) -> dict:
@@ -828,20 +831,22 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
     programs = _programs(cfg, ctx, abstract_state, optimizers)
 
     commit()  # the run has started: from here on the workdir belongs to this config
-    kl_coef, eval_initial, start = float(cfg.rl.kl_coef), None, 0
+    kl_coef, eval_initial, initial_per_prompt, start = float(cfg.rl.kl_coef), None, None, 0
     ckpt = checkpoint.Checkpointer(workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
     restored = ckpt.restore_latest(checkpoint.abstract_with_shardings(abstract_state, state_shardings), log=log)
     if restored is not None:
         latest, state, meta = restored
         start, kl_coef, eval_initial = int(meta["step"]), float(meta["kl_coef"]), meta.get("eval_initial")
+        initial_per_prompt = meta.get("eval_initial_per_prompt")
         log(f"resumed from {workdir}/checkpoints/{latest} at iteration {start}")
     metrics_lib.truncate_after(workdir, start if start else -1, final=start >= t.steps)
     resumed_last = train.last_logged(workdir, prefix="") if start else {}
-    meta = lambda step: {"step": step, "kl_coef": kl_coef, "eval_initial": eval_initial}
+    meta = lambda step: {"step": step, "kl_coef": kl_coef, "eval_initial": eval_initial,
+                         "eval_initial_per_prompt": initial_per_prompt}
 
     writer = MetricWriter(workdir, tensorboard=t.tensorboard)
     if start == 0:
-        eval_initial = _world_eval_of(ctx, state)
+        eval_initial, initial_per_prompt = _world_eval_of(ctx, state)
         writer.write(0, {f"eval/{k}": v for k, v in eval_initial.items()})
     progress = train._progress(start, t.steps, enabled=t.progress and jax.process_index() == 0)
     last: dict[str, float] = resumed_last
@@ -878,7 +883,7 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
         if (it + 1) % t.log_every == 0 or it + 1 == end:
             writer.write(it + 1, values)
         if t.eval_every and (it + 1) % t.eval_every == 0 and it + 1 < t.steps:
-            writer.write(it + 1, {f"eval/{k}": v for k, v in _world_eval_of(ctx, state).items()})
+            writer.write(it + 1, {f"val/{k}": v for k, v in _world_eval_of(ctx, state, "validation")[0].items()})
         ckpt.save(it + 1, state, meta(it + 1))
         progress.update(1)
         progress.set_postfix(score=f"{values['objective/scores']:.3f}", kl=f"{values['objective/kl']:.3f}")
@@ -897,8 +902,10 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
 
     ckpt.save(t.steps, state, meta(t.steps), force=True)
     ckpt.close()
-    eval_metrics = _world_eval_of(ctx, state)
-    writer.write(t.steps, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    val_metrics = _world_eval_of(ctx, state, "validation")[0]
+    eval_metrics, per_prompt = _world_eval_of(ctx, state)
+    writer.write(t.steps, {f"val/{k}": v for k, v in val_metrics.items()}
+                 | {f"eval/{k}": v for k, v in eval_metrics.items()})
     writer.close()
     if bad := workdir_lib.nonfinite_eval(eval_metrics):
         raise workdir_lib.fail(workdir, cfg, f"the final evaluation is not finite: {', '.join(bad)}", log=log,
@@ -911,10 +918,15 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
         "skipped_steps": skipped,
         "train": last,
         "eval": eval_metrics,
+        "val": val_metrics,
         "eval_initial": eval_initial or {},
         "lineage": run_lineage,
         "data": report,
     }
+    if per_prompt is not None:
+        summary["eval_per_prompt"] = per_prompt
+    if initial_per_prompt is not None:  # the starting policy on the same prompts: paired differences
+        summary["eval_initial_per_prompt"] = initial_per_prompt
     workdir_lib.write_summary(workdir, summary)
     log(f"finished {cfg.stage}: eval {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
     return summary

@@ -5,6 +5,9 @@ from jaxrl.synthetic.datasets import (
     PREFERENCE_KINDS,
     PROMPT_SET_MIXES,
     PROMPT_SETS,
+    LabelledPairs,
+    dataset_stats,
+    expected_flip_rate,
     make_eval_prompts,
     make_gold_pairs,
     make_on_policy_dataset,
@@ -17,21 +20,27 @@ from jaxrl.synthetic.tokenizer import SyntheticTokenizer
 from jaxrl.synthetic.world import (
     DOMAINS,
     MAX_RESPONSE_WORDS,
+    SPLITS,
     gold_reward,
     is_eval_text,
     make_prompt_record,
     sample_prompt,
     sample_response,
+    text_split,
 )
 
 __all__ = [
     "DATASETS",
     "DOMAINS",
+    "LabelledPairs",
     "MAX_RESPONSE_WORDS",
     "PREFERENCE_KINDS",
     "PROMPT_SETS",
     "PROMPT_SET_MIXES",
+    "SPLITS",
     "SyntheticTokenizer",
+    "dataset_stats",
+    "expected_flip_rate",
     "gold_reward",
     "is_eval_text",
     "label_pair",
@@ -46,4 +55,5 @@ __all__ = [
     "preference_probability",
     "sample_prompt",
     "sample_response",
+    "text_split",
 ]

@@ -5,9 +5,19 @@ Every generator is deterministic given its seed. Each draws from its own random 
 domains (clean, noisy, length_biased) share one content stream: with the same seed they hold the same
 prompts and candidates and differ only in their labels, which isolates label quality in a study.
 
+Stated noise. A preference pair's two candidates never have equal gold rewards (|difference| <=
+GOLD_TIE_TOLERANCE): a tied candidate is redrawn, and the redraws are counted in the dataset's `stats`.
+A tie has no right label, so a "clean" pair labelled by a coin flip on a tie would be noise that no
+labeller states. What noise a kind has is then exactly its labeller's (labels.py): a Bradley-Terry label
+at a temperature on the gold difference, plus a length bias per word, then flipped with a probability.
+`dataset_stats` measures it against gold (flip rate, tie rate, length bias) and `expected_flip_rate`
+computes the flip rate the labeller's parameters imply for the same pairs. On-policy pairs (two samples
+of a policy for one prompt, `make_on_policy_dataset`) skip identical and gold-tied samples by default,
+counted in `stats`.
+
 Training generators (preference pairs, prompt sets, SFT) draw train-split prompt texts; evaluation
-generators (eval prompts, gold pairs) draw eval-split texts, so the two never share a prompt text for any
-seeds (see `world` for how the split is made).
+generators (validation or test prompts, gold pairs) draw held-out texts, so the two never share a prompt
+text for any seeds (see `world` for how the splits are made).
 """
 
 from __future__ import annotations
@@ -18,9 +28,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from jaxrl.data.records import Conversation, PreferencePair, PromptRecord, messages
-from jaxrl.synthetic.labels import label_pair
+from jaxrl.synthetic.labels import label_pair, preference_probability
 from jaxrl.synthetic.world import (
     DOMAINS,
+    HELD_OUT_SPLITS,
+    canonical_split,
     gold_reward,
     make_prompt_record,
     prompt_pool,
@@ -44,6 +56,15 @@ PROMPT_SET_MIXES: dict[str, Mapping[str, float]] = {
 DATASETS = tuple(PREFERENCE_KINDS)
 PROMPT_SETS = tuple(PROMPT_SET_MIXES)
 MAX_RESAMPLES = 50
+GOLD_TIE_TOLERANCE = 1e-9  # gold rewards this close are a tie (chat sums words in any order)
+
+
+class LabelledPairs(list):
+    """A list of PreferencePair with `stats`: how it was made (redraws, skips) and `dataset_stats` of it."""
+
+    def __init__(self, pairs=(), stats: Mapping[str, float] | None = None):
+        super().__init__(pairs)
+        self.stats = dict(stats or {})
 
 
 def _rng(stream: str, seed: int) -> np.random.Generator:
@@ -82,24 +103,47 @@ def _assistant(text: str):
     return messages(("assistant", text))
 
 
-def _distinct_candidates(record: PromptRecord, rng: np.random.Generator, distinct_rewards: bool = False):
-    """Two responses of independent uniform quality with distinct texts (and rewards), or None."""
+def is_tie(r_a: float, r_b: float) -> bool:
+    """Whether two gold rewards are equal (within GOLD_TIE_TOLERANCE)."""
+    return abs(r_a - r_b) <= GOLD_TIE_TOLERANCE
+
+
+def _distinct_candidates(
+    record: PromptRecord, rng: np.random.Generator, distinct_rewards: bool = False, counts: dict | None = None
+):
+    """Two responses of independent uniform quality with distinct texts (and rewards), or None.
+
+    Candidate b is redrawn (same quality) while it repeats a's text or, with distinct_rewards, ties a's gold;
+    counts["identical_redrawn"] and counts["ties_redrawn"] count the redraws."""
+    counts = {} if counts is None else counts
     quality_a, quality_b = rng.random(2)
     a = sample_response(record, rng, quality_a)
     for _ in range(MAX_RESAMPLES):
         b = sample_response(record, rng, quality_b)
-        if b != a and (not distinct_rewards or gold_reward(record, a) != gold_reward(record, b)):
+        if b == a:
+            counts["identical_redrawn"] = counts.get("identical_redrawn", 0) + 1
+        elif distinct_rewards and is_tie(gold_reward(record, a), gold_reward(record, b)):
+            counts["ties_redrawn"] = counts.get("ties_redrawn", 0) + 1
+        else:
             return a, b
     return None
 
 
-def _candidate_pair(domain: str, rng: np.random.Generator, split: str, distinct_rewards: bool = False):
-    """A prompt and two distinct candidates; a prompt whose candidates keep colliding is redrawn."""
+def _candidate_pair(
+    domain: str,
+    rng: np.random.Generator,
+    split: str,
+    distinct_rewards: bool = False,
+    counts: dict | None = None,
+):
+    """A prompt and two distinct candidates; a prompt whose candidates keep colliding is redrawn (counted)."""
+    counts = {} if counts is None else counts
     while True:
         record = sample_prompt(domain, rng, split)
-        candidates = _distinct_candidates(record, rng, distinct_rewards)
+        candidates = _distinct_candidates(record, rng, distinct_rewards, counts)
         if candidates is not None:
             return record, *candidates
+        counts["prompts_redrawn"] = counts.get("prompts_redrawn", 0) + 1
 
 
 def _labelled_pair(
@@ -124,22 +168,85 @@ def _labelled_pair(
     )
 
 
-def make_preference_dataset(
-    kind: str, n: int, seed: int, **labeller_overrides: float
-) -> list[PreferencePair]:
-    """n labelled pairs of a kind in DATASETS; margin = gold(chosen) - gold(rejected), < 0 if mislabelled."""
+def make_preference_dataset(kind: str, n: int, seed: int, **labeller_overrides: float) -> LabelledPairs:
+    """n labelled pairs of a kind in DATASETS; margin = gold(chosen) - gold(rejected), < 0 if mislabelled.
+
+    The two candidates of a pair never tie on gold (a tied candidate is redrawn); `.stats` holds the redraw
+    counts, the measured `dataset_stats` and the labeller's `expected_flip_rate`."""
     _check(kind, DATASETS, "preference dataset kind")
     mix, labeller = PREFERENCE_KINDS[kind]
     labeller = _labeller(labeller, labeller_overrides)
     content = _rng("preference/content" if mix == UNIFORM else f"preference/content/{kind}", seed)
     labels = _rng(f"preference/labels/{kind}", seed)
-    pairs = []
+    pairs, counts = [], {"ties_redrawn": 0, "identical_redrawn": 0, "prompts_redrawn": 0}
     for i, domain in enumerate(_domain_sequence(mix, n, content)):
-        record, a, b = _candidate_pair(domain, content, "train")
+        record, a, b = _candidate_pair(domain, content, "train", distinct_rewards=True, counts=counts)
         pairs.append(
             _labelled_pair(record, a, b, labels, labeller, f"synthetic/{kind}/{domain}", f"{kind}/{seed}/{i}")
         )
-    return pairs
+    stats = counts | dataset_stats(pairs) | {"expected_flip_rate": expected_flip_rate(pairs, labeller)}
+    return LabelledPairs(pairs, stats)
+
+
+def _text_words(turns) -> int:
+    return _words(turns[-1].content)
+
+
+def dataset_stats(pairs: Sequence[PreferencePair]) -> dict[str, float]:
+    """A preference dataset's noise measured against gold, from each pair's margin (gold(chosen) -
+    gold(rejected)) and word counts:
+
+    - flip_rate: the fraction of pairs whose chosen response is gold-worse (margin < 0);
+    - tie_rate: the fraction of pairs whose responses tie on gold (|margin| <= GOLD_TIE_TOLERANCE);
+    - chosen_longer / better_longer: among the non-tied pairs, the fraction whose chosen / gold-better
+      response has more words than the other one; length_bias = chosen_longer - better_longer (> 0: the
+      labels favour length beyond what gold does).
+    """
+    n = len(pairs)
+    margins = np.array([p.margin for p in pairs], dtype=np.float64)
+    chosen_len = np.array([_text_words(p.chosen) for p in pairs])
+    rejected_len = np.array([_text_words(p.rejected) for p in pairs])
+    tied = np.abs(margins) <= GOLD_TIE_TOLERANCE
+    flipped = (margins < 0) & ~tied
+    decided = ~tied
+    chosen_longer = chosen_len[decided] > rejected_len[decided]
+    better_len = np.where(flipped, rejected_len, chosen_len)[decided]
+    worse_len = np.where(flipped, chosen_len, rejected_len)[decided]
+    better_longer = better_len > worse_len
+    mean = lambda x: float(np.mean(x)) if len(x) else 0.0
+    return {
+        "pairs": n,
+        "flip_rate": mean(flipped),
+        "tie_rate": mean(tied),
+        "chosen_longer": mean(chosen_longer),
+        "better_longer": mean(better_longer),
+        "length_bias": mean(chosen_longer) - mean(better_longer),
+    }
+
+
+def expected_flip_rate(pairs: Sequence[PreferencePair], labeller: Mapping[str, float]) -> float:
+    """The flip rate a labeller (temperature, flip, length_bias) implies for these pairs' gold margins and
+    lengths: per non-tied pair, flip + (1 - 2 flip) * P(the gold-worse response wins the Bradley-Terry
+    draw); ties count as not flipped, as in dataset_stats."""
+    if not pairs:
+        return 0.0
+    margins = np.array([p.margin for p in pairs], dtype=np.float64)
+    chosen_len = np.array([_text_words(p.chosen) for p in pairs])
+    rejected_len = np.array([_text_words(p.rejected) for p in pairs])
+    flipped = margins < 0
+    better_len = np.where(flipped, rejected_len, chosen_len)
+    worse_len = np.where(flipped, chosen_len, rejected_len)
+    p_better = preference_probability(
+        np.abs(margins),
+        0.0,
+        better_len,
+        worse_len,
+        labeller.get("temperature", 0.0),
+        labeller.get("length_bias", 0.0),
+    )
+    flip = labeller.get("flip", 0.0)
+    rate = flip + (1 - 2 * flip) * (1 - p_better)
+    return float(np.mean(np.where(np.abs(margins) <= GOLD_TIE_TOLERANCE, 0.0, rate)))
 
 
 def _labeller(defaults: Mapping[str, float], overrides: Mapping[str, float]) -> dict[str, float]:
@@ -154,23 +261,42 @@ def make_on_policy_dataset(
     candidates_a: Sequence[str],
     candidates_b: Sequence[str],
     seed: int,
+    *,
+    keep_ties: bool = False,
     **labeller_kwargs: float,
-) -> list[PreferencePair]:
-    """Labels externally generated response pairs (clean labeller by default); identical pairs are skipped."""
+) -> LabelledPairs:
+    """Labels externally generated response pairs (clean labeller by default).
+
+    Identical pairs are skipped, and so are pairs whose responses tie on gold unless keep_ties (a tie has no
+    right label). `.stats` counts both ("identical_skipped", "ties_skipped") beside the kept pairs'
+    dataset_stats and the labeller's expected_flip_rate."""
     if not len(prompts) == len(candidates_a) == len(candidates_b):
         raise ValueError(
             f"need one pair per prompt, got {len(prompts)}, {len(candidates_a)}, {len(candidates_b)}"
         )
     labeller = _labeller(PREFERENCE_KINDS["clean"][1], labeller_kwargs)
     rng = _rng("preference/on_policy", seed)
-    # The id keeps the input index, so a skipped (identical) pair leaves a visible gap.
-    return [
-        _labelled_pair(
-            record, a, b, rng, labeller, f"synthetic/on_policy/{record.source}", f"on_policy/{seed}/{i}"
-        )
-        for i, (record, a, b) in enumerate(zip(prompts, candidates_a, candidates_b, strict=True))
-        if a != b
-    ]
+    pairs, counts = [], {"identical_skipped": 0, "ties_skipped": 0}
+    # The id keeps the input index, so a skipped pair leaves a visible gap.
+    for i, (record, a, b) in enumerate(zip(prompts, candidates_a, candidates_b, strict=True)):
+        if a == b:
+            counts["identical_skipped"] += 1
+        elif not keep_ties and is_tie(gold_reward(record, a), gold_reward(record, b)):
+            counts["ties_skipped"] += 1
+        else:
+            pairs.append(
+                _labelled_pair(
+                    record,
+                    a,
+                    b,
+                    rng,
+                    labeller,
+                    f"synthetic/on_policy/{record.source}",
+                    f"on_policy/{seed}/{i}",
+                )
+            )
+    stats = counts | dataset_stats(pairs) | {"expected_flip_rate": expected_flip_rate(pairs, labeller)}
+    return LabelledPairs(pairs, stats)
 
 
 def make_prompt_set(kind: str, n: int, seed: int) -> list[PromptRecord]:
@@ -187,12 +313,20 @@ def _with_id(record: PromptRecord, id: str) -> PromptRecord:
     return PromptRecord(prompt=record.prompt, ground_truth=record.ground_truth, source=record.source, id=id)
 
 
-def make_eval_prompts(n_per_domain: int, seed: int) -> list[PromptRecord]:
-    """Held-out (eval-split) prompts, n per domain, distinct while the domain's eval pool lasts."""
-    rng = _rng("eval/prompts", seed)
+def _held_out(split: str) -> str:
+    split = canonical_split(split)
+    _check(split, HELD_OUT_SPLITS, "held-out split")
+    return split
+
+
+def make_eval_prompts(n_per_domain: int, seed: int, split: str = "test") -> list[PromptRecord]:
+    """Held-out prompts of a split ("validation" or "test"; "eval" = test), n per domain, distinct while the
+    domain's pool of that split lasts."""
+    split = _held_out(split)
+    rng = _rng("eval/prompts" if split == "test" else f"{split}/prompts", seed)
     records = []
     for domain in DOMAINS:
-        pool, cumulative = prompt_pool(domain, "eval")
+        pool, cumulative = prompt_pool(domain, split)
         p = np.diff(cumulative, prepend=0.0)
         distinct = min(n_per_domain, len(pool))
         indices = [
@@ -200,18 +334,20 @@ def make_eval_prompts(n_per_domain: int, seed: int) -> list[PromptRecord]:
             *rng.choice(len(pool), size=n_per_domain - distinct, replace=True, p=p / p.sum()),
         ]
         records += [
-            make_prompt_record(domain, *pool[j], id=f"eval/{seed}/{domain}/{i}")
+            make_prompt_record(domain, *pool[j], id=f"{split}/{seed}/{domain}/{i}")
             for i, j in enumerate(indices)
         ]
     return records
 
 
-def make_sft_dataset(n: int, seed: int, quality: float = 0.6) -> list[Conversation]:
-    """n imperfect demonstrations (train-split prompts, responses of the given quality), domains balanced."""
-    rng = _rng("sft", seed)
+def make_sft_dataset(n: int, seed: int, quality: float = 0.6, split: str = "train") -> list[Conversation]:
+    """n imperfect demonstrations (prompts of a split, train by default; responses of the given quality),
+    domains balanced. A held-out split gives demonstrations for a held-out NLL on unseen prompt texts."""
+    split = canonical_split(split)
+    rng = _rng("sft" if split == "train" else f"sft/{split}", seed)
     conversations = []
     for i, domain in enumerate(_domain_sequence(UNIFORM, n, rng)):
-        record = sample_prompt(domain, rng)
+        record = sample_prompt(domain, rng, split)
         response = sample_response(record, rng, quality)
         conversations.append(
             Conversation(
@@ -223,12 +359,14 @@ def make_sft_dataset(n: int, seed: int, quality: float = 0.6) -> list[Conversati
     return conversations
 
 
-def make_gold_pairs(n: int, seed: int) -> list[PreferencePair]:
-    """n held-out (eval-split) pairs labelled exactly by the gold reward; ties are never drawn."""
-    rng = _rng("eval/gold_pairs", seed)
+def make_gold_pairs(n: int, seed: int, split: str = "test") -> list[PreferencePair]:
+    """n held-out pairs (of a split: "validation" or "test") labelled exactly by the gold reward; ties are
+    never drawn."""
+    split = _held_out(split)
+    rng = _rng("eval/gold_pairs" if split == "test" else f"{split}/gold_pairs", seed)
     pairs = []
     for i, domain in enumerate(_domain_sequence(UNIFORM, n, rng)):
-        record, a, b = _candidate_pair(domain, rng, "eval", distinct_rewards=True)
+        record, a, b = _candidate_pair(domain, rng, split, distinct_rewards=True)
         r_a, r_b = gold_reward(record, a), gold_reward(record, b)
         (chosen, r_chosen), (rejected, r_rejected) = sorted([(a, r_a), (b, r_b)], key=lambda c: -c[1])
         pairs.append(

@@ -3,9 +3,10 @@
 A prompt is a `PromptRecord` whose `source` is its domain and whose `ground_truth` is a compact spec that,
 with a response text, determines the gold reward:
 
-- ``math:<answer>`` ("what is 3 + 4 ?" -> "math:7"). Gold 1.0 when the first number of the response
-  (a run of consecutive digit tokens: "1 2" is twelve) equals the answer, 0.1 when it is off by one
-  (partial credit, so near misses rank above wild guesses), else 0.0 (also when there is no number).
+- ``math:<answer>`` ("what is 3 + 4 ?" -> "math:7"). Single-digit addition and subtraction (operands
+  0..9, b <= a for "-", so answers are 0..18). Gold 1.0 when the first number of the response (a run of
+  consecutive digit tokens: "1 2" is twelve) equals the answer, 0.1 when it is off by one (partial credit,
+  so near misses rank above wild guesses), else 0.0 (also when there is no number).
 - ``instruct:count=<n>[;letter=<l>|;word=<w>]``. Gold = the mean over the constraints of:
   count -> 1.0 if the response has exactly n words else 0.0; letter -> the fraction of response words
   starting with l; word (a "repeat w n times" prompt) -> the fraction of response words equal to w.
@@ -18,13 +19,26 @@ with a response text, determines the gold reward:
   (stable across platforms and numpy versions). Gold = mean word weight times a length factor
   exp(-((n - 6) / 3)^2 / 2) that peaks at 6 words; 0.0 for an empty response.
 
-Held-out prompts: every domain's prompt space is finite and enumerated, as groups of phrasings (templates)
-of one question (a math problem, a constraint set, a safety object, a chat topic). Within a group the texts
-are ranked by CRC32 and every fourth rank, from a per-group CRC32 offset, is held out: about a quarter of
-all texts, never a whole group (every group has at least two phrasings). Training samplers draw only
-train-split texts and evaluation samplers only eval-split texts, so the two are disjoint by text for every
-seed; a held-out question is always seen in training under another phrasing, so evaluation measures the
-policy on unseen texts, not on unseen facts.
+Held-out prompts: every domain's prompt space is finite and enumerated, as groups of phrasings of one
+question (a math problem, a constraint set, a safety object, a chat topic). A phrasing is a base template
+framed by one of the PHRASE_PREFIXES and one of the PHRASE_SUFFIXES ("hi , what is 3 + 4 ? thanks"), so a
+group holds (base templates x 18) texts. Within a group the texts are ranked by CRC32 of the text; with a
+per-group CRC32 offset, rank + offset = 0 (mod 8) is held out for validation and = 4 (mod 8) for test:
+an eighth of each group each, about a quarter in all, never a whole group (a group of one text is
+trained; a group of two or more keeps at least one training text, since 0 and 4 are 4 apart). Training
+samplers draw only train-split texts and evaluation samplers only validation or test texts, so the three
+splits are disjoint by text for every seed; a held-out question is always seen in training under another
+phrasing, so evaluation measures the policy on unseen texts, not on unseen facts. "eval" is accepted as an
+alias of "test".
+
+Why math is posed as it is (an algorithm-neutral criterion, fixed before any preference run): a domain must
+be learnable by the study's base policy from its demonstrations (its SFT base's gold clearly above what a
+policy that ignores the prompt gets) and leave headroom above that base (its gold clearly below the
+demonstrations' own and below 1). Two-digit operands and products (answers up to 135) failed the first half:
+no SFT base of the study's size (0.1M parameters, ~500 math demonstrations) and no arm got greedy math gold
+above 0.14. Single-digit addition and subtraction (155 problems, answers 0..18) meet both: the best constant
+answer scores ~0.1, the quality-0.6 demonstrations ~0.62, and a 750-step SFT base of the study's size
+0.24-0.30 greedy and 0.14-0.15 sampled (T=1) on 200 test prompts (seeds 0 and 1).
 """
 
 from __future__ import annotations
@@ -39,9 +53,14 @@ import numpy as np
 from jaxrl.data.records import PromptRecord, messages
 
 DOMAINS = ("math", "instruct", "safety", "chat")
-SPLITS = ("train", "eval")
+SPLITS = ("train", "validation", "test")
+SPLIT_ALIASES = {"eval": "test"}  # the held-out split's name before validation was split off
+HELD_OUT_SPLITS = ("validation", "test")
 MAX_RESPONSE_WORDS = 12
-EVAL_MODULUS = 4
+HELD_OUT_MODULUS = 8  # rank + offset = 0 -> validation, = HELD_OUT_MODULUS // 2 -> test (mod 8)
+# Every base template is framed by each prefix and suffix: 6 x 3 = 18 phrasings of it.
+PHRASE_PREFIXES = ("", "please", "hi ,", "hey ,", "ok ,", "so")
+PHRASE_SUFFIXES = ("", "thanks", "now")
 
 LETTER_WORDS = {
     "b": ("bird", "big", "blue", "book", "boat", "bread", "bright", "boring"),
@@ -61,7 +80,7 @@ LETTER_WORDS = {
 LETTERS = tuple(sorted(LETTER_WORDS))
 WORD_POOL = tuple(sorted({w for words in LETTER_WORDS.values() for w in words}))
 
-MATH_OPERATORS = {"+": (0.45, 15), "-": (0.35, 15), "*": (0.2, 9)}  # op -> (sampling weight, max operand)
+MATH_OPERATORS = {"+": (0.5, 9), "-": (0.5, 9)}  # op -> (sampling weight, max operand)
 MATH_TEMPLATES = ("what is {a} {op} {b} ?", "compute {a} {op} {b} .", "{a} {op} {b} = ?")
 MATH_ANSWERS = ("{y}", "the answer is {y}", "it is {y}", "{y} because {a} {op} {b} = {y}")
 MATH_RESTATEMENT = "{a} {op} {b} = {y}"
@@ -115,6 +134,7 @@ OVER_REFUSAL_SHARE = 0.6  # of a benign prompt's bad responses; the rest are off
 CHAT_TOPICS = (
     "sea", "sun", "moon", "city", "forest", "music", "winter", "rain",
     "mountains", "books", "coffee", "dogs", "cats", "summer",
+    "tea", "snow", "pizza", "river", "lake", "star", "wind", "tree", "cheese", "horse",
 )  # fmt: skip
 CHAT_TEMPLATES = ("tell me about {topic}", "what do you think of {topic} ?", "describe {topic}",
                   "say something about {topic}")  # fmt: skip
@@ -150,33 +170,45 @@ def number_words(value: int) -> str:
 
 
 def _math_value(a: int, op: str, b: int) -> int:
-    return {"+": a + b, "-": a - b, "*": a * b}[op]
+    return {"+": a + b, "-": a - b}[op]
+
+
+def phrasings(templates) -> list[str]:
+    """Every base template framed by every prefix and suffix (PHRASE_PREFIXES x PHRASE_SUFFIXES)."""
+    return [
+        " ".join(part for part in (prefix, template, suffix) if part)
+        for template, prefix, suffix in itertools.product(templates, PHRASE_PREFIXES, PHRASE_SUFFIXES)
+    ]
 
 
 def _math_prompts():
     for op, (weight, top) in MATH_OPERATORS.items():
         # b <= a for "-" keeps every answer non-negative, so an answer never needs a minus sign.
         pairs = [(a, b) for a in range(top + 1) for b in range(top + 1) if op != "-" or b <= a]
-        for template, (a, b) in itertools.product(MATH_TEMPLATES, pairs):
+        for template, (a, b) in itertools.product(phrasings(MATH_TEMPLATES), pairs):
             text = template.format(a=number_words(a), op=op, b=number_words(b))
             yield op, weight, f"{a}{op}{b}", text, f"math:{_math_value(a, op, b)}"
 
 
 def _instruct_prompts():
-    for template, n, letter in itertools.product(INSTRUCT_LETTER_TEMPLATES, INSTRUCT_COUNTS, LETTERS):
+    for template, n, letter in itertools.product(
+        phrasings(INSTRUCT_LETTER_TEMPLATES), INSTRUCT_COUNTS, LETTERS
+    ):
         spec = f"instruct:count={n};letter={letter}"
         yield "letter", INSTRUCT_KINDS["letter"], spec, template.format(n=n, letter=letter), spec
-    for template, n in itertools.product(INSTRUCT_COUNT_TEMPLATES, INSTRUCT_COUNTS):
+    for template, n in itertools.product(phrasings(INSTRUCT_COUNT_TEMPLATES), INSTRUCT_COUNTS):
         spec = f"instruct:count={n}"
         yield "count", INSTRUCT_KINDS["count"], spec, template.format(n=n), spec
-    for template, n, word in itertools.product(INSTRUCT_REPEAT_TEMPLATES, REPEAT_COUNTS, WORD_POOL):
+    for template, n, word in itertools.product(
+        phrasings(INSTRUCT_REPEAT_TEMPLATES), REPEAT_COUNTS, WORD_POOL
+    ):
         times = "twice" if n == 2 else f"{n} times"
         spec = f"instruct:count={n};word={word}"
         yield "repeat", INSTRUCT_KINDS["repeat"], spec, template.format(word=word, times=times), spec
 
 
 def _safety_prompts():
-    for template in SAFETY_TEMPLATES:
+    for template in phrasings(SAFETY_TEMPLATES):
         for topic in HARMFUL_OBJECTS:
             spec = f"safety:harmful:{topic}"
             yield "harmful", HARMFUL_FRACTION, spec, template.format(topic=topic), spec
@@ -186,7 +218,7 @@ def _safety_prompts():
 
 
 def _chat_prompts():
-    for template, topic in itertools.product(CHAT_TEMPLATES, CHAT_TOPICS):
+    for template, topic in itertools.product(phrasings(CHAT_TEMPLATES), CHAT_TOPICS):
         yield "chat", 1.0, f"chat:{topic}", template.format(topic=topic), f"chat:{topic}"
 
 
@@ -198,24 +230,40 @@ def _crc(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def held_out_split(rank: int, group_offset: int) -> str:
+    """The split of the text at `rank` (by CRC32) in a group of two or more phrasings with a CRC32 offset."""
+    position = (rank + group_offset) % HELD_OUT_MODULUS
+    return "validation" if position == 0 else "test" if position == HELD_OUT_MODULUS // 2 else "train"
+
+
 @functools.cache
 def _split_rows(domain: str) -> dict[str, list[tuple[str, float, str, str]]]:
     groups: dict[str, list[tuple[str, float, str, str]]] = {}
     for kind, weight, group, text, spec in _PROMPT_GENERATORS[domain]():
         groups.setdefault(group, []).append((kind, weight, text, spec))
-    rows: dict[str, list[tuple[str, float, str, str]]] = {"train": [], "eval": []}
+    rows: dict[str, list[tuple[str, float, str, str]]] = {split: [] for split in SPLITS}
     for group, members in groups.items():
         offset = _crc(f"group:{group}")
         for rank, row in enumerate(sorted(members, key=lambda row: _crc(f"split:{row[2]}"))):
-            rows["eval" if (rank + offset) % EVAL_MODULUS == 0 and len(members) > 1 else "train"].append(row)
+            rows[held_out_split(rank, offset) if len(members) > 1 else "train"].append(row)
     return rows
 
 
-@functools.cache
+def canonical_split(split: str) -> str:
+    """A split name in SPLITS; "eval" (the old name of the held-out split) means "test"."""
+    split = SPLIT_ALIASES.get(split, split)
+    _check(split, SPLITS, "split")
+    return split
+
+
 def prompt_pool(domain: str, split: str) -> tuple[tuple[tuple[str, str], ...], np.ndarray]:
     """All (text, spec) prompts of a domain's split and their cumulative sampling weights."""
     _check(domain, DOMAINS, "domain")
-    _check(split, SPLITS, "split")
+    return _prompt_pool(domain, canonical_split(split))
+
+
+@functools.cache
+def _prompt_pool(domain: str, split: str) -> tuple[tuple[tuple[str, str], ...], np.ndarray]:
     rows = _split_rows(domain)[split]
     sizes: dict[str, int] = {}
     for kind, *_ in rows:
@@ -226,13 +274,20 @@ def prompt_pool(domain: str, split: str) -> tuple[tuple[tuple[str, str], ...], n
 
 
 @functools.cache
-def _eval_texts() -> frozenset[str]:
-    return frozenset(text for domain in DOMAINS for text, _ in prompt_pool(domain, "eval")[0])
+def _text_splits() -> dict[str, str]:
+    return {
+        text: split for domain in DOMAINS for split in SPLITS for text, _ in prompt_pool(domain, split)[0]
+    }
+
+
+def text_split(text: str) -> str | None:
+    """The split ("train", "validation" or "test") of a prompt text of the world, None for other texts."""
+    return _text_splits().get(text)
 
 
 def is_eval_text(text: str) -> bool:
-    """Whether a prompt text belongs to the held-out evaluation split."""
-    return text in _eval_texts()
+    """Whether a prompt text is held out (in the validation or the test split)."""
+    return text_split(text) in HELD_OUT_SPLITS
 
 
 def make_prompt_record(domain: str, text: str, spec: str, id: str = "") -> PromptRecord:
@@ -241,7 +296,7 @@ def make_prompt_record(domain: str, text: str, spec: str, id: str = "") -> Promp
 
 
 def sample_prompt(domain: str, rng: np.random.Generator, split: str = "train") -> PromptRecord:
-    """Draws one prompt of a domain from the train (default) or eval split."""
+    """Draws one prompt of a domain from a split: train (default), validation or test ("eval": test)."""
     pool, cumulative = prompt_pool(domain, split)
     index = min(int(np.searchsorted(cumulative, rng.random(), side="right")), len(pool) - 1)
     return make_prompt_record(domain, *pool[index])
