@@ -75,21 +75,38 @@ class LossSpec:
     fn: LossFn
     needs_reference: bool
     paired: bool
+    # fn also takes `delta=` [], a detached shift of the implicit rewards that the step carries across steps
+    # as a RunningMean (bco_pair); called as fn(lp, hp) the shift is 0.
+    running_shift: bool = False
 
 
 PREFERENCE_LOSSES: dict[str, LossSpec] = {}
+# Other names for registered losses (TRL's where jaxrl's differ): alias -> the name it stands for.
+PREFERENCE_LOSS_ALIASES: dict[str, str] = {}
 
 
-def register_preference_loss(name: str, *, needs_reference: bool = True, paired: bool = True):
+def register_preference_loss(
+    name: str, *, needs_reference: bool = True, paired: bool = True, running_shift: bool = False
+):
     """Decorator adding a `LossFn` to PREFERENCE_LOSSES under `name`."""
 
     def register(fn: LossFn) -> LossFn:
         if name in PREFERENCE_LOSSES:
             raise ValueError(f"preference loss {name!r} is already registered")
-        PREFERENCE_LOSSES[name] = LossSpec(fn=fn, needs_reference=needs_reference, paired=paired)
+        PREFERENCE_LOSSES[name] = LossSpec(
+            fn=fn, needs_reference=needs_reference, paired=paired, running_shift=running_shift
+        )
         return fn
 
     return register
+
+
+def register_preference_loss_alias(alias: str, name: str) -> None:
+    """Registers `alias` as another name for the registered loss `name` (the same LossSpec)."""
+    if alias in PREFERENCE_LOSSES:
+        raise ValueError(f"preference loss {alias!r} is already registered")
+    PREFERENCE_LOSSES[alias] = get_preference_loss(name)
+    PREFERENCE_LOSS_ALIASES[alias] = name
 
 
 def get_preference_loss(name: str) -> LossSpec:
@@ -259,6 +276,139 @@ def kto_loss(lp: SeqLogps, hp: LossHParams) -> tuple[jax.Array, dict]:
     return loss_B, metrics
 
 
+# TRL's other pairwise DPOTrainer losses. r_w, r_l are the policy/reference log ratios, h = r_w - r_l; every
+# one reports the DPO metrics (rewards β·r, unshifted).
+
+
+@register_preference_loss("nca_pair")
+def nca_pair_loss(lp: SeqLogps, hp: LossHParams) -> tuple[jax.Array, dict]:
+    """NCA, pairwise (Chen et al. 2024) [B]: -log σ(βr_w) - ½ log σ(-βr_w) - ½ log σ(-βr_l).
+
+    Absolute rather than relative: the chosen term is least at βr_w = log 2 (σ = 2/3), and r_l is pushed
+    down on its own, not against r_w.
+    """
+    ratio_chosen_B, ratio_rejected_B = _log_ratios(lp)
+    reward_chosen_B, reward_rejected_B = hp.beta * ratio_chosen_B, hp.beta * ratio_rejected_B
+    loss_B = (
+        -jax.nn.log_sigmoid(reward_chosen_B)
+        - 0.5 * jax.nn.log_sigmoid(-reward_chosen_B)
+        - 0.5 * jax.nn.log_sigmoid(-reward_rejected_B)
+    )
+    return loss_B, _dpo_metrics(lp, hp)
+
+
+@register_preference_loss("bco_pair", running_shift=True)
+def bco_pair_loss(lp: SeqLogps, hp: LossHParams, delta=0.0) -> tuple[jax.Array, dict]:
+    """BCO, pairwise (Jung et al. 2024) [B]: -log σ(βr_w - δ) - log σ(-(βr_l - δ)).
+
+    A binary classifier with logit βr - δ: chosen completions are class 1, rejected class 0. δ, the paper's
+    reward shift, is the running mean of past implicit rewards β·r (chosen and rejected alike); it enters
+    detached. The caller carries it as a `RunningMean` (`update_running_mean`) and passes its `mean`; with
+    the default δ = 0 this is TRL's current `bco_pair` (since its DPO refactor), which dropped the shift.
+    """
+    delta = jax.lax.stop_gradient(jnp.asarray(delta, jnp.float32))
+    ratio_chosen_B, ratio_rejected_B = _log_ratios(lp)
+    logit_chosen_B = hp.beta * ratio_chosen_B - delta
+    logit_rejected_B = hp.beta * ratio_rejected_B - delta
+    loss_B = -jax.nn.log_sigmoid(logit_chosen_B) - jax.nn.log_sigmoid(-logit_rejected_B)
+    return loss_B, _dpo_metrics(lp, hp)
+
+
+@flax.struct.dataclass
+class RunningMean:
+    """A running mean [] of a stream of values and the weight behind it [] (fp32; a pytree for the state)."""
+
+    mean: jax.Array
+    count: jax.Array
+
+    @classmethod
+    def create(cls) -> RunningMean:
+        """Empty: mean 0 (BCO's δ before any step), count 0."""
+        return cls(mean=jnp.zeros((), jnp.float32), count=jnp.zeros((), jnp.float32))
+
+
+def update_running_mean(running: RunningMean, batch_mean, weight=1.0) -> RunningMean:
+    """`running` with a batch of mean `batch_mean` and weight `weight` folded in (detached); pure, jittable.
+
+    TRL's RunningMoments mean update, mean += (x̄ - mean)·w/(count + w). For bco_pair, x̄ is the step's mean
+    implicit reward over chosen and rejected (the mean of the `rewards/chosen` and `rewards/rejected` metrics
+    averaged over the batch's real examples). weight=1 weighs every step alike, as TRL's DPO `bco_pair` did
+    (one update per step with the batch mean); weight = the number of rewards (2 × examples) weighs every
+    reward alike, as TRL's BCOTrainer does; the two agree when batches are the same size. A zero weight
+    (a step with no examples) leaves `running` as it was.
+    """
+    x = jax.lax.stop_gradient(jnp.asarray(batch_mean, jnp.float32))
+    w = jnp.asarray(weight, jnp.float32)
+    count = running.count + w
+    step = jnp.where(count > 0, w / jnp.where(count > 0, count, 1.0), 0.0)
+    return RunningMean(mean=running.mean + (x - running.mean) * step, count=count)
+
+
+@register_preference_loss("sppo_hard")
+def sppo_hard_loss(lp: SeqLogps, hp: LossHParams) -> tuple[jax.Array, dict]:
+    """SPPO with hard labels (Wu et al. 2024) [B]: (r_w - 1/(2β))² + (r_l + 1/(2β))².
+
+    SPPO regresses each log ratio onto η(P(y ≻ π) - ½); TRL's hard form takes P = 1 for y_w, 0 for y_l and
+    η = 1/β. Summed log ratios, as TRL.
+    """
+    ratio_chosen_B, ratio_rejected_B = _log_ratios(lp)
+    target = 0.5 / hp.beta
+    loss_B = (ratio_chosen_B - target) ** 2 + (ratio_rejected_B + target) ** 2
+    return loss_B, _dpo_metrics(lp, hp)
+
+
+@register_preference_loss("apo_zero")
+def apo_zero_loss(lp: SeqLogps, hp: LossHParams) -> tuple[jax.Array, dict]:
+    """APO-zero (D'Oosterlinck et al. 2024, eq. 7) [B]: (1 - σ(βr_w)) + σ(βr_l).
+
+    Raises the chosen likelihood and lowers the rejected one, each on its own: for data whose chosen
+    completions are better than the model's own.
+    """
+    ratio_chosen_B, ratio_rejected_B = _log_ratios(lp)
+    # 1 - σ(x) written as σ(-x): no cancellation when σ(x) is close to 1.
+    loss_B = jax.nn.sigmoid(-hp.beta * ratio_chosen_B) + jax.nn.sigmoid(hp.beta * ratio_rejected_B)
+    return loss_B, _dpo_metrics(lp, hp)
+
+
+@register_preference_loss("apo_down")
+def apo_down_loss(lp: SeqLogps, hp: LossHParams) -> tuple[jax.Array, dict]:
+    """APO-down (D'Oosterlinck et al. 2024, eq. 8) [B]: σ(βr_w) + (1 - σ(βh)).
+
+    Lowers both likelihoods, the rejected one more (the gradient on r_w is β[σ'(βr_w) - σ'(βh)], zero where
+    r_l = 0): for data whose chosen completions are worse than the model's own.
+    """
+    ratio_chosen_B, _ = _log_ratios(lp)
+    loss_B = jax.nn.sigmoid(hp.beta * ratio_chosen_B) + jax.nn.sigmoid(-hp.beta * _margin(lp))
+    return loss_B, _dpo_metrics(lp, hp)
+
+
+# EXO's recommended ε; label_smoothing = 0 (jaxrl's default) stands for it, as in TRL <= 0.28.
+EXO_DEFAULT_EPSILON = 1e-3
+
+
+@register_preference_loss("exo_pair")
+def exo_pair_loss(lp: SeqLogps, hp: LossHParams) -> tuple[jax.Array, dict]:
+    """EXO, pairwise (Ji et al. 2024, eq. 16) [B]: KL(q ‖ p) = q_w log(q_w/(1-ε)) + q_l log(q_l/ε).
+
+    q = (σ(βh), σ(-βh)) is the policy's softmax over the pair, p = (1-ε, ε) the label smoothed by ε =
+    label_smoothing (0 means EXO's 1e-3). Reverse KL: mode seeking, ≥ 0, zero (with zero gradient) where
+    σ(βh) = 1-ε. ε must lie in (0, 1) (or be 0); at ε ≥ ½ the target prefers y_l.
+    """
+    logits_B = hp.beta * _margin(lp)
+    eps = jnp.where(hp.label_smoothing > 0, hp.label_smoothing, EXO_DEFAULT_EPSILON)
+    log_q_chosen_B, log_q_rejected_B = jax.nn.log_sigmoid(logits_B), jax.nn.log_sigmoid(-logits_B)
+    loss_B = jnp.exp(log_q_chosen_B) * (log_q_chosen_B - jnp.log1p(-eps)) + jnp.exp(log_q_rejected_B) * (
+        log_q_rejected_B - jnp.log(eps)
+    )
+    return loss_B, _dpo_metrics(lp, hp)
+
+
+# TRL's names for jaxrl losses. TRL's "ipo" is jaxrl's "ipo_mean" (jaxrl's "ipo" sums the log ratios), so
+# it cannot be an alias; TRL's "sigmoid" is "dpo" (no label smoothing, as TRL >= 0.29; cDPO is "cdpo").
+register_preference_loss_alias("sigmoid", "dpo")
+register_preference_loss_alias("sigmoid_norm", "dpo_norm")
+
+
 def preference_loss(
     name: str,
     chosen_logps,
@@ -268,10 +418,14 @@ def preference_loss(
     chosen_lengths=None,
     rejected_lengths=None,
     desirable=None,
+    delta=None,
     **hparams,
 ) -> tuple[jax.Array, dict]:
-    """Notebook entry point: per-example loss [B] and metrics from sequence log-probs and lengths."""
+    """Notebook entry point: per-example loss [B] and metrics from sequence log-probs and lengths (and, for
+    bco_pair, the reward shift `delta`)."""
     spec = get_preference_loss(name)
+    if delta is not None and not spec.running_shift:
+        raise ValueError(f"preference loss {name!r} takes no reward shift (delta)")
     if spec.needs_reference and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"preference loss {name!r} needs ref_chosen_logps and ref_rejected_logps")
     chosen_B = jnp.atleast_1d(jnp.asarray(chosen_logps, jnp.float32))
@@ -291,7 +445,8 @@ def preference_loss(
         rejected_len=or_fill(rejected_lengths, 1.0),
         desirable=None if desirable is None else or_fill(desirable, 0.0),
     )
-    return spec.fn(lp, LossHParams.create(**hparams))
+    hp = LossHParams.create(**hparams)
+    return spec.fn(lp, hp) if delta is None else spec.fn(lp, hp, delta=delta)
 
 
 SFT_AGGREGATIONS = ("token_mean", "sequence_mean")

@@ -511,3 +511,282 @@ def test_reward_model_gradient_signs():
     )(jnp.asarray([0.0]), jnp.asarray([0.0]))
     np.testing.assert_allclose(g_chosen, [-0.5], rtol=1e-6)
     np.testing.assert_allclose(g_rejected, [0.5], rtol=1e-6)
+
+
+# TRL's other pairwise losses: nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, exo_pair.
+NEW_PAIRED = ["nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "exo_pair"]
+
+
+def ratios(r_w, r_l):
+    """Pairs whose policy/reference log ratios are r_w and r_l (the reference log-probs are not zero)."""
+    r_w, r_l = np.atleast_1d(np.asarray(r_w, np.float32)), np.atleast_1d(np.asarray(r_l, np.float32))
+    ref_w, ref_l = np.full_like(r_w, -7.0), np.full_like(r_l, -9.0)
+    return seq(ref_w + r_w, ref_l + r_l, ref_chosen=ref_w, ref_rejected=ref_l)
+
+
+def test_new_pairwise_closed_forms():
+    # beta 0.5, r_w = 2, r_l = -1: beta*r_w = 1, beta*r_l = -0.5, beta*h = 1.5.
+    lp, s = ratios(2.0, -1.0), sigmoid
+    expected = {
+        "nca_pair": -math.log(s(1.0)) - 0.5 * math.log(s(-1.0)) - 0.5 * math.log(s(0.5)),
+        "bco_pair": -math.log(s(1.0)) - math.log(s(0.5)),
+        "sppo_hard": (2.0 - 1.0) ** 2 + (-1.0 + 1.0) ** 2,
+        "apo_zero": (1 - s(1.0)) + s(-0.5),
+        "apo_down": s(1.0) + (1 - s(1.5)),
+        "exo_pair": s(1.5) * math.log(s(1.5) / 0.9) + s(-1.5) * math.log(s(-1.5) / 0.1),
+    }
+    for name, value in expected.items():
+        loss_B, metrics = run(name, lp, beta=0.5, label_smoothing=0.1)
+        np.testing.assert_allclose(loss_B, [value], rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(metrics["rewards/chosen"], [1.0], rtol=1e-6)
+        np.testing.assert_allclose(metrics["rewards/rejected"], [-0.5], rtol=1e-6)
+        np.testing.assert_allclose(metrics["rewards/margins"], [1.5], rtol=1e-6)
+        np.testing.assert_allclose(metrics["rewards/accuracies"], [1.0])
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_new_pairwise_values_at_the_neutral_point(beta):
+    # r_w = r_l = 0 (policy = reference): every sigmoid is 1/2.
+    expected = {
+        "nca_pair": 2 * LOG2,
+        "bco_pair": 2 * LOG2,
+        "sppo_hard": 2 * (1 / (2 * beta)) ** 2,
+        "apo_zero": 1.0,
+        "apo_down": 1.0,
+        "exo_pair": -LOG2 - 0.5 * math.log(0.2 * 0.8),
+    }
+    for name, value in expected.items():
+        loss_B, _ = run(name, ratios([0.0, 0.0], [0.0, 0.0]), beta=beta, label_smoothing=0.2)
+        np.testing.assert_allclose(loss_B, [value, value], rtol=1e-6, err_msg=name)
+
+
+def test_exo_depends_on_the_margin_only_and_is_its_kl_at_equal_margins():
+    eps = 0.05
+    loss_B, _ = run("exo_pair", seq(**EQUAL_MARGINS), beta=0.3, label_smoothing=eps)
+    np.testing.assert_allclose(loss_B, [-LOG2 - 0.5 * math.log(eps * (1 - eps))] * 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["nca_pair", "bco_pair", "sppo_hard", "apo_zero", "exo_pair"])
+def test_new_pairwise_gradients_raise_chosen_and_lower_rejected_at_neutral_point(name):
+    g_chosen, g_rejected = grads_wrt_logps(name, neutral_point(), beta=0.1, label_smoothing=0.1)
+    assert float(g_chosen[0]) < 0.0
+    assert float(g_rejected[0]) > 0.0
+
+
+def test_apo_down_lowers_both_likelihoods():
+    beta = 0.5
+    # At the neutral point the chosen pull cancels: β[σ'(βr_w) - σ'(βh)] = 0.
+    g_chosen, g_rejected = grads_wrt_logps("apo_down", neutral_point(), beta=beta)
+    np.testing.assert_allclose(g_chosen, [0.0], atol=1e-7)
+    assert float(g_rejected[0]) > 0.0
+    # r_w = 0, r_l = -2: descent lowers both (positive gradients), with the formula's values.
+    g_chosen, g_rejected = grads_wrt_logps("apo_down", ratios(0.0, -2.0), beta=beta)
+    dsig = lambda x: sigmoid(x) * (1 - sigmoid(x))
+    np.testing.assert_allclose(g_chosen, [beta * (dsig(0.0) - dsig(1.0))], rtol=1e-5)
+    np.testing.assert_allclose(g_rejected, [beta * dsig(1.0)], rtol=1e-5)
+    assert float(g_chosen[0]) > 0.0 and float(g_rejected[0]) > 0.0
+    # APO-zero at the same point raises chosen and lowers rejected.
+    g_chosen, g_rejected = grads_wrt_logps("apo_zero", ratios(0.0, -2.0), beta=beta)
+    assert float(g_chosen[0]) < 0.0 and float(g_rejected[0]) > 0.0
+
+
+def test_nca_targets_an_absolute_chosen_reward_and_always_lowers_rejected():
+    beta = 0.4
+    # d/dr_w = -βσ(-βr_w) + ½βσ(βr_w) vanishes at σ(βr_w) = 2/3: βr_w = log 2; past it the chosen falls.
+    for r_w, sign in [(0.0, -1), (LOG2 / beta, 0), (5.0, 1)]:
+        g_chosen, g_rejected = grads_wrt_logps("nca_pair", ratios(r_w, 3.0), beta=beta)
+        expected = -beta * sigmoid(-beta * r_w) + 0.5 * beta * sigmoid(beta * r_w)
+        np.testing.assert_allclose(g_chosen, [expected], rtol=1e-5, atol=1e-7)
+        assert np.sign(round(float(g_chosen[0]), 6)) == sign
+        np.testing.assert_allclose(g_rejected, [0.5 * beta * sigmoid(beta * 3.0)], rtol=1e-5)
+
+
+def test_sppo_hard_targets_plus_and_minus_half_over_beta():
+    beta = 0.25
+    loss_B, _ = run("sppo_hard", ratios(2.0, -2.0), beta=beta)
+    np.testing.assert_allclose(loss_B, [0.0], atol=1e-10)
+    g_chosen, g_rejected = grads_wrt_logps("sppo_hard", ratios(3.0, 1.0), beta=beta)
+    np.testing.assert_allclose(g_chosen, [2 * (3.0 - 2.0)], rtol=1e-6)
+    np.testing.assert_allclose(g_rejected, [2 * (1.0 + 2.0)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("h", [-3.0, 0.0, 1.0, 6.0])
+def test_exo_gradient_matches_its_formula(h):
+    eps, beta = 0.1, 0.7
+    g_chosen, g_rejected = grads_wrt_logps("exo_pair", ratios(h, 0.0), beta=beta, label_smoothing=eps)
+    q = sigmoid(beta * h)
+    # d/dh KL(q || p) = β q (1 - q) (βh - log((1-ε)/ε)).
+    expected = beta * q * (1 - q) * (beta * h - math.log((1 - eps) / eps))
+    np.testing.assert_allclose(g_chosen, [expected], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(g_rejected, [-expected], rtol=1e-4, atol=1e-7)
+
+
+def test_exo_is_a_kl_zero_at_the_smoothed_label():
+    eps, beta = 0.2, 0.5
+    h_star = math.log((1 - eps) / eps) / beta  # σ(βh*) = 1 - ε
+    loss_B, _ = run("exo_pair", ratios([h_star, -2.0, 0.0, 9.0], [0.0] * 4), beta=beta, label_smoothing=eps)
+    np.testing.assert_allclose(loss_B[0], 0.0, atol=1e-6)
+    assert np.all(np.asarray(loss_B) >= -1e-7)
+    g_chosen, _ = grads_wrt_logps("exo_pair", ratios(h_star, 0.0), beta=beta, label_smoothing=eps)
+    np.testing.assert_allclose(g_chosen, [0.0], atol=1e-6)
+
+
+def test_exo_zero_smoothing_means_the_papers_epsilon():
+    lp = seq(*random_pairs(9))
+    default_B, _ = run("exo_pair", lp, beta=0.2, label_smoothing=0.0)
+    explicit_B, _ = run("exo_pair", lp, beta=0.2, label_smoothing=losses.EXO_DEFAULT_EPSILON)
+    np.testing.assert_array_equal(default_B, explicit_B)
+    assert losses.EXO_DEFAULT_EPSILON == 1e-3 and np.all(np.isfinite(default_B))
+
+
+def test_bco_shift_moves_the_classifier_threshold():
+    beta, delta = 0.5, 0.3
+    lp = ratios([2.0, -4.0], [-1.0, 1.0])
+    loss_B, metrics = losses.bco_pair_loss(lp, LossHParams.create(beta=beta), delta=delta)
+    expected = [
+        -math.log(sigmoid(1.0 - delta)) - math.log(sigmoid(0.5 + delta)),
+        -math.log(sigmoid(-2.0 - delta)) - math.log(sigmoid(-0.5 + delta)),
+    ]
+    np.testing.assert_allclose(loss_B, expected, rtol=1e-6)
+    # The rewards stay unshifted; a shift δ is a reference moved by δ/β.
+    np.testing.assert_allclose(metrics["rewards/chosen"], [1.0, -2.0], rtol=1e-6)
+    moved = lp.replace(ref_chosen=lp.ref_chosen + delta / beta, ref_rejected=lp.ref_rejected + delta / beta)
+    np.testing.assert_allclose(run("bco_pair", moved, beta=beta)[0], loss_B, rtol=1e-5)
+    # δ enters detached, traces under jit (no recompile per value) and through the spec with delta=.
+    g = jax.grad(lambda d: jnp.sum(losses.bco_pair_loss(lp, LossHParams.create(beta=beta), delta=d)[0]))(0.3)
+    assert float(g) == 0.0
+    spec = losses.get_preference_loss("bco_pair")
+    jitted = jax.jit(lambda lp, hp, d: spec.fn(lp, hp, delta=d))
+    jitted_B, _ = jitted(lp, LossHParams.create(beta=beta), jnp.float32(delta))
+    np.testing.assert_allclose(jitted_B, loss_B, rtol=1e-6)
+    entry_B, _ = losses.preference_loss(
+        "bco_pair", lp.chosen, lp.rejected, lp.ref_chosen, lp.ref_rejected, beta=beta, delta=delta
+    )
+    np.testing.assert_allclose(entry_B, loss_B, rtol=1e-6)
+    with pytest.raises(ValueError, match="shift"):
+        losses.preference_loss("dpo", -1.0, -2.0, -1.0, -2.0, delta=0.1)
+
+
+def trl_running_moments_mean(batch_means, counts):
+    """TRL's RunningMoments mean arithmetic (mean 0 and count 1e-24 to start), in float64."""
+    mean, count = 0.0, 1e-24
+    for x, n in zip(batch_means, counts, strict=True):
+        tot = count + n
+        mean += (x - mean) * n / tot
+        count = tot
+    return mean
+
+
+def test_running_mean_update():
+    rng = np.random.default_rng(10)
+    xs = rng.normal(0.0, 2.0, 7).astype(np.float32)
+    counts = rng.integers(1, 9, 7).astype(np.float32)
+    running = losses.RunningMean.create()
+    assert float(running.mean) == 0.0 and float(running.count) == 0.0
+    update = jax.jit(losses.update_running_mean)
+    equal, weighted = running, running
+    for x, n in zip(xs, counts, strict=True):
+        equal = update(equal, x)
+        weighted = update(weighted, x, n)
+    # weight 1: the mean of the step means (TRL's DPO bco_pair); weight n: of every reward (BCOTrainer).
+    np.testing.assert_allclose(equal.mean, np.mean(xs), rtol=1e-5)
+    np.testing.assert_allclose(equal.mean, trl_running_moments_mean(xs, np.ones(7)), rtol=1e-5)
+    np.testing.assert_allclose(weighted.mean, np.sum(xs * counts) / np.sum(counts), rtol=1e-5)
+    np.testing.assert_allclose(weighted.mean, trl_running_moments_mean(xs, counts), rtol=1e-5)
+    np.testing.assert_allclose(weighted.count, np.sum(counts))
+    # The first update takes the batch mean whole; a zero weight changes nothing, even from empty.
+    np.testing.assert_allclose(update(running, 2.5).mean, 2.5)
+    same = update(weighted, 100.0, 0.0)
+    np.testing.assert_array_equal(same.mean, weighted.mean)
+    assert float(update(running, 7.0, 0.0).mean) == 0.0
+    # The batch mean enters detached.
+    g = jax.grad(lambda x: losses.update_running_mean(equal, x).mean)(1.0)
+    assert float(g) == 0.0
+
+
+def test_bco_running_shift_over_steps_matches_trl_arithmetic():
+    """Three steps: δ_t is the running mean of earlier steps' mean rewards (β·r over chosen and rejected)."""
+    beta, hp = 0.2, LossHParams.create(beta=0.2)
+    running, deltas, batch_means = losses.RunningMean.create(), [], []
+    for seed in range(3):
+        lp = seq(*random_pairs(20 + seed, n=8))
+        deltas.append(float(running.mean))
+        loss_B, metrics = losses.bco_pair_loss(lp, hp, delta=running.mean)
+        r_w = beta * (np.asarray(lp.chosen, np.float64) - np.asarray(lp.ref_chosen, np.float64))
+        r_l = beta * (np.asarray(lp.rejected, np.float64) - np.asarray(lp.ref_rejected, np.float64))
+        expected = -log_sigmoid(r_w - deltas[-1]) - log_sigmoid(-(r_l - deltas[-1]))
+        np.testing.assert_allclose(loss_B, expected, rtol=1e-5)
+        batch_mean = (jnp.mean(metrics["rewards/chosen"]) + jnp.mean(metrics["rewards/rejected"])) / 2
+        np.testing.assert_allclose(batch_mean, np.mean(np.concatenate([r_w, r_l])), rtol=1e-4, atol=1e-6)
+        batch_means.append(float(batch_mean))
+        running = losses.update_running_mean(running, batch_mean)
+    assert deltas[0] == 0.0
+    np.testing.assert_allclose(deltas[1:], [batch_means[0], np.mean(batch_means[:2])], rtol=1e-6)
+
+
+def new_numpy_reference(name, chosen, rejected, ref_chosen, ref_rejected, beta, eps, delta=0.0):
+    c, r, rc, rr = (np.asarray(x, np.float64) for x in (chosen, rejected, ref_chosen, ref_rejected))
+    r_w, r_l = c - rc, r - rr
+    sig = lambda x: 1.0 / (1.0 + np.exp(-x))
+    if name == "nca_pair":
+        return -log_sigmoid(beta * r_w) - 0.5 * log_sigmoid(-beta * r_w) - 0.5 * log_sigmoid(-beta * r_l)
+    if name == "bco_pair":
+        return -log_sigmoid(beta * r_w - delta) - log_sigmoid(delta - beta * r_l)
+    if name == "sppo_hard":
+        return (r_w - 1 / (2 * beta)) ** 2 + (r_l + 1 / (2 * beta)) ** 2
+    if name == "apo_zero":
+        return 1 - sig(beta * r_w) + sig(beta * r_l)
+    if name == "apo_down":
+        return sig(beta * r_w) + 1 - sig(beta * (r_w - r_l))
+    if name == "exo_pair":
+        q = sig(beta * (r_w - r_l))
+        return q * (np.log(q) - np.log(1 - eps)) + (1 - q) * (np.log(1 - q) - np.log(eps))
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", NEW_PAIRED)
+def test_new_pairwise_against_numpy_reference(name, seed):
+    arrays = random_pairs(seed)
+    # Small betas keep σ(βh) away from 0 and 1, where the float64 reference's log(1 - q) loses digits.
+    beta, eps = [(0.1, 0.1), (0.05, 0.3), (0.02, 0.001)][seed]
+    loss_B, _ = run(name, seq(*arrays), beta=beta, label_smoothing=eps)
+    expected = new_numpy_reference(name, *arrays[:4], beta, eps)
+    np.testing.assert_allclose(loss_B, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NEW_PAIRED)
+def test_new_pairwise_jit_metrics_and_registry(name):
+    lp = seq(*random_pairs(5, n=6))
+    spec = losses.get_preference_loss(name)
+    assert spec.needs_reference and spec.paired and spec.running_shift == (name == "bco_pair")
+    loss_B, metrics = jax.jit(spec.fn)(lp, LossHParams.create(label_smoothing=0.1))
+    eager_B, eager_metrics = run(name, lp, label_smoothing=0.1)
+    np.testing.assert_allclose(loss_B, eager_B, rtol=1e-5)
+    assert loss_B.shape == (6,) and loss_B.dtype == jnp.float32
+    assert set(metrics) == COMMON_METRICS and all(v.shape == (6,) for v in metrics.values())
+    _, dpo_metrics = run("dpo", lp, label_smoothing=0.1)
+    for key, value in dpo_metrics.items():
+        np.testing.assert_array_equal(eager_metrics[key], value)
+
+
+def test_trl_aliases():
+    assert losses.PREFERENCE_LOSS_ALIASES == {"sigmoid": "dpo", "sigmoid_norm": "dpo_norm"}
+    lp = seq(*random_pairs(11))
+    for alias, name in losses.PREFERENCE_LOSS_ALIASES.items():
+        assert losses.get_preference_loss(alias) is losses.get_preference_loss(name)
+        np.testing.assert_array_equal(run(alias, lp, beta=0.3)[0], run(name, lp, beta=0.3)[0])
+    with pytest.raises(ValueError, match="already registered"):
+        losses.register_preference_loss_alias("dpo", "ipo")
+    with pytest.raises(KeyError, match="dpoo"):
+        losses.register_preference_loss_alias("test_only_alias", "dpoo")
+    assert "test_only_alias" not in losses.PREFERENCE_LOSSES
+
+
+@pytest.mark.parametrize("name", NEW_PAIRED)
+def test_new_pairwise_losses_are_finite_at_extreme_margins(name):
+    lp = ratios([400.0, -400.0, 0.0, 400.0], [-400.0, 400.0, 0.0, 400.0])
+    loss_B, metrics = run(name, lp, beta=0.5, label_smoothing=0.1)
+    g_chosen, g_rejected = grads_wrt_logps(name, lp, beta=0.5, label_smoothing=0.1)
+    assert np.all(np.isfinite(loss_B)) and np.all(np.isfinite(g_chosen)) and np.all(np.isfinite(g_rejected))
+    assert all(np.all(np.isfinite(v)) for v in metrics.values())
