@@ -63,7 +63,9 @@ def make_tokenizer_dir(directory: Path, corpus: list[str]) -> Path:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8)
@@ -99,9 +101,14 @@ def main(argv=None) -> dict:
     pairs_per_s = args.pairs / (read_s + tokenize_s)
     needed = args.step_tokens_per_s / (2 * args.max_len)
     out = {
-        "pairs": args.pairs, "max_len": args.max_len, "read_s": round(read_s, 3), "tokenize_s": round(tokenize_s, 3),
+        "pairs": args.pairs,
+        "max_len": args.max_len,
+        "read_s": round(read_s, 3),
+        "tokenize_s": round(tokenize_s, 3),
         "pairs_per_s_per_core": round(pairs_per_s, 1),
-        "mean_tokens_per_pair": round(float((arrays["tokens"] != tok.pad_id).sum()) / arrays["tokens"].shape[0], 1),
+        "mean_tokens_per_pair": round(
+            float((arrays["tokens"] != tok.pad_id).sum()) / arrays["tokens"].shape[0], 1
+        ),
         "tokenize_report": stats.summary(),
         "batches_per_s": round(n_batches / batch_s, 1),
         "dpo_step_needs_pairs_per_s": round(needed, 1),

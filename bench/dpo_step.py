@@ -23,14 +23,16 @@ import resource
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxrl import losses, sharding, steps, train
+from jaxrl import losses, sharding, steps
 from jaxrl.config import MeshConfig, ModelConfig, OptimConfig
+from jaxrl.models import init as model_init
 from jaxrl.models.transformer import count_params, flops_per_token
 
-TINYLLAMA = ModelConfig(vocab_size=32000, hidden=2048, layers=22, heads=32, kv_heads=4, mlp=5632, rope_theta=10000.0)
+TINYLLAMA = ModelConfig(
+    vocab_size=32000, hidden=2048, layers=22, heads=32, kv_heads=4, mlp=5632, rope_theta=10000.0
+)
 TINY = ModelConfig(vocab_size=256, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128)
 
 
@@ -43,7 +45,9 @@ def peak_memory_bytes() -> tuple[int | None, str]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny model and sequence (CPU smoke run)")
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
@@ -60,17 +64,19 @@ def main(argv=None) -> dict:
 
     model_cfg = TINY if args.tiny else TINYLLAMA
     seq = 32 if args.tiny and args.seq == 1024 else args.seq
-    model_cfg = dataclasses.replace(model_cfg, remat=args.remat, scan_layers=bool(args.scan), dtype=args.dtype)
+    model_cfg = dataclasses.replace(
+        model_cfg, remat=args.remat, scan_layers=bool(args.scan), dtype=args.dtype
+    )
     mesh = sharding.make_mesh(MeshConfig(preset=args.preset))
     preset = args.preset
     sharding.check_batch(args.pairs, 1, mesh, preset)
 
-    graphdef, _ = train.abstract_model(model_cfg)
-    params = train.init_params(model_cfg, 0, mesh, preset)
+    graphdef, _ = model_init.abstract_model(model_cfg)
+    params = model_init.init_params(model_cfg, 0, mesh, preset)
     tx, schedule = steps.make_optimizer(OptimConfig(lr=1e-6), 1000)
-    state_shardings = sharding.tree_shardings(jax.eval_shape(lambda: train._state(params, tx, 0, None)), preset,
-                                              mesh)
-    state = jax.jit(lambda p: train._state(p, tx, 0, None), out_shardings=state_shardings)(params)
+    make_state = lambda p: steps.new_train_state(p, tx, 0, None)
+    state_shardings = sharding.tree_shardings(jax.eval_shape(make_state, params), preset, mesh)
+    state = jax.jit(make_state, out_shardings=state_shardings)(params)
     del params
 
     rng = np.random.default_rng(0)
@@ -106,11 +112,20 @@ def main(argv=None) -> dict:
     result = {
         "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
         "params": count_params(model_cfg)["total"],
-        "pairs": args.pairs, "seq": seq, "remat": args.remat, "scan_layers": bool(args.scan), "dtype": args.dtype,
-        "preset": preset, "compile_s": round(compile_s, 2), "step_ms": round(1000 * elapsed / args.steps, 2),
-        "tokens_per_s": round(tokens_per_s, 1), "tflops_per_s": round(flops / 1e12, 3),
-        "mfu": round(flops / (args.peak_tflops * 1e12), 4), "peak_memory_gib": round(peak / 2**30, 3),
-        "peak_memory_kind": peak_kind, "loss": float(metrics["loss"]),
+        "pairs": args.pairs,
+        "seq": seq,
+        "remat": args.remat,
+        "scan_layers": bool(args.scan),
+        "dtype": args.dtype,
+        "preset": preset,
+        "compile_s": round(compile_s, 2),
+        "step_ms": round(1000 * elapsed / args.steps, 2),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "tflops_per_s": round(flops / 1e12, 3),
+        "mfu": round(flops / (args.peak_tflops * 1e12), 4),
+        "peak_memory_gib": round(peak / 2**30, 3),
+        "peak_memory_kind": peak_kind,
+        "loss": float(metrics["loss"]),
     }
     print(json.dumps(result, indent=2))
     if args.json:

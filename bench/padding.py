@@ -1,10 +1,10 @@
 """Padding benchmark: how many of the token positions a step computes are real tokens, with rows padded to
-max_len, cut to length buckets (data.padding=bucket, with and without data.group_by_length), or packed (data.padding=pack, SFT); and what bucketing
-and packing cost on the host.
+max_len, cut to length buckets (data.padding=bucket, with and without data.group_by_length), or packed
+(data.padding=pack, SFT); and what bucketing and packing cost on the host.
 
 Lengths are drawn from a log-normal (median --median tokens, shape --sigma, clipped to [16, max_len]), the
-long-tailed shape of chat preference data. Rows are built as the tokeniser builds them (right-padded, loss on the
-completion), then the pipeline's own functions are timed on them (one core):
+long-tailed shape of chat preference data. Rows are built as the tokeniser builds them (right-padded, loss on
+the completion), then the pipeline's own functions are timed on them (one core):
 
     python bench/padding.py --examples 20000 --max-len 2048 --median 350 --sigma 0.8 --batch 32 --multiple 128
 
@@ -47,19 +47,26 @@ def main() -> None:
     arrays = make_rows(args.examples, args.max_len, args.median, args.sigma)
     lengths = pipeline.example_lengths(arrays)
     real = int(lengths.sum())
-    print(f"{args.examples} examples, max_len {args.max_len}, lengths: median {np.median(lengths):.0f}, "
-          f"p90 {np.percentile(lengths, 90):.0f}, max {lengths.max()}; mean {lengths.mean():.0f} real tokens/row")
+    print(
+        f"{args.examples} examples, max_len {args.max_len}, lengths: median {np.median(lengths):.0f}, "
+        f"p90 {np.percentile(lengths, 90):.0f}, max {lengths.max()}; "
+        f"mean {lengths.mean():.0f} real tokens/row"
+    )
 
     order = pipeline.BatchOrder(args.examples, args.batch, seed=0)
     steps = args.examples // args.batch
     start = time.perf_counter()
-    widths = [pipeline.bucket_width(lengths, order.indices(s), args.multiple, args.max_len) for s in range(steps)]
+    widths = [
+        pipeline.bucket_width(lengths, order.indices(s), args.multiple, args.max_len) for s in range(steps)
+    ]
     per_batch_ms = (time.perf_counter() - start) / steps * 1e3
     bucket_positions = sum(widths) * args.batch
 
     grouped = pipeline.BatchOrder(args.examples, args.batch, seed=0, lengths=lengths)
     start = time.perf_counter()
-    grouped_widths = [pipeline.bucket_width(lengths, grouped.indices(s), args.multiple, args.max_len) for s in range(steps)]
+    grouped_widths = [
+        pipeline.bucket_width(lengths, grouped.indices(s), args.multiple, args.max_len) for s in range(steps)
+    ]
     grouped_ms = (time.perf_counter() - start) / steps * 1e3
     grouped_positions = sum(grouped_widths) * args.batch
 
@@ -71,14 +78,25 @@ def main() -> None:
     max_len_positions = steps * args.batch * args.max_len
     rows = [
         ("max_len", max_len_positions / (real * steps * args.batch / args.examples), "1", "-"),
-        (f"bucket (multiple {args.multiple}, batch {args.batch})",
-         bucket_positions / (real * steps * args.batch / args.examples), str(len(set(widths))),
-         f"{per_batch_ms:.2f} ms per batch (width)"),
-        (f"bucket + group_by_length (windows of 64 batches)",
-         grouped_positions / (real * steps * args.batch / args.examples), str(len(set(grouped_widths))),
-         f"{grouped_ms:.2f} ms per batch (order + width)"),
-        ("pack (sft)", packed_rows * args.max_len / real, "1",
-         f"{pack_s:.2f} s once ({args.examples / pack_s:,.0f} conversations/s), {args.examples / packed_rows:.2f} per row"),
+        (
+            f"bucket (multiple {args.multiple}, batch {args.batch})",
+            bucket_positions / (real * steps * args.batch / args.examples),
+            str(len(set(widths))),
+            f"{per_batch_ms:.2f} ms per batch (width)",
+        ),
+        (
+            "bucket + group_by_length (windows of 64 batches)",
+            grouped_positions / (real * steps * args.batch / args.examples),
+            str(len(set(grouped_widths))),
+            f"{grouped_ms:.2f} ms per batch (order + width)",
+        ),
+        (
+            "pack (sft)",
+            packed_rows * args.max_len / real,
+            "1",
+            f"{pack_s:.2f} s once ({args.examples / pack_s:,.0f} conversations/s), "
+            f"{args.examples / packed_rows:.2f} per row",
+        ),
     ]
     print("| padding | computed positions per real token | compiled widths | host cost |")
     print("|---|---|---|---|")

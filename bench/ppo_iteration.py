@@ -33,6 +33,7 @@ from jaxrl import checkpoint, sharding, train
 from jaxrl import config as config_lib
 from jaxrl.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, RLConfig, TrainConfig
 from jaxrl.metrics import read_metrics
+from jaxrl.models import init as model_init
 
 TINYLLAMA = ModelConfig(vocab_size=32000, hidden=2048, layers=22, heads=32, kv_heads=4, mlp=5632)
 TINY = ModelConfig(vocab_size=256, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128)
@@ -49,7 +50,7 @@ def random_rm_run(workdir: Path, model_cfg: ModelConfig, mesh_cfg: MeshConfig) -
     workdir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, workdir / "config.json")
     mesh = sharding.make_mesh(mesh_cfg)
-    params = train.init_params(train.stage_model_config(cfg), 1, mesh, mesh_cfg.preset)
+    params = model_init.init_params(model_init.stage_model_config(cfg), 1, mesh, mesh_cfg.preset)
     checkpoint.save_params(checkpoint.final_params_dir(workdir), params)
     return workdir
 

@@ -29,13 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl import sampling, sharding, train
-from jaxrl.config import MeshConfig, ModelConfig
-from jaxrl.models.transformer import count_params
-
 # Run as `python bench/sampler.py`: bench/ is on the path, and the DPO bench defines the shared shapes.
-from dpo_step import TINY, TINYLLAMA, peak_memory_bytes  # noqa: E402
+from dpo_step import TINY, TINYLLAMA, peak_memory_bytes
 
+from jaxrl import sampling, sharding
+from jaxrl.config import MeshConfig, ModelConfig
+from jaxrl.models import init as model_init
+from jaxrl.models.transformer import count_params
 
 
 def roofline(cfg: ModelConfig, batch: int, prompt: int, new: int, hbm_gbps: float, peak_tflops: float):
@@ -111,8 +111,8 @@ def main(argv=None) -> dict:
     mesh = sharding.make_mesh(MeshConfig(preset=args.preset))
     sharding.check_batch(batch, 1, mesh, args.preset)
 
-    graphdef, _ = train.abstract_model(cfg)
-    params = train.init_params(cfg, 0, mesh, args.preset)
+    graphdef, _ = model_init.abstract_model(cfg)
+    params = model_init.init_params(cfg, 0, mesh, args.preset)
     rng = np.random.default_rng(0)
     ids = jax.device_put(
         rng.integers(3, cfg.vocab_size, (batch, prompt), dtype=np.int32),

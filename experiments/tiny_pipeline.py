@@ -1,8 +1,8 @@
 """A tiny SFT -> RM -> DPO pipeline in the synthetic world (seconds per stage on a CPU).
 
-    jaxrl train --config experiments/tiny_pipeline.py --workdir runs/sft
-    jaxrl train --config experiments/tiny_pipeline.py --workdir runs/rm  --set stage=rm  --set train.init_from=runs/sft
-    jaxrl train --config experiments/tiny_pipeline.py --workdir runs/dpo --set stage=dpo --set train.init_from=runs/sft
+jaxrl train --config experiments/tiny_pipeline.py --workdir runs/sft jaxrl train --config
+experiments/tiny_pipeline.py --workdir runs/rm  --set stage=rm  --set train.init_from=runs/sft jaxrl train
+--config experiments/tiny_pipeline.py --workdir runs/dpo --set stage=dpo --set train.init_from=runs/sft
 """
 
 from jaxrl.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, TrainConfig

@@ -11,7 +11,8 @@ Hyperparameters from the paper's appendix as summarised in the project's referen
 
 Batches are padded to max_len as in the original runs. Most pairs are far shorter than 2048 tokens:
 `--set data.padding=bucket --set data.bucket_multiple=256 --set data.group_by_length=true` computes a fraction
-of the padded positions for the same losses (bench/results/padding.md), at the cost of batches grouped by length.
+of the padded positions for the same losses (bench/results/padding.md), at the cost of batches grouped by
+length.
 """
 
 import dataclasses
@@ -170,9 +171,9 @@ def ppo_config(dataset: str, rm: str, prompts: str) -> dict:
     }
 
 
-# PPO on one of PPO_DATASETS is rewarded by the 13B RM this sweep trains on the same data: its rl.reward_model is
-# "trained:<dataset>", which reward_model() maps to that RM's sweep point (the sweep layer runs it first and puts
-# its run dir in rl.reward_model). The released RMs of REWARD_MODELS are read from CKPT_ROOT.
+# PPO on one of PPO_DATASETS is rewarded by the 13B RM this sweep trains on the same data: its rl.reward_model
+# is "trained:<dataset>", which reward_model() maps to that RM's sweep point (the sweep layer runs it first
+# and puts its run dir in rl.reward_model). The released RMs of REWARD_MODELS are read from CKPT_ROOT.
 TRAINED = "trained:"
 
 

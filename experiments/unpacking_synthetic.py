@@ -5,8 +5,9 @@
 
 The factors:
   data         preference datasets of stated quality: clean (no gold ties), noisy (flipped labels),
-               length_biased, math_only, and on_policy (two samples of the SFT base per prompt, labelled by the
-               clean labeller); each run's data report gives its measured flip rate, tie rate and length bias;
+               length_biased, math_only, and on_policy (two samples of the SFT base per prompt, labelled by
+               the clean labeller); each run's data report gives its measured flip rate, tie rate and length
+               bias;
   algorithm    the DPO family (offline, on the dataset) and PPO (online, rewarded by a reward model trained on
                the dataset), plus GRPO and online DPO arms;
   reward model two sizes per dataset: "small" (the policy's size, from the policy's SFT base) and "large"
@@ -15,8 +16,9 @@ The factors:
 
 How the study measures (fixed before any preference run, the same for every arm):
   - the primary metric is the mean gold reward of sampled responses (8 per prompt at temperature 0.7, the
-    temperature the online arms sample at; one temperature for every arm) on the test split (96 prompts per domain, every domain weighted equally), with its standard error; greedy gold
-    beside it; KL to the SFT base from the same samples (both at that temperature); each arm's paired difference against the same seed's
+    temperature the online arms sample at; one temperature for every arm) on the test split (96 prompts per
+    domain, every domain weighted equally), with its standard error; greedy gold beside it; KL to the SFT base
+    from the same samples (both at that temperature); each arm's paired difference against the same seed's
     SFT base (same prompts, same sampling keys) as `eval/gold_reward_delta`;
   - every policy run evaluates on the validation split (48 prompts per domain, disjoint by text from test)
     during training: those curves are plotted against KL, with the SFT base's best-of-N frontier;
@@ -27,8 +29,8 @@ How the study measures (fixed before any preference run, the same for every arm)
     search on validation picked in the recorded full study; see experiments/results/).
 
 The SFT base is chosen by algorithm-neutral criteria: it is trained until its held-out NLL on demonstrations
-stops falling (750 steps; 250 left it under-trained: held-out NLL 1.79 vs 1.55, and every domain's gold lower),
-so that preference learning is not measured against an unfinished SFT.
+stops falling (750 steps; 250 left it under-trained: held-out NLL 1.79 vs 1.55, and every domain's gold
+lower), so that preference learning is not measured against an unfinished SFT.
 """
 
 import itertools
@@ -56,11 +58,12 @@ ONLINE_GRID = [{"rl.kl_coef": kl, "optim.lr": lr} for kl, lr in itertools.produc
 OFFLINE_RECIPE = {"loss.beta": 1.0, "optim.lr": 5e-4}
 ONLINE_RECIPE = {"rl.kl_coef": 0.05, "optim.lr": 3e-4}
 
-# The Tulu 2.5 PPO recipe scaled down (as in experiments/rl_synthetic.py, whose docstring lists what was kept and
-# what was changed for a 0.1M-parameter model): KL in the reward (k1), temperature 0.7, gamma 1, lambda 0.95,
-# clip 0.2, value clip 0.2, value coefficient 0.1, whitened advantages, one rollout per prompt, the value model
-# initialised from the reward model; constant lr after 10% warmup; rollout batches of 32, two epochs of
-# minibatches of 16; missing-EOS penalty -1. 96 iterations (32 left the gold-reward arm still rising).
+# The Tulu 2.5 PPO recipe scaled down (as in experiments/rl_synthetic.py, whose docstring lists what was kept
+# and what was changed for a 0.1M-parameter model): KL in the reward (k1), temperature 0.7, gamma 1, lambda
+# 0.95, clip 0.2, value clip 0.2, value coefficient 0.1, whitened advantages, one rollout per prompt, the
+# value model initialised from the reward model; constant lr after 10% warmup; rollout batches of 32, two
+# epochs of minibatches of 16; missing-EOS penalty -1. 96 iterations (32 left the gold-reward arm still
+# rising).
 _ONLINE = {
     "optim.schedule": "constant",
     "optim.warmup_ratio": 0.1,
@@ -97,10 +100,20 @@ def get_config() -> Config:
         model=ModelConfig(vocab_size=256, hidden=64, layers=2, heads=4, kv_heads=2, mlp=192),
         optim=OptimConfig(lr=5e-4, warmup_ratio=0.1, schedule="linear"),
         loss=LossConfig(name="dpo", beta=1.0),
-        data=DataConfig(num_train=2048, num_eval=256, max_len=48, max_prompt_len=24, eval_prompts_per_domain=96,
-                        val_prompts_per_domain=48, eval_samples=8, eval_temperature=0.7, eval_best_of=64),
-        train=TrainConfig(steps=120, batch_size=32, log_every=20, eval_every=30, checkpoint_every=60,
-                          tensorboard=False),
+        data=DataConfig(
+            num_train=2048,
+            num_eval=256,
+            max_len=48,
+            max_prompt_len=24,
+            eval_prompts_per_domain=96,
+            val_prompts_per_domain=48,
+            eval_samples=8,
+            eval_temperature=0.7,
+            eval_best_of=64,
+        ),
+        train=TrainConfig(
+            steps=120, batch_size=32, log_every=20, eval_every=30, checkpoint_every=60, tensorboard=False
+        ),
     )
 
 
@@ -125,7 +138,7 @@ def rm_point(data: str, size: str, seed: int) -> dict:
 
 
 def reward_model(point: dict):
-    """The reward-model point an online point's `rl.reward_model` ("<dataset>-<size>") names; None for none."""
+    """The reward-model point an online point's `rl.reward_model` ("<dataset>-<size>") names, or None."""
     name = point.get("rl.reward_model", "")
     if not name:
         return None
@@ -144,7 +157,9 @@ GOLD_PPO = {"stage": "ppo", "rl.verifiable": "gold", "rl.value_init": "policy", 
 
 
 def _full_arms() -> list[dict]:
-    arms = [{"data.synthetic_kind": data, "loss.name": loss} for data, loss in itertools.product(DATASETS, LOSSES)]
+    arms = [
+        {"data.synthetic_kind": data, "loss.name": loss} for data, loss in itertools.product(DATASETS, LOSSES)
+    ]
     # On-policy data is sampled from a run's init_from: only the small reward model starts from the policy.
     arms += [online_point("ppo", rm, "in_domain") for rm in ("clean-small", "clean-large", "noisy-small",
                                                               "on_policy-small")]
@@ -154,8 +169,8 @@ def _full_arms() -> list[dict]:
 
 
 def _default_points() -> list[dict]:
-    """The default grid, seed 0, fixed recipes: DPO on three datasets, PPO with the clean reward model, and PPO
-    on the gold reward (the ceiling an online arm can reach)."""
+    """The default grid, seed 0, fixed recipes: DPO on three datasets, PPO with the clean reward model, and
+    PPO on the gold reward (the ceiling an online arm can reach)."""
     points = [{"data.synthetic_kind": data, "loss.name": "dpo", **OFFLINE_RECIPE, "seed": 0}
               for data in ("clean", "noisy", "on_policy")]
     points.append(rm_point("clean", "small", 0))
@@ -169,7 +184,7 @@ def sweep(full: bool = False):
 
 
 def search(arm: dict) -> list[dict] | None:
-    """The recipe grid of an arm of the full study; None for the default grid's points (fixed recipe and seed)."""
+    """The recipe grid of an arm of the full study; None for the default grid's (fixed recipe and seed)."""
     if "seed" in arm:
         return None
     if arm.get("stage") in ("ppo", "grpo", "online_dpo"):
@@ -191,7 +206,9 @@ def findings(rows: list[dict]) -> list[dict]:
         "data": compare(rows, dpo("clean"), dpo("noisy")),
         "algorithm": compare(rows, ppo("clean-small"), dpo("clean")),
         "reward model": compare(rows, ppo("clean-large"), ppo("clean-small")),
-        "prompts": compare(rows, ppo("clean-small", "math_heavy"), ppo("clean-small"), "eval/gold_reward/math"),
+        "prompts": compare(
+            rows, ppo("clean-small", "math_heavy"), ppo("clean-small"), "eval/gold_reward/math"
+        ),
     }
     out = [
         {"claim": "preference data quality matters: clean beats noisy pairs (DPO)", "what": "clean - noisy",
@@ -209,14 +226,22 @@ def findings(rows: list[dict]) -> list[dict]:
                 "verdict": verdict(measured["prompts"])})
     for name in ("on_policy", "length_biased"):
         result = compare(rows, dpo(name), dpo("clean"))
-        out.append({"claim": f"(open question) {name} vs clean preference data (DPO)", "what": f"{name} - clean",
-                    "result": result, "verdict": "measured" if result else "cannot tell"})
+        out.append(
+            {
+                "claim": f"(open question) {name} vs clean preference data (DPO)",
+                "what": f"{name} - clean",
+                "result": result,
+                "verdict": "measured" if result else "cannot tell",
+            }
+        )
     # The ordering: each factor's effect size; adjacent factors are ordered only when their intervals part.
     sizes = {k: v for k, v in measured.items() if v is not None and v["ci95"] is not None}
     order = ("data", "algorithm", "reward model", "prompts")
     if len(sizes) == len(order):
-        bounds = {k: (abs(v["difference"]) - v["ci95"], abs(v["difference"]) + v["ci95"]) for k, v in sizes.items()}
-        pairs = list(zip(order, order[1:]))
+        bounds = {
+            k: (abs(v["difference"]) - v["ci95"], abs(v["difference"]) + v["ci95"]) for k, v in sizes.items()
+        }
+        pairs = list(zip(order, order[1:], strict=False))
         if all(bounds[a][0] > bounds[b][1] for a, b in pairs):
             ordering = "agrees"
         elif any(bounds[a][1] < bounds[b][0] for a, b in pairs):

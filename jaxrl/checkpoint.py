@@ -1,4 +1,5 @@
-"""orbax-checkpoint: periodic async saves of the whole train state, keep-last-N, exact resume, final params."""
+"""orbax-checkpoint: periodic async saves of the whole train state, keep-last-N, exact resume, final
+params."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ DAMAGED_DIR = "checkpoints_damaged"
 
 def abstract_with_shardings(abstract_tree, shardings):
     """ShapeDtypeStructs carrying the target shardings, for sharded restores."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
+    )
 
 
 class Checkpointer:
@@ -160,7 +163,7 @@ def save_params(path: str | Path, params) -> None:
 
 
 def load_params(path: str | Path, abstract_params):
-    """Reads a params pytree saved by `save_params` into the shapes, dtypes and shardings of `abstract_params`."""
+    """Reads params saved by `save_params` into the shapes, dtypes and shardings of `abstract_params`."""
     path = Path(path).absolute()
     if not path.exists():
         raise FileNotFoundError(f"no saved parameters at {path}")

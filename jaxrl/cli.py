@@ -11,9 +11,10 @@ from jaxrl.config import ConfigError
 
 def _config(args):
     from jaxrl import config as config_lib
+    from jaxrl.validate import validate
 
     module = config_lib.load_experiment(args.config)
-    return config_lib.validate(config_lib.override(module.get_config(), args.set or []))
+    return validate(config_lib.override(module.get_config(), args.set or []))
 
 
 def cmd_train(args) -> int:
@@ -28,7 +29,8 @@ def cmd_train(args) -> int:
 def cmd_sweep(args) -> int:
     import inspect
 
-    from jaxrl import config as config_lib, sweep
+    from jaxrl import config as config_lib
+    from jaxrl import sweep
 
     module = config_lib.load_experiment(args.config)
     if args.full:
@@ -61,11 +63,15 @@ def cmd_sweep(args) -> int:
 def cmd_convert(args) -> int:
     from jaxrl import convert
 
-    if convert.is_hf_dir(args.source):
-        out = convert.hf_to_run(args.source, args.out)
+    hf_overrides = convert.parse_hf_overrides(args.hf_set or [])
+    if convert.is_hf_source(args.source):
+        if args.tokenizer:
+            raise ConfigError("--tokenizer is for an export (run -> HF); an import keeps the checkpoint's")
+        out = convert.hf_to_run(args.source, args.out, overrides=args.set or [], hf_overrides=hf_overrides)
         print(f"wrote jaxrl run directory {out} (use it as train.init_from / train.reference_from)")
     else:
-        out = convert.run_to_hf(args.source, args.out, tokenizer_dir=args.tokenizer)
+        out = convert.run_to_hf(args.source, args.out, tokenizer_dir=args.tokenizer, overrides=args.set or [],
+                                hf_overrides=hf_overrides)
         print(f"wrote Hugging Face checkpoint {out}")
     return 0
 
@@ -96,10 +102,12 @@ def cmd_validate(args) -> int:
     import inspect
     import tempfile
 
-    from jaxrl import config as config_lib, sweep
+    from jaxrl import config as config_lib
+    from jaxrl import sweep
+    from jaxrl.validate import validate
 
     module = config_lib.load_experiment(args.config)
-    config_lib.validate(config_lib.override(module.get_config(), args.set or []))
+    validate(config_lib.override(module.get_config(), args.set or []))
     if not hasattr(module, "sweep"):
         print(f"{args.config}: 1 configuration valid")
         return 0
@@ -109,7 +117,10 @@ def cmd_validate(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:  # expand() validates every run, shared bases included
         runs = sweep.expand(module, tmp, args.set or [])
     points = sum(r.kind == "point" for r in runs)
-    print(f"{args.config}: {len(runs)} configuration(s) valid ({points} sweep runs, {len(runs) - points} shared bases)")
+    print(
+        f"{args.config}: {len(runs)} configuration(s) valid "
+        f"({points} sweep runs, {len(runs) - points} shared bases)"
+    )
     return 0
 
 
@@ -209,10 +220,16 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
     p.set_defaults(fn=cmd_sweep)
 
-    p = sub.add_parser("convert", help="HF checkpoint dir -> jaxrl run dir, or a finished jaxrl run -> HF dir")
+    p = sub.add_parser("convert", help="HF checkpoint dir -> jaxrl run dir, or a finished run -> HF dir")
     p.add_argument("source", help="an HF checkpoint directory or a finished jaxrl run directory")
     p.add_argument("out", help="directory to write")
     p.add_argument("--tokenizer", default=None, help="tokenizer files to copy into an HF export")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="import: the run's config (model.dtype, model.param_dtype, mesh.*, stage); "
+                        "export: mesh.* and model.param_dtype (the saved weights' dtype)")
+    p.add_argument("--hf-set", action="append", metavar="KEY=JSON",
+                   help="export: a config.json entry (pad_token_id=0, eos_token_id=[1,2]); "
+                        "import: the bos/eos/pad ids to keep")
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("eval", help="lm-eval harness tasks on a run dir or HF checkpoint (jaxrl backend)")
@@ -248,13 +265,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
     p.set_defaults(fn=cmd_preflight)
 
-    p = sub.add_parser("prepare", help="read a local dataset file/dir and write it as a versioned TFDS dataset")
+    p = sub.add_parser(
+        "prepare", help="read a local dataset file/dir and write it as a versioned TFDS dataset"
+    )
     p.add_argument("--source", required=True, help="a file or directory the reader --format reads")
     p.add_argument("--format", required=True, help="reader name (jaxrl.data.readers.READERS), e.g. tulu25")
     p.add_argument("--out", required=True, help="TFDS data_dir: the dataset goes to <out>/<name>/<version>")
     p.add_argument("--name", required=True, help="dataset name (snake_case)")
     p.add_argument("--version", default="1.0.0", help="x.y.z; a changed source needs a new version")
-    p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="skip: count malformed rows")
+    p.add_argument(
+        "--on-error", choices=("raise", "skip"), default="raise", help="skip: count malformed rows"
+    )
     p.set_defaults(fn=cmd_prepare)
 
     p = sub.add_parser("launch", help="run jaxrl train on a TPU slice, a SLURM cluster or local processes")
@@ -320,8 +341,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxrl.models.hf import HFCheckpointError
     from jaxrl.preflight import PreflightError
 
-    errors = [ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, RecordError,
-              HFCheckpointError, ChatTemplateError, PreflightError]
+    errors = [
+        ConfigError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        RecordError,
+        HFCheckpointError,
+        ChatTemplateError,
+        PreflightError,
+    ]
     try:
         from launch import LaunchError
 

@@ -1,4 +1,4 @@
-"""Typed, frozen configuration with dotted overrides (`loss.beta=0.3`); unknown keys and bad types are errors."""
+"""Typed, frozen configuration with dotted overrides (`loss.beta=0.3`); unknown keys, bad types are errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,8 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: str = "none"  # "none" | "head" (Qwen3: per head) | "full" (OLMo 2: over all heads)
     norm_position: str = "pre"  # "pre" (Llama) | "post" (OLMo 2: norm after each sublayer)
-    # Mistral / Qwen2 sliding-window attention: 0 is full attention; W > 0 lets each token attend to itself and
-    # the W - 1 tokens before it, in the layers from window_layers on (Qwen2's max_window_layers; 0: all layers)
+    # Mistral / Qwen2 sliding-window attention: 0 is full attention; W > 0 lets each token attend to itself
+    # and the W - 1 tokens before it, in the layers from window_layers on (Qwen2's max_window_layers; 0: all)
     sliding_window: int = 0
     window_layers: int = 0
     tie_embeddings: bool = False
@@ -104,23 +104,23 @@ class DataConfig:
     # alone, else aspect_reduce), a preset ("tulu25", "helpsteer2"), or "helpfulness=0.3,correctness=0.74"
     aspect_weights: str = ""
     min_margin: float = 0.0  # rated completions -> pairs: a pair whose rating gap is below this is dropped
-    # several sources in one (set data.source=mixture): a JSON list of {"source", "format", "count" or "weight",
-    # "binarize", "aspect_weights", "min_margin", "replace"} (jaxrl.data.pipeline.mixture_records)
+    # several sources in one (set data.source=mixture): a JSON list of {"source", "format", "count" or
+    # "weight", "binarize", "aspect_weights", "min_margin", "replace"} (jaxrl.data.pipeline.mixture_records)
     mixture: str = ""
-    truncation: str = "drop"  # "drop" the example | "truncate" (prompt from the left, completion from the right)
+    truncation: str = "drop"  # "drop" the example | "truncate" (prompt from the left, completion the right)
     on_error: str = "raise"  # "raise" | "skip" (counted) for malformed rows
     # "max_len": every batch is max_len wide | "bucket": each batch is cut to the smallest multiple of
-    # bucket_multiple that holds its longest example (a few shapes, each compiled once) | "pack" (sft): several
-    # conversations per row, kept apart by segment ids (attention and positions restart; train.batch_size then
-    # counts packed rows)
+    # bucket_multiple that holds its longest example (a few shapes, each compiled once) | "pack" (sft):
+    # several conversations per row, kept apart by segment ids (attention and positions restart;
+    # train.batch_size then counts packed rows)
     padding: str = "max_len"
     bucket_multiple: int = 64
     group_by_length: bool = False  # batches of similar lengths (windows of 64 batches sorted), for "bucket"
-    eval_prompts_per_domain: int = 32  # synthetic world: held-out prompts per domain for gold-reward eval (0: off)
+    eval_prompts_per_domain: int = 32  # synthetic world: held-out prompts per domain for gold eval (0: off)
     eval_max_new: int = 16  # synthetic world: response tokens sampled at evaluation
-    eval_samples: int = 8  # synthetic world: responses sampled per prompt (the primary metric is their mean gold)
+    eval_samples: int = 8  # synthetic world: responses sampled per prompt (primary metric: their mean gold)
     eval_temperature: float = 1.0  # synthetic world: the temperature those responses are sampled at
-    val_prompts_per_domain: int = 16  # synthetic world: validation-split prompts per domain (curves, selection)
+    val_prompts_per_domain: int = 16  # synthetic world: validation prompts per domain (curves, selection)
     eval_best_of: int = 0  # synthetic world: SFT runs sample this many per test prompt for best-of-N ceilings
 
 
@@ -146,7 +146,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """Online RL (stages ppo, grpo, rloo, reinforce_pp, online_dpo); defaults follow the Tulu 2.5 PPO recipe."""
+    """Online RL (stages ppo, grpo, rloo, reinforce_pp, online_dpo); defaults: the Tulu 2.5 PPO recipe."""
 
     prompt_set: str = "in_domain"  # synthetic prompt set (jaxrl.synthetic.PROMPT_SETS) or a prompts file
     num_prompts: int = 1024
@@ -480,8 +480,18 @@ def _check_ranges(cfg: Config, rows: Iterable[tuple[str, _Range]]) -> None:
             raise ConfigError(f"{key} must be {allowed.text}, got {value!r}")
 
 
+def check_choices(choices: Mapping[str, tuple[Any, Sequence[Any]]]) -> None:
+    """Raises ConfigError naming the first dotted key whose value is not one of its allowed values."""
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+
+
 def validate(cfg: Config) -> Config:
-    """Checks value ranges and cross-field constraints that types cannot express; returns cfg."""
+    """Checks value ranges and cross-field constraints that types cannot express; returns cfg.
+
+    This is the structural part: the names a config gives to registries (losses, readers, estimators, rewards)
+    are checked by the modules that own them, all gathered by `jaxrl.validate.validate`."""
     m, t = cfg.model, cfg.train
     choices = {
         "model.rope_scaling": (m.rope_scaling, ("none", "llama3")),
@@ -499,9 +509,7 @@ def validate(cfg: Config) -> Config:
         "data.padding": (cfg.data.padding, ("max_len", "bucket", "pack")),
         "train.reference": (t.reference, ("cache", "on_the_fly")),
     }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    check_choices(choices)
     _check_ranges(cfg, RANGES)  # before anything divides by a count
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError(f"mesh.data, mesh.fsdp and mesh.tensor must be -1 (all remaining devices) at most "
@@ -521,45 +529,27 @@ def validate(cfg: Config) -> Config:
     if m.heads % m.kv_heads:
         raise ConfigError(f"model.heads ({m.heads}) must be a multiple of model.kv_heads ({m.kv_heads})")
     if t.batch_size % t.grad_accum:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})")
-    if cfg.stage == "dpo":
-        from jaxrl import losses
-
-        try:
-            losses.get_preference_loss(cfg.loss.name)
-        except KeyError as e:
-            raise ConfigError(f"loss.name: {e.args[0]}") from None
-    if cfg.data.source == "synthetic" and cfg.stage != "sft":
-        from jaxrl.synthetic import DATASETS
-
-        kinds = (*DATASETS, "on_policy")  # on_policy: sampled from train.init_from's policy (data.pipeline)
-        if cfg.data.synthetic_kind not in kinds:
-            raise ConfigError(f"data.synthetic_kind must be one of {kinds}, got {cfg.data.synthetic_kind!r}")
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})"
+        )
     if (cfg.data.source == "mixture") != bool(cfg.data.mixture):
         raise ConfigError("data.mixture and data.source=mixture go together (one names the other)")
-    if cfg.data.mixture:
-        from jaxrl.data.pipeline import mixture_entries
-
-        mixture_entries(cfg.data.mixture)  # raises ConfigError naming the bad entry
-    elif cfg.data.source != "synthetic":
-        from jaxrl.data.readers import READERS
-
-        if cfg.data.format not in READERS:
-            raise ConfigError(f"data.format must name a reader for file data, one of {sorted(READERS)}; "
-                              f"got {cfg.data.format!r}")
     if cfg.data.max_prompt_len >= cfg.data.max_len:
         raise ConfigError("data.max_prompt_len must be smaller than data.max_len")
     if cfg.data.padding == "pack" and cfg.stage != "sft":
-        raise ConfigError(f"data.padding=pack packs SFT conversations; stage {cfg.stage} trains on pairs, whose "
-                          f"rows are scored one per example: use data.padding=bucket")
+        raise ConfigError(
+            f"data.padding=pack packs SFT conversations; stage {cfg.stage} trains on pairs, whose "
+            f"rows are scored one per example: use data.padding=bucket"
+        )
     if cfg.stage in RL_STAGES:
         _validate_rl(cfg)
     return cfg
 
 
 def reward_model_sources(value: str) -> list[str]:
-    """The reward-model dirs named by rl.reward_model: one path, or several joined by "," (an ensemble). A value
-    that is an existing path as a whole is one model, so run dirs whose names hold commas need no quoting."""
+    """The reward-model dirs named by rl.reward_model: one path, or several joined by "," (an ensemble). A
+    value that is an existing path as a whole is one model, so run dirs whose names hold commas need no
+    quoting."""
     value = value.strip()
     if not value:
         return []
@@ -569,26 +559,13 @@ def reward_model_sources(value: str) -> list[str]:
 
 
 def _validate_rl(cfg: Config) -> None:
-    """Checks of the rl section for the online-RL stages."""
-    from jaxrl import rewards
-    from jaxrl.rl import advantages, kl
-
+    """Structural checks of the rl section for the online-RL stages (its names: jaxrl.validate)."""
     r = cfg.rl
-    choices = {
-        "rl.kl_estimator": (r.kl_estimator, tuple(kl.KL_ESTIMATORS)),
-        "rl.kl_loss_estimator": (r.kl_loss_estimator, tuple(kl.KL_ESTIMATORS)),
+    check_choices({
         "rl.kl_mode": (r.kl_mode, ("auto", "reward", "loss")),
-        "rl.advantage": (r.advantage, ("",) + tuple(advantages.ADVANTAGE_ESTIMATORS)),
-        "rl.aggregation": (r.aggregation, tuple(advantages.AGGREGATIONS)),
-        "rl.ensemble": (r.ensemble, tuple(rewards.ENSEMBLES)),
-        "rl.reward_transform": (r.reward_transform, tuple(rewards.TRANSFORMS)),
-        "rl.verifiable": (r.verifiable, ("",) + tuple(rewards.VERIFIABLE_REWARDS)),
         "rl.value_init": (r.value_init, ("reward_model", "policy")),
         "rl.reward_norm": (r.reward_norm, ("none", "batch")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
+    })
     _check_ranges(cfg, RL_RANGES)
     if not r.reward_model and not r.verifiable:
         raise ConfigError(f"stage {cfg.stage} needs a reward: set rl.reward_model (a reward-model run) "
@@ -599,24 +576,12 @@ def _validate_rl(cfg: Config) -> None:
     if cfg.stage == "ppo" and r.value_init == "reward_model" and not r.reward_model:
         raise ConfigError("rl.value_init=reward_model needs rl.reward_model; with only a verifiable reward "
                           "set rl.value_init=policy")
-    estimator = r.advantage or {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}.get(cfg.stage, "reinforce_pp")
     if cfg.stage == "online_dpo":
         if r.samples_per_prompt != 2:
             raise ConfigError("online_dpo compares two samples per prompt: set rl.samples_per_prompt=2")
         if r.minibatch % 2:
             raise ConfigError(f"online_dpo: rl.minibatch ({r.minibatch}) counts sequences, two per pair: "
                               f"make it even")
-        from jaxrl import losses
-
-        try:
-            paired = losses.get_preference_loss(cfg.loss.name).paired
-        except KeyError as e:
-            raise ConfigError(f"loss.name: {e.args[0]}") from None
-        if not paired:
-            raise ConfigError(f"online_dpo needs a paired preference loss, not {cfg.loss.name!r}")
-    elif estimator in advantages.GROUP_ESTIMATORS and r.samples_per_prompt < 2:
-        raise ConfigError(f"advantage estimator {estimator!r} compares samples of one prompt: "
-                          f"set rl.samples_per_prompt >= 2")
     rows = r.rollout_batch * r.samples_per_prompt
     if rows % r.minibatch:
         raise ConfigError(f"rl.minibatch ({r.minibatch}) must divide the rollout batch's {rows} sequences "

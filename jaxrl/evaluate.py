@@ -17,7 +17,9 @@ import numpy as np
 from jaxrl import sampling
 
 
-def _generate(graphdef, params, tok, prompts, *, temperature: float, max_new: int, seed: int, batch_size: int):
+def _generate(
+    graphdef, params, tok, prompts, *, temperature: float, max_new: int, seed: int, batch_size: int
+):
     """Responses (token ids, per-token log-probs, masks) for every prompt record, in batches."""
     out = []
     batch_size = min(batch_size, len(prompts))
@@ -46,18 +48,37 @@ def sample_texts(graphdef, params, tok, prompts, *, temperature: float, max_new:
     return texts
 
 
-def score_samples(graphdef, params, ref_params, tok, prompts, *, samples: int, temperature: float, max_new: int,
-                  seed: int = 0, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Per prompt and sample [P, S]: gold reward, log-ratio to the reference (teacher-forced on both sides under
-    the distributions sampled from, both at `temperature`, so its mean is KL(policy_T || reference_T) per
-    response; zeros without a reference), length in tokens and whether the response ended with EOS."""
+def score_samples(
+    graphdef,
+    params,
+    ref_params,
+    tok,
+    prompts,
+    *,
+    samples: int,
+    temperature: float,
+    max_new: int,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[str, np.ndarray]:
+    """Per prompt and sample [P, S]: gold reward, log-ratio to the reference (teacher-forced on both sides
+    under the distributions sampled from, both at `temperature`, so its mean is KL(policy_T || reference_T)
+    per response; zeros without a reference), length in tokens and whether the response ended with EOS."""
     from jaxrl.synthetic import gold_reward
 
     expanded = [record for record in prompts for _ in range(samples)]
     gold, kl, length, eos = [], [], [], []
     index = 0
-    for ids, mask, tokens, _, resp_mask, n in _generate(graphdef, params, tok, expanded, temperature=temperature,
-                                                        max_new=max_new, seed=seed, batch_size=batch_size):
+    for ids, mask, tokens, _, resp_mask, n in _generate(
+        graphdef,
+        params,
+        tok,
+        expanded,
+        temperature=temperature,
+        max_new=max_new,
+        seed=seed,
+        batch_size=batch_size,
+    ):
         if ref_params is not None:
             policy, ref = (np.asarray(jax.device_get(sampling.response_logps(
                 graphdef, p, ids, mask, tokens, resp_mask, temperature=np.float32(temperature or 1.0))))
@@ -97,8 +118,8 @@ def expected_best_of(gold_PS: np.ndarray, n: int) -> np.ndarray:
 
 
 def summarize(scores: dict[str, np.ndarray], domains: list[str], *, best_of=()) -> dict[str, float]:
-    """Metrics of score_samples' arrays: gold_reward (+ _se, per domain), kl (+ _se), length, eos_rate and, for
-    each n in best_of (<= samples), best_of_<n> on gold with its KL bound log n - (n - 1) / n."""
+    """Metrics of score_samples' arrays: gold_reward (+ _se, per domain), kl (+ _se), length, eos_rate and,
+    for each n in best_of (<= samples), best_of_<n> on gold with its KL bound log n - (n - 1) / n."""
     metrics: dict[str, float] = {}
     gold_P = scores["gold"].mean(axis=1)
     metrics["gold_reward"], metrics["gold_reward_se"] = domain_mean(gold_P, domains)
@@ -135,10 +156,12 @@ def paired_difference(a: dict, b: dict) -> tuple[float, float]:
     return domain_mean(np.asarray(a["gold"]) - np.asarray(b["gold"]), a["domain"])
 
 
-def ranking_accuracy(graphdef, params, pairs: dict[str, np.ndarray], *, batch_size: int = 64) -> dict[str, float]:
+def ranking_accuracy(
+    graphdef, params, pairs: dict[str, np.ndarray], *, batch_size: int = 64
+) -> dict[str, float]:
     """How often the policy itself ranks held-out pairs as the gold labels do (Chen et al., 2024, "Preference
-    Learning Algorithms Do Not Learn Preference Rankings"): the fraction of pairs whose chosen completion has the
-    higher summed log-probability (`ranking_accuracy`) and the higher mean per-token log-probability
+    Learning Algorithms Do Not Learn Preference Rankings"): the fraction of pairs whose chosen completion has
+    the higher summed log-probability (`ranking_accuracy`) and the higher mean per-token log-probability
     (`ranking_accuracy_norm`). `pairs` are encode_pairs arrays ("tokens", "loss_mask" [N, 2, T]); a last
     partial batch is filled with repeats and the repeats dropped, so every batch compiles once."""
     import jax.numpy as jnp
@@ -193,9 +216,9 @@ def eval_prompts(cfg, split: str) -> list:
 
 def synthetic_eval(cfg, graphdef, params, ref_params, tok, *, split: str = "test",
                    best_of: bool = False) -> tuple[dict[str, float], dict]:
-    """A policy's evaluation on a split of the synthetic world: (metrics, per-prompt record). Sampled gold over
-    data.eval_samples responses per prompt at data.eval_temperature is the primary metric; greedy beside it; on
-    test, the ranking accuracy on held-out gold pairs, and with `best_of` the best-of-N ceilings from
+    """A policy's evaluation on a split of the synthetic world: (metrics, per-prompt record). Sampled gold
+    over data.eval_samples responses per prompt at data.eval_temperature is the primary metric; greedy beside
+    it; on test, the ranking accuracy on held-out gold pairs, and with `best_of` the best-of-N ceilings from
     data.eval_best_of samples per prompt. Every run uses the same prompts and sampling keys."""
     d = cfg.data
     prompts = eval_prompts(cfg, split)

@@ -459,14 +459,18 @@ def _segment_totals(values_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Arra
     return jax.ops.segment_sum(values_BT.reshape(-1), ids, num_segments=B * T)
 
 
-def sft_denominator(mask_BT: jax.Array, aggregation: str, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+def sft_denominator(mask_BT: jax.Array, aggregation: str,
+                    segment_ids_BT: jax.Array | None = None) -> jax.Array:
     """Whole-batch denominator []: target tokens, or sequences with a target (segments of packed rows, given
     their segment ids); at least 1."""
     mask_BT = jnp.asarray(mask_BT, jnp.float32)
     if aggregation == "token_mean":
         count = jnp.sum(mask_BT)
     elif aggregation == "sequence_mean":
-        per_sequence = jnp.sum(mask_BT, axis=-1) if segment_ids_BT is None else _segment_totals(mask_BT, segment_ids_BT)
+        if segment_ids_BT is None:
+            per_sequence = jnp.sum(mask_BT, axis=-1)
+        else:
+            per_sequence = _segment_totals(mask_BT, segment_ids_BT)
         count = jnp.sum(per_sequence > 0).astype(jnp.float32)
     else:
         raise ValueError(f"unknown SFT aggregation {aggregation!r}; expected one of {SFT_AGGREGATIONS}")

@@ -88,6 +88,14 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     return rows
 
 
+def last_logged(workdir: str | Path, prefix: str = "train/") -> dict:
+    """The metrics of the last logged step (names without `prefix`), for the summary of a resumed run."""
+    rows = [r for r in read_metrics(workdir) if not any(k.startswith(("eval/", "val/")) for k in r)]
+    if not rows:
+        return {}
+    return {k[len(prefix):]: v for k, v in rows[-1].items() if k != "step" and k.startswith(prefix)}
+
+
 def truncate_after(workdir: str | Path, step: int, *, final: bool = False) -> int:
     """Rewrites <workdir>/metrics.jsonl keeping only rows whose "step" <= `step`; returns how many rows it
     dropped. A resumed run calls it with the step of its checkpoint (-1 for a fresh start), so each step is

@@ -30,7 +30,9 @@ from flax import nnx
 
 from jaxrl import config as config_lib
 from jaxrl import losses, sharding, steps
+from jaxrl import validate as validate_lib
 from jaxrl.config import RL_STAGES, Config, ConfigError
+from jaxrl.models import init as model_init
 
 GIB = 1 << 30
 
@@ -394,17 +396,6 @@ def _compile(name: str, jitted, args, holdings: tuple[str, ...], log, **static) 
     return report
 
 
-def _abstract_state(params, tx, seed: int, ref_params=None):
-    return steps.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        rng=jax.random.PRNGKey(seed),
-        skipped=jnp.zeros((), jnp.int32),
-        ref_params=ref_params,
-    )
-
-
 def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
@@ -426,14 +417,12 @@ def _source_model(path: str):
     """The model config of a local run directory or HF checkpoint, or None when it is not here."""
     if not path or not (Path(path) / "config.json").is_file():
         return None
-    from jaxrl.convert import is_hf_dir
+    from jaxrl.models import hf
 
-    if is_hf_dir(path):
-        from jaxrl.models import hf
-
+    if hf.is_hf_dir(path):
         return hf.config_from_hf(hf.read_hf_config(path))
     source = config_lib.from_dict(json.loads((Path(path) / "config.json").read_text()))
-    return dataclasses.replace(source.model, head="scalar" if source.stage == "rm" else "lm")
+    return model_init.stage_model_config(source)
 
 
 def _with_architecture(model_cfg, source_model):
@@ -442,12 +431,6 @@ def _with_architecture(model_cfg, source_model):
     if source_model is None:
         return model_cfg
     return dataclasses.replace(model_cfg, **{k: getattr(source_model, k) for k in ARCHITECTURE_KEYS})
-
-
-def _abstract_model(model_cfg):
-    from jaxrl.train import abstract_model
-
-    return abstract_model(model_cfg)
 
 
 class _Builder:
@@ -496,8 +479,6 @@ class _Builder:
 
 def _offline_programs(b: _Builder, cfg: Config, model_cfg) -> None:
     """SFT, RM, DPO: the runner's train step; DPO also its reference (a cached forward, or in the state)."""
-    from jaxrl.train import loss_hparams, stage_objective
-
     t = cfg.train
     b.check_rows(t.batch_size // t.grad_accum, "train.batch_size / train.grad_accum")
     batch = batch_spec(cfg, t.batch_size)
@@ -506,17 +487,17 @@ def _offline_programs(b: _Builder, cfg: Config, model_cfg) -> None:
     ref_cfg = _with_architecture(model_cfg, _source_model(t.reference_from or t.init_from))
     if needs_ref and not on_the_fly:
         batch["ref_logps"] = _spec((t.batch_size, 2), np.float32)
-    graphdef, params = _abstract_model(model_cfg)
-    ref = _abstract_model(ref_cfg)[1] if on_the_fly else None
+    graphdef, params = model_init.abstract_model(model_cfg)
+    ref = model_init.abstract_model(ref_cfg)[1] if on_the_fly else None
     tx, schedule = steps.make_optimizer(cfg.optim, t.steps)
-    state = jax.eval_shape(lambda p, r: _abstract_state(p, tx, cfg.seed, r), params, ref)
+    state = jax.eval_shape(lambda p, r: steps.new_train_state(p, tx, cfg.seed, r), params, ref)
     holdings = b.hold_state("train", state)
     if on_the_fly:
         b.hold("reference params", state.ref_params)
         holdings += ("reference params",)
-    objective, totals_fn = stage_objective(cfg, graphdef)
+    objective, totals_fn = steps.stage_objective(cfg, graphdef)
     step_fn = steps.bind_step(objective, totals_fn, (tx, schedule), t.grad_accum)
-    hp = jax.eval_shape(lambda: loss_hparams(cfg))
+    hp = jax.eval_shape(lambda: steps.loss_hparams(cfg))
     b.compile(
         "train_step", steps.make_step(step_fn, state, batch, b.mesh, b.preset), (state, batch, hp), holdings
     )
@@ -524,7 +505,7 @@ def _offline_programs(b: _Builder, cfg: Config, model_cfg) -> None:
         # As jaxrl.reference.compute_reference_logps: microbatches of pairs, summed completion log-probs.
         micro = t.batch_size // t.grad_accum
         ref_batch = {k: batch[k].update(shape=(micro,) + batch[k].shape[1:]) for k in ("tokens", "loss_mask")}
-        ref_graphdef, ref_params = _abstract_model(ref_cfg)
+        ref_graphdef, ref_params = model_init.abstract_model(ref_cfg)
         b.hold("reference params", ref_params)
         forward = lambda p, batch, hp: steps.policy_seq_logps(nnx.merge(ref_graphdef, p), batch)[0]
         jitted = steps.make_eval_step(forward, ref_params, ref_batch, b.mesh, b.preset)
@@ -541,7 +522,6 @@ def _rl_programs(b: _Builder, cfg: Config, model_cfg) -> None:
     from jaxrl import rewards, sampling
     from jaxrl.rl import runner
     from jaxrl.rl.losses import RLHParams
-    from jaxrl.train import loss_hparams
 
     r, t, mesh, preset = cfg.rl, cfg.train, b.mesh, b.preset
     dpo = cfg.stage == "online_dpo"
@@ -550,7 +530,7 @@ def _rl_programs(b: _Builder, cfg: Config, model_cfg) -> None:
     b.check_rows(rows, "the rollout batch (rl.rollout_batch x rl.samples_per_prompt)")
     b.check_rows(mb_units // t.grad_accum, "each microbatch (rl.minibatch / train.grad_accum)")
     updates = r.epochs * ((r.rollout_batch if dpo else rows) // mb_units)
-    graphdef, params = _abstract_model(model_cfg)
+    graphdef, params = model_init.abstract_model(model_cfg)
     reward_paths = config_lib.reward_model_sources(r.reward_model)
     reward_cfgs = []
     for path in reward_paths:
@@ -567,13 +547,13 @@ def _rl_programs(b: _Builder, cfg: Config, model_cfg) -> None:
             if r.value_init == "reward_model"
             else dataclasses.replace(model_cfg, head="scalar")
         )
-        value_params = _abstract_model(value_cfg)[1]
+        value_params = model_init.abstract_model(value_cfg)[1]
         value_optim = dataclasses.replace(cfg.optim, lr=r.value_lr or cfg.optim.lr)
         value_tx, value_schedule = steps.make_optimizer(value_optim, t.steps * updates)
 
     def build(p, v):
-        value = None if v is None else _abstract_state(v, value_tx, cfg.seed)
-        return runner.RLState(policy=_abstract_state(p, tx, cfg.seed), value=value)
+        value = None if v is None else steps.new_train_state(v, value_tx, cfg.seed)
+        return runner.RLState(policy=steps.new_train_state(p, tx, cfg.seed), value=value)
 
     state = jax.eval_shape(build, params, value_params)
     train_holdings = b.hold_state("policy", state.policy)
@@ -615,7 +595,7 @@ def _rl_programs(b: _Builder, cfg: Config, model_cfg) -> None:
     stats_fn = functools.partial(
         runner.rollout_stats,
         graphdef=graphdef,
-        value_graphdef=None if value_cfg is None else _abstract_model(value_cfg)[0],
+        value_graphdef=None if value_cfg is None else model_init.abstract_model(value_cfg)[0],
         top_k=r.top_k,
         top_p=r.top_p,
         sequence_logps=dpo,
@@ -632,7 +612,7 @@ def _rl_programs(b: _Builder, cfg: Config, model_cfg) -> None:
     scored = b.batch_placed({k: rollout[k] for k in ("prompt", "prompt_mask", "response", "response_mask")})
     for i, reward_cfg in enumerate(reward_cfgs):
         name = "reward params" + (f" {i}" if len(reward_cfgs) > 1 else "")
-        reward_graphdef, reward_params = _abstract_model(reward_cfg)
+        reward_graphdef, reward_params = model_init.abstract_model(reward_cfg)
         b.hold(name, reward_params, offloaded=r.offload_frozen)
         b.compile(
             "reward_scores" + (f"_{i}" if len(reward_cfgs) > 1 else ""),
@@ -651,7 +631,7 @@ def _rl_programs(b: _Builder, cfg: Config, model_cfg) -> None:
             "ref_logps": _spec((mb_units, 2), np.float32),
             "weight": _spec((mb_units,), np.float32),
         }
-        hp = jax.eval_shape(lambda: loss_hparams(cfg))
+        hp = jax.eval_shape(lambda: steps.loss_hparams(cfg))
     else:
         example = {k: v.update(shape=(mb_units,) + v.shape[1:]) for k, v in rollout.items()}
         example |= {
@@ -660,7 +640,7 @@ def _rl_programs(b: _Builder, cfg: Config, model_cfg) -> None:
         }
         hp = rl_hp
     optimizers = {"policy": (tx, schedule), "value": (value_tx, value_schedule)}
-    value_graphdef = None if value_cfg is None else _abstract_model(value_cfg)[0]
+    value_graphdef = None if value_cfg is None else model_init.abstract_model(value_cfg)[0]
     step_fn = runner.update_fn(cfg, graphdef, value_graphdef, optimizers)
     b.compile(
         "train_step",
@@ -678,7 +658,7 @@ def load_config(spec: str, overrides=()) -> Config:
     make = getattr(module, function or "get_config", None)
     if make is None:
         raise ConfigError(f"{path} defines no {function}()")
-    return config_lib.validate(config_lib.override(make(), overrides))
+    return validate_lib.validate(config_lib.override(make(), overrides))
 
 
 def run(
@@ -693,10 +673,10 @@ def run(
     """Compiles the config's programs for the slice (abstract inputs only) and reports per-chip memory."""
     topo = parse_topology(topology) if isinstance(topology, str) else topology
     devices, used_backend, note = slice_devices(topo, backend)
-    model_cfg = dataclasses.replace(cfg.model, head="scalar" if cfg.stage == "rm" else "lm")
+    model_cfg = model_init.stage_model_config(cfg)
     init_arch = _source_model(cfg.train.init_from)
     model_cfg = _with_architecture(model_cfg, init_arch)
-    config_lib.validate(cfg)
+    validate_lib.validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     builder = _Builder(cfg, mesh, log)
     if cfg.stage in RL_STAGES:

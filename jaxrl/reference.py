@@ -1,4 +1,4 @@
-"""Reference log-probs computed once per (reference model, tokenised dataset) and cached under a content hash."""
+"""Reference log-probs computed once per (reference model, tokenised dataset), cached under a content hash."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ CACHE_VERSION = 1
 
 
 def params_fingerprint(params) -> str:
-    """A content hash of a params pytree, computed on device (two weighted sums per leaf) and hashed on host."""
+    """A content hash of a params pytree: two weighted sums per leaf on device, hashed on the host."""
 
     def leaf_sums(x):
         x = x.astype(jnp.float32).reshape(-1)
@@ -71,7 +71,8 @@ def compute_reference_logps(graphdef, params, arrays: dict[str, np.ndarray], *, 
         order = np.argsort(lengths, kind="stable")
     out = np.zeros((n, 2), np.float32)
     for start in range(0, n, batch_size):
-        idx = order[np.arange(start, start + batch_size) % n]  # the last batch wraps; its extra rows are discarded
+        # The last batch wraps around; its extra rows are discarded.
+        idx = order[np.arange(start, start + batch_size) % n]
         width = (pipeline.bucket_width(lengths, idx, bucket_multiple, arrays["tokens"].shape[-1])
                  if bucket_multiple else None)
         tokens = jax.device_put(arrays["tokens"][idx][..., :width], batch_sharding)
@@ -106,7 +107,7 @@ def _read_cached(path: Path, expected: tuple[int, ...]) -> tuple[np.ndarray | No
 def cached_reference_logps(cache_dir: str | Path, graphdef, params, arrays: dict[str, np.ndarray], *,
                            batch_size: int, mesh, preset: str, log=print,
                            bucket_multiple: int | None = None) -> tuple[np.ndarray, Path, bool]:
-    """Reference log-probs [N, 2] from the cache, computing and storing them on a miss; returns (logps, file, hit)."""
+    """Reference log-probs [N, 2] from the cache, computed and stored on a miss: (logps, file, hit)."""
     key = hashlib.sha256(
         f"v{CACHE_VERSION}:{params_fingerprint(params)}:{arrays_fingerprint(arrays)}".encode()
     ).hexdigest()[:24]

@@ -30,8 +30,10 @@ import numpy as np
 from flax import nnx
 
 from jaxrl import config as config_lib
+from jaxrl import sharding
 from jaxrl.config import ConfigError
 from jaxrl.data.records import PromptRecord
+from jaxrl.models import init as model_init
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +128,15 @@ TRANSFORMS: dict[str, Callable] = {"none": transform_none, "log_sigmoid_centered
 NEEDS_REFERENCE_SCORES = ("log_sigmoid_centered",)
 
 
+def check_config(rl: config_lib.RLConfig) -> None:
+    """rl.ensemble, rl.reward_transform and rl.verifiable name registered ones (ConfigError otherwise)."""
+    config_lib.check_choices({
+        "rl.ensemble": (rl.ensemble, tuple(ENSEMBLES)),
+        "rl.reward_transform": (rl.reward_transform, tuple(TRANSFORMS)),
+        "rl.verifiable": (rl.verifiable, ("",) + tuple(VERIFIABLE_REWARDS)),
+    })
+
+
 def missing_eos(tokens_BN: np.ndarray, mask_BN: np.ndarray, eos_id: int) -> np.ndarray:
     """True [B] where the response holds no EOS (it was cut at the length budget)."""
     return ~np.any((np.asarray(tokens_BN) == eos_id) & np.asarray(mask_BN, bool), axis=-1)
@@ -148,10 +159,8 @@ class RewardModel:
     kept on the host between calls with `offload`."""
 
     def __init__(self, source: str | Path, *, mesh, preset: str, tokenizer=None, offload: bool = False):
-        from jaxrl import sharding, train
-
         self.source = Path(source)
-        params, model_cfg = train.load_run_params(self.source, mesh, preset)
+        params, model_cfg = model_init.load_run_params(self.source, mesh, preset)
         if model_cfg.head != "scalar":
             raise ConfigError(f"reward model {source} is not a scalar-head (stage rm) run")
         if tokenizer is not None:
@@ -162,7 +171,7 @@ class RewardModel:
                     f"{tokenizer.vocab_size}"
                 )
         self.model_cfg = model_cfg
-        self.graphdef, abstract = train.abstract_model(model_cfg)
+        self.graphdef, abstract = model_init.abstract_model(model_cfg)
         self.shardings = sharding.tree_shardings(abstract, preset, mesh)
         self.batch_sharding = sharding.batch_sharding(mesh, preset)
         self.divisor = sharding.batch_divisor(mesh, preset)

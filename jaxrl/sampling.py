@@ -221,7 +221,7 @@ def _with_active_mesh(fn):
     @functools.wraps(fn)
     def wrapper(*args, top_p: float = 1.0, top_k: int = 0, **kwargs):
         # Static (hashable) truncation settings: top_p=1 then compiles without the sort over the vocabulary.
-        return fn(*args, top_p=float(top_p), top_k=int(top_k), active_mesh=sharding._ACTIVE.get(), **kwargs)
+        return fn(*args, top_p=float(top_p), top_k=int(top_k), active_mesh=sharding.active_mesh(), **kwargs)
 
     return wrapper
 

@@ -62,10 +62,12 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
         raise ConfigError("at most one mesh axis may be -1")
     if -1 in sizes:
         if len(devices) % known:
-            raise ConfigError(f"mesh axes {dict(zip(MESH_AXES, sizes))} do not divide {len(devices)} devices")
+            named = dict(zip(MESH_AXES, sizes, strict=True))
+            raise ConfigError(f"mesh axes {named} do not divide {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+        named = dict(zip(MESH_AXES, sizes, strict=True))
+        raise ConfigError(f"mesh {named} needs {math.prod(sizes)} devices, have {len(devices)}")
     if cfg.preset not in PRESETS:
         raise ConfigError(f"mesh.preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
     # Process-major device order keeps the data axis across hosts and fsdp/tensor within one.
@@ -105,7 +107,7 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], preset: str, mesh
     rules = PRESETS[preset]
     used: set[str] = set()
     spec = []
-    for name, dim in zip(axes, shape):
+    for name, dim in zip(axes, shape, strict=False):  # a rule may name fewer axes than the array has
         mesh_axes = rules.get(name) if name else None
         if mesh_axes is None:
             spec.append(None)
@@ -114,8 +116,10 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], preset: str, mesh
         mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
         size = math.prod(mesh.shape[a] for a in mesh_axes)
         if mesh_axes and dim % size:
-            warnings.warn(f"dimension {name}={dim} does not divide mesh axes {mesh_axes} (size {size}); replicated",
-                          stacklevel=2)
+            warnings.warn(
+                f"dimension {name}={dim} does not divide mesh axes {mesh_axes} (size {size}); replicated",
+                stacklevel=2,
+            )
             mesh_axes = ()
         used.update(mesh_axes)
         spec.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
@@ -168,6 +172,11 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh, preset: str) -> No
 
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, str] | None] = contextvars.ContextVar("jaxrl_mesh", default=None)
+
+
+def active_mesh() -> tuple[Mesh, str] | None:
+    """The (mesh, preset) of the enclosing `use_mesh` block, or None outside one."""
+    return _ACTIVE.get()
 
 
 @contextlib.contextmanager

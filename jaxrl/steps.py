@@ -13,7 +13,7 @@ import optax
 from flax import nnx
 
 from jaxrl import losses, sharding
-from jaxrl.config import OptimConfig
+from jaxrl.config import Config, OptimConfig
 
 Batch = dict[str, jax.Array]
 Totals = dict[str, jax.Array]
@@ -24,9 +24,15 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimiser updates applied
     params: Any  # pure dict of arrays
     opt_state: Any
-    rng: jax.Array  # raw uint32 key, folded with the step where randomness is needed
+    rng: jax.Array  # raw uint32 key of the run's seed; no step reads it yet (it is in every checkpoint)
     skipped: jax.Array  # int32 scalar: updates skipped because the loss or gradient was not finite
     ref_params: Any = None  # frozen reference for on-the-fly DPO log-probs (no optimiser state)
+
+
+def new_train_state(params, tx: optax.GradientTransformation, seed: int, ref_params=None) -> TrainState:
+    """The state before the first update: `tx`'s fresh moments for `params`; a frozen `ref_params` or None."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(seed), skipped=jnp.zeros((), jnp.int32), ref_params=ref_params)
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -159,6 +165,30 @@ def preference_objective(params, batch: Batch, hp, totals: Totals, *, graphdef, 
     return jnp.sum(loss_B) / n, out
 
 
+def stage_objective(cfg: Config, graphdef):
+    """(objective, totals_fn) of an offline stage (sft, rm, dpo), its static settings bound."""
+    if cfg.stage == "sft":
+        return (functools.partial(sft_objective, graphdef=graphdef, aggregation=cfg.loss.sft_aggregation),
+                functools.partial(sft_totals, aggregation=cfg.loss.sft_aggregation))
+    if cfg.stage == "rm":
+        return functools.partial(rm_objective, graphdef=graphdef, use_margin=cfg.loss.rm_margin), pair_totals
+    return (functools.partial(preference_objective, graphdef=graphdef, loss_name=cfg.loss.name), pair_totals)
+
+
+def loss_hparams(cfg: Config) -> losses.LossHParams:
+    """The loss hyperparameters as an array pytree (a new value never recompiles)."""
+    l = cfg.loss
+    return losses.LossHParams.create(
+        beta=l.beta,
+        label_smoothing=l.label_smoothing,
+        gamma=l.gamma,
+        nll_alpha=l.nll_alpha,
+        rm_center=l.rm_center,
+        desirable_weight=l.desirable_weight,
+        undesirable_weight=l.undesirable_weight,
+    )
+
+
 def _microbatches(batch: Batch, grad_accum: int) -> Batch:
     # Row i of microbatch a is row i*A + a of the batch: the leading (sharded) dimension stays whole on
     # every device, so splitting needs no communication.
@@ -190,8 +220,8 @@ def accumulate(objective: Callable, params, batch: Batch, hp, totals: Totals, gr
 
 def train_step(state: TrainState, batch: Batch, hp, *, objective: Callable, totals_fn: Callable,
                tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int = 1):
-    """One optimiser update; a non-finite loss, gradient, update or result leaves params and moments untouched and
-    is counted."""
+    """One optimiser update; a non-finite loss, gradient, update or result leaves params and moments untouched
+    and is counted."""
     if state.ref_params is not None:
         objective = functools.partial(objective, ref_params=state.ref_params)
     totals = totals_fn(batch)

@@ -65,6 +65,8 @@ def expand(module, workdir: str | Path, overrides=(), points: list[dict] | None 
                                       runs expanded here are the grid's, on the search seed (None: the arm is
                                       a plain point).
     """
+    from jaxrl.validate import validate
+
     workdir = Path(workdir).absolute()
     base = config_lib.override(module.get_config(), overrides)
     if points is None:
@@ -88,7 +90,7 @@ def expand(module, workdir: str | Path, overrides=(), points: list[dict] | None 
             sft = config_lib.override(module.sft_config(plain), shared)
             if sft.stage not in config_lib.RL_STAGES:
                 sft = dataclasses.replace(sft, rl=base.rl)
-            sft = config_lib.validate(sft)
+            sft = validate(sft)
             sft_id = f"sft,{config_hash(sft)}"
             runs.setdefault(sft_id, Run(sft_id, sft, {}, "base"))
             cfg = config_lib.override(cfg, {"train.init_from": run_dir(sft_id)})
@@ -98,10 +100,12 @@ def expand(module, workdir: str | Path, overrides=(), points: list[dict] | None 
             if rm_point is not None:
                 rm_id = add_point(dict(rm_point))
                 if runs[rm_id].cfg.stage != "rm":
-                    raise config_lib.ConfigError(f"reward_model({point}) names run {rm_id}, which is not an rm run")
+                    raise config_lib.ConfigError(
+                        f"reward_model({point}) names run {rm_id}, which is not an rm run"
+                    )
                 cfg = config_lib.override(cfg, {"rl.reward_model": run_dir(rm_id)})
                 deps.append(rm_id)
-        cfg = config_lib.validate(cfg)
+        cfg = validate(cfg)
         rid = run_id(cfg, point)
         if rid in runs and runs[rid].cfg != cfg:
             raise config_lib.ConfigError(f"two sweep points map to run id {rid!r} with different configs")
@@ -114,8 +118,8 @@ def expand(module, workdir: str | Path, overrides=(), points: list[dict] | None 
 
 
 def selection(module) -> dict:
-    """A search study's selection settings: the seed the grid is searched on, the fresh seeds the selected recipe
-    is rerun with, and the validation metric that selects (higher is better)."""
+    """A search study's selection settings: the seed the grid is searched on, the fresh seeds the selected
+    recipe is rerun with, and the validation metric that selects (higher is better)."""
     settings = {"search_seed": 0, "seeds": [1, 2, 3], "metric": "val/gold_reward"}
     settings |= dict(module.selection()) if hasattr(module, "selection") else {}
     if not str(settings["metric"]).startswith("val/"):
@@ -125,8 +129,8 @@ def selection(module) -> dict:
 
 
 def search_points(module) -> list[dict]:
-    """Every arm of sweep() with every setting of its search(arm) grid, on the search seed (an arm whose grid is
-    None is a plain point, run as it is)."""
+    """Every arm of sweep() with every setting of its search(arm) grid, on the search seed (an arm whose grid
+    is None is a plain point, run as it is)."""
     seed = selection(module)["search_seed"]
     points = []
     for arm in module.sweep():
@@ -140,8 +144,12 @@ def validation_scores(run_dir: Path, metric: str) -> list[tuple[int, float]]:
     metric."""
     from jaxrl.metrics import read_metrics
 
-    rows = [{k: v for k, v in row.items() if k == "step" or k.startswith("val/")} for row in read_metrics(run_dir)]
-    return [(int(row["step"]), float(row[metric])) for row in rows if isinstance(row.get(metric), (int, float))]
+    rows = [
+        {k: v for k, v in row.items() if k == "step" or k.startswith("val/")} for row in read_metrics(run_dir)
+    ]
+    return [
+        (int(row["step"]), float(row[metric])) for row in rows if isinstance(row.get(metric), (int, float))
+    ]
 
 
 def select_recipe(candidates: list[tuple[dict, Path]], metric: str) -> tuple[dict, int, float]:
@@ -158,7 +166,7 @@ def select_recipe(candidates: list[tuple[dict, Path]], metric: str) -> tuple[dic
 
 
 def final_points(module, workdir: Path, overrides=()) -> tuple[list[dict], dict[str, dict]]:
-    """The selected recipe of every arm with the fresh seeds, and what was selected per arm (for the table)."""
+    """The selected recipe of every arm with the fresh seeds, and what was selected per arm (the table's)."""
     settings = selection(module)
     search = {r.id: r for r in expand(module, workdir, overrides) if r.kind == "point"}
     by_point = {json.dumps(r.point, sort_keys=True): r.id for r in search.values()}
@@ -174,7 +182,9 @@ def final_points(module, workdir: Path, overrides=()) -> tuple[list[dict], dict[
             rid = by_point[json.dumps(point, sort_keys=True)]
             candidates.append((setting, workdir / "runs" / rid))
         setting, step, score = select_recipe(candidates, settings["metric"])
-        steps = search[by_point[json.dumps({**arm, **setting, "seed": settings["search_seed"]}, sort_keys=True)]]
+        steps = search[
+            by_point[json.dumps({**arm, **setting, "seed": settings["search_seed"]}, sort_keys=True)]
+        ]
         recipe = dict(setting)
         if step != steps.cfg.train.steps:
             recipe["train.steps"] = step  # the selected checkpoint: the rerun trains that long
@@ -186,7 +196,8 @@ def final_points(module, workdir: Path, overrides=()) -> tuple[list[dict], dict[
 def check_stale(runs: list[Run], workdir: Path) -> None:
     """Refuses, before anything runs, a run dir whose saved config is not its point's config (a study file or
     an override changed since it ran), naming the keys that differ."""
-    from jaxrl import train, workdir as workdir_lib
+    from jaxrl import train
+    from jaxrl import workdir as workdir_lib
 
     problems = []
     for r in runs:
@@ -240,7 +251,8 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float) -> list[Run]:
     """Trains every unfinished run of `runs` (see run_sweep); returns `runs`."""
     from tqdm import tqdm
 
-    from jaxrl import train, workdir as workdir_lib
+    from jaxrl import train
+    from jaxrl import workdir as workdir_lib
 
     (workdir / "runs").mkdir(parents=True, exist_ok=True)
     check_stale(runs, workdir)
@@ -267,7 +279,9 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float) -> list[Run]:
             bar.set_postfix_str(r.id[:60])
             start = time.perf_counter()
             try:
-                train.run(config_lib.override(r.cfg, {"train.progress": False}), workdir / "runs" / r.id, log=quiet)
+                train.run(
+                    config_lib.override(r.cfg, {"train.progress": False}), workdir / "runs" / r.id, log=quiet
+                )
                 bar.write(f"finished {r.id} in {time.perf_counter() - start:.0f}s")
             except workdir_lib.WorkdirLocked:
                 continue  # another sweep is training it; come back to it
@@ -292,7 +306,7 @@ def _enable_compilation_cache(path: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def _base_labels(runs: list[Run]) -> dict[str, dict[str, Any]]:
+def base_labels(runs: list[Run]) -> dict[str, dict[str, Any]]:
     """For shared base runs (which have no overrides of their own), the settings that tell them apart: the
     config keys whose values differ between base runs of one stage (seed and paths aside)."""
     bases = [r for r in runs if r.kind == "base"]
@@ -314,7 +328,7 @@ def collect(runs: list[Run], workdir: Path) -> list[dict]:
     from jaxrl import workdir as workdir_lib
 
     rows = []
-    labels = _base_labels(runs)
+    labels = base_labels(runs)
     summaries = {r.id: workdir_lib.finished_summary(workdir / "runs" / r.id) for r in runs}
     failed = {rid for rid, s in summaries.items() if s is not None and s.get("status") == "failed"}
     for r in runs:
@@ -340,8 +354,8 @@ def collect(runs: list[Run], workdir: Path) -> list[dict]:
 
 
 def _against_base(r: Run, summary: dict, runs: list[Run], summaries: dict) -> dict:
-    """The paired gold difference of a policy run against its own SFT base (same seed, same prompts and sampling
-    keys), prompt by prompt: eval/gold_reward_delta and its standard error."""
+    """The paired gold difference of a policy run against its own SFT base (same seed, same prompts and
+    sampling keys), prompt by prompt: eval/gold_reward_delta and its standard error."""
     from jaxrl.evaluate import paired_difference
 
     stages = {x.id: x.cfg.stage for x in runs}
@@ -378,7 +392,7 @@ def aggregate(rows: list[dict], metrics: list[str], group_keys: list[str]) -> li
         groups.setdefault(tuple(str(row.get(k, "")) for k in group_keys), []).append(row)
     out = []
     for key, members in groups.items():
-        agg = dict(zip(group_keys, key))
+        agg = dict(zip(group_keys, key, strict=True))
         agg["seeds"] = len(members)
         agg["skipped"] = sum(int(r.get("skipped_steps") or 0) for r in members)
         agg["failed"] = sum(r.get("status", "finished") != "finished" for r in members)
@@ -387,8 +401,11 @@ def aggregate(rows: list[dict], metrics: list[str], group_keys: list[str]) -> li
                       if r.get("status", "finished") == "finished" and isinstance(r.get(m), (int, float))]
             agg[m] = float(np.mean(values)) if values else None
             agg[f"{m} std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
-            errors = [r[f"{m}_se"] for r in members
-                      if r.get("status", "finished") == "finished" and isinstance(r.get(f"{m}_se"), (int, float))]
+            errors = [
+                r[f"{m}_se"]
+                for r in members
+                if r.get("status", "finished") == "finished" and isinstance(r.get(f"{m}_se"), (int, float))
+            ]
             if errors:  # the metric has its own standard error: 95% intervals, over seeds and per seed
                 agg[f"{m} ci95"] = interval(values, errors)
                 agg[f"{m} seed_ci95"] = 1.96 * max(errors)
@@ -419,18 +436,28 @@ def write_results(rows: list[dict], metrics: list[str], workdir: Path) -> tuple[
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table:
         cells = [_fmt(r.get(k)) for k in group_keys + ["seeds"]]
-        cells += [("FAILED " if k == "failed" else "") + f"{r[k]} of {r['seeds']}" if r[k] else "" for k in facts]
+        cells += [
+            ("FAILED " if k == "failed" else "") + f"{r[k]} of {r['seeds']}" if r[k] else "" for k in facts
+        ]
         for m in metrics:
             mean, std, ci = r.get(m), r.get(f"{m} std"), r.get(f"{m} ci95")
             spread = ci if ci is not None else std
-            cells.append("" if mean is None else (f"{mean:.3f} ± {spread:.3f}" if spread is not None else f"{mean:.3f}"))
+            cells.append(
+                ""
+                if mean is None
+                else (f"{mean:.3f} ± {spread:.3f}" if spread is not None else f"{mean:.3f}")
+            )
         lines.append("| " + " | ".join(cells) + " |")
     markdown = "\n".join(lines) + "\n"
     md_path, csv_path = workdir / "results.md", workdir / "results.csv"
     md_path.write_text(markdown)
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=group_keys + ["seeds", "skipped", "failed"]
-                                + [x for m in metrics for x in (m, f"{m} std", f"{m} ci95", f"{m} seed_ci95")])
+        writer = csv.DictWriter(
+            f,
+            fieldnames=group_keys
+            + ["seeds", "skipped", "failed"]
+            + [x for m in metrics for x in (m, f"{m} std", f"{m} ci95", f"{m} seed_ci95")],
+        )
         writer.writeheader()
         for r in table:
             writer.writerow({k: r.get(k) for k in writer.fieldnames})
@@ -454,9 +481,9 @@ def _algorithm(row: dict) -> str:
 
 
 def write_plots(rows: list[dict], workdir: Path) -> list[Path]:
-    """Two PNGs: test gold reward per arm (bars: mean over seeds with its 95% interval; dots: each domain), arms
-    sorted by gold reward; and validation curves of gold reward against KL to the reference over training, one
-    line per arm, with the best-of-N frontier of the SFT base (as in Gao et al., 2022)."""
+    """Two PNGs: test gold reward per arm (bars: mean over seeds with its 95% interval; dots: each domain),
+    arms sorted by gold reward; and validation curves of gold reward against KL to the reference over
+    training, one line per arm, with the best-of-N frontier of the SFT base (as in Gao et al., 2022)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -484,8 +511,14 @@ def write_plots(rows: list[dict], workdir: Path) -> list[Path]:
     ax.barh(y, [mean(a, "eval/gold_reward") for a in labels], xerr=spread, color="0.8", label="all domains")
     markers = "os^Dv<>p"
     for i, d in enumerate(domains):
-        ax.scatter([mean(a, f"eval/gold_reward/{d}") for a in labels], y, s=14, marker=markers[i % len(markers)],
-                   label=d, zorder=3)
+        ax.scatter(
+            [mean(a, f"eval/gold_reward/{d}") for a in labels],
+            y,
+            s=14,
+            marker=markers[i % len(markers)],
+            label=d,
+            zorder=3,
+        )
     ax.set_yticks(y, labels, fontsize=7)
     ax.set_xlim(0, 1)
     ax.set_xlabel("gold reward (sampled, test prompts); bar: mean over seeds with its 95% interval")
@@ -504,15 +537,20 @@ def validation_curve(run_dir: Path) -> list[tuple[int, float, float]]:
     """(step, KL, gold) of a run's validation evaluations over training, from its metrics.jsonl."""
     from jaxrl.metrics import read_metrics
 
-    return [(int(r["step"]), float(r["val/kl"]), float(r["val/gold_reward"])) for r in read_metrics(run_dir)
-            if isinstance(r.get("val/kl"), (int, float)) and isinstance(r.get("val/gold_reward"), (int, float))]
+    return [
+        (int(r["step"]), float(r["val/kl"]), float(r["val/gold_reward"]))
+        for r in read_metrics(run_dir)
+        if isinstance(r.get("val/kl"), (int, float)) and isinstance(r.get("val/gold_reward"), (int, float))
+    ]
 
 
 def _curves_plot(plt, arms: dict[str, list[dict]], labels: list[str], workdir: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     algorithms = sorted({_algorithm(arms[a][0]) for a in labels})
     colours = plt.get_cmap("tab10" if len(algorithms) <= 10 else "tab20")
-    bases = [arms[a][0] for a in labels if arms[a][0].get("kind") == "base" and arms[a][0].get("stage") == "sft"]
+    bases = [
+        arms[a][0] for a in labels if arms[a][0].get("kind") == "base" and arms[a][0].get("stage") == "sft"
+    ]
     start = [(0, 0.0, bases[0]["val/gold_reward"])] if bases and isinstance(bases[0].get("val/gold_reward"),
                                                                             float) else []
     for arm in labels:
@@ -531,8 +569,11 @@ def _curves_plot(plt, arms: dict[str, list[dict]], labels: list[str], workdir: P
     for base in bases[:1]:
         frontier = []
         for prefix in ("val/", "eval/"):  # the validation split's frontier, else the test split's
-            frontier = frontier or sorted((base[f"{k}_kl_bound"], base[k]) for k in base
-                                          if re.fullmatch(rf"{prefix}best_of_\d+", k) and f"{k}_kl_bound" in base)
+            frontier = frontier or sorted(
+                (base[f"{k}_kl_bound"], base[k])
+                for k in base
+                if re.fullmatch(rf"{prefix}best_of_\d+", k) and f"{k}_kl_bound" in base
+            )
         if frontier:
             ax.plot([kl for kl, _ in frontier], [g for _, g in frontier], "k--", linewidth=1.2,
                     label="best-of-N on gold from the SFT base")
@@ -549,9 +590,9 @@ def _curves_plot(plt, arms: dict[str, list[dict]], labels: list[str], workdir: P
 
 
 def compare(rows: list[dict], a: dict, b: dict, metric: str = "eval/gold_reward") -> dict | None:
-    """The difference a - b of a metric between two arms (rows whose settings include `a`, resp. `b`), with a 95%
-    interval: paired by seed over the seeds both arms ran (Student's t) when there are several, else from the
-    two runs' own standard errors. None when either arm has no finished run."""
+    """The difference a - b of a metric between two arms (rows whose settings include `a`, resp. `b`), with a
+    95% interval: paired by seed over the seeds both arms ran (Student's t) when there are several, else from
+    the two runs' own standard errors. None when either arm has no finished run."""
 
     def pick(match: dict) -> dict[int, dict]:
         return {int(r.get("seed", 0)): r for r in rows if r.get("status", "finished") == "finished"
@@ -582,14 +623,19 @@ def verdict(result: dict | None, expected_sign: int = 1) -> str:
 
 
 def write_findings(findings: list[dict], workdir: Path) -> str:
-    """findings.md: one row per claim (the paper's claim, what was measured with its interval, the verdict)."""
-    lines = ["| claim (Ivison et al., 2024) | measured | 95% interval | seeds | verdict |", "|---|---|---|---|---|"]
+    """findings.md: one row per claim (the paper's claim, what was measured with its interval, a verdict)."""
+    lines = [
+        "| claim (Ivison et al., 2024) | measured | 95% interval | seeds | verdict |",
+        "|---|---|---|---|---|",
+    ]
     for f in findings:
         r = f.get("result")
         measured = "" if r is None else f"{r['difference']:+.3f}"
         ci = "" if r is None or r["ci95"] is None else f"± {r['ci95']:.3f}"
-        lines.append(f"| {f['claim']} | {f.get('what', '')} {measured} | {ci} | {'' if r is None else r['seeds']} "
-                     f"| {f['verdict']} |")
+        lines.append(
+            f"| {f['claim']} | {f.get('what', '')} {measured} | {ci} | {'' if r is None else r['seeds']} "
+            f"| {f['verdict']} |"
+        )
     markdown = "\n".join(lines) + "\n"
     (workdir / "findings.md").write_text(markdown)
     return markdown

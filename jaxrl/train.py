@@ -1,101 +1,28 @@
-"""The runner: builds data, model and step for a stage, trains with checkpoints and exact resume, evaluates."""
+"""The offline runner: builds data, model and step for a stage, trains with checkpoints and exact resume,
+evaluates; online-RL stages go to jaxrl.rl.runner."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxrl import checkpoint, distributed, losses, reference, sharding, steps
-from jaxrl import metrics as metrics_lib
-from jaxrl import workdir as workdir_lib
 from jaxrl import config as config_lib
-from jaxrl.config import Config, ConfigError
+from jaxrl import metrics as metrics_lib
+from jaxrl import validate as validate_lib
+from jaxrl import workdir as workdir_lib
+from jaxrl.config import Config
 from jaxrl.data import pipeline
 from jaxrl.metrics import MetricWriter
-from jaxrl.models.transformer import Transformer, flops_per_token
+from jaxrl.models import init as model_init
+from jaxrl.models.transformer import flops_per_token
 
 DONE_FILE = workdir_lib.SUMMARY_FILE
-
-
-def stage_model_config(cfg: Config):
-    """The model config a stage trains: a scalar head for reward models, an LM head otherwise."""
-    return dataclasses.replace(cfg.model, head="scalar" if cfg.stage == "rm" else "lm")
-
-
-def loss_hparams(cfg: Config) -> losses.LossHParams:
-    """The loss hyperparameters as an array pytree (a new value never recompiles)."""
-    l = cfg.loss
-    return losses.LossHParams.create(beta=l.beta, label_smoothing=l.label_smoothing, gamma=l.gamma,
-                                     nll_alpha=l.nll_alpha, rm_center=l.rm_center,
-                                     desirable_weight=l.desirable_weight, undesirable_weight=l.undesirable_weight)
-
-
-def stage_objective(cfg: Config, graphdef):
-    """(objective, totals_fn) for the stage."""
-    if cfg.stage == "sft":
-        return (functools.partial(steps.sft_objective, graphdef=graphdef, aggregation=cfg.loss.sft_aggregation),
-                functools.partial(steps.sft_totals, aggregation=cfg.loss.sft_aggregation))
-    if cfg.stage == "rm":
-        return functools.partial(steps.rm_objective, graphdef=graphdef, use_margin=cfg.loss.rm_margin), steps.pair_totals
-    return (functools.partial(steps.preference_objective, graphdef=graphdef, loss_name=cfg.loss.name),
-            steps.pair_totals)
-
-
-def abstract_model(model_cfg):
-    """(graphdef, abstract params) without allocating anything."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
-    return graphdef, nnx.to_pure_dict(state)
-
-
-def init_params(model_cfg, seed: int, mesh, preset: str):
-    """Freshly initialised parameters, created directly in their sharded layout."""
-    _, abstract = abstract_model(model_cfg)
-    shardings = sharding.tree_shardings(abstract, preset, mesh)
-    make = lambda: nnx.to_pure_dict(nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))[1])
-    return jax.jit(make, out_shardings=shardings)()
-
-
-def load_run_params(source: str | Path, mesh, preset: str):
-    """(params, model config) of a finished run's workdir or of an HF checkpoint directory, placed by the rule
-    table (an HF checkpoint is read tensor by tensor straight into its shards)."""
-    from jaxrl.convert import is_hf_dir
-
-    source_dir = Path(source)
-    if is_hf_dir(source_dir):
-        from jaxrl.models import hf
-
-        source_model, params = hf.load_hf(source_dir, mesh=mesh, preset=preset)
-        return params, source_model
-    source_cfg_file = source_dir / "config.json"
-    if not source_cfg_file.exists():
-        raise ConfigError(f"{source} is neither a jaxrl run directory nor an HF checkpoint (no config.json)")
-    source_cfg = config_lib.from_dict(json.loads(source_cfg_file.read_text()))
-    source_model = stage_model_config(source_cfg)
-    _, abstract = abstract_model(source_model)
-    target = checkpoint.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, preset, mesh))
-    return checkpoint.load_params(checkpoint.final_params_dir(source_dir), target), source_model
-
-
-def merge_init(fresh, loaded, log) -> dict:
-    """Takes every loaded top-level module whose shapes match; keeps fresh ones (e.g. a new scalar head)."""
-    merged = {}
-    for name, value in fresh.items():
-        if name in loaded and jax.tree.map(jnp.shape, loaded[name]) == jax.tree.map(jnp.shape, value):
-            merged[name] = loaded[name]
-        elif name in loaded:
-            raise ConfigError(f"init_from: shapes of {name!r} differ from this run's model config")
-        else:
-            log(f"init_from: {name!r} not in the source, freshly initialised")
-            merged[name] = value
-    return merged
 
 
 def _mean_metrics(parts: list[dict]) -> dict:
@@ -120,11 +47,12 @@ def evaluate(eval_fn, params, arrays, hp, batch_size: int, mesh, preset: str, re
 def resolve(cfg: Config) -> Config:
     """The config a run trains: an HF init_from decides the architecture; validated."""
     if cfg.train.init_from:
-        from jaxrl.convert import is_hf_dir, with_hf_architecture
+        from jaxrl.convert import with_hf_architecture
+        from jaxrl.models.hf import is_hf_dir
 
         if is_hf_dir(cfg.train.init_from):
             cfg = with_hf_architecture(cfg, cfg.train.init_from)  # the checkpoint decides the architecture
-    return config_lib.validate(cfg)
+    return validate_lib.validate(cfg)
 
 
 def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None = None) -> dict:
@@ -140,7 +68,9 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
 
         return runner.run(cfg, workdir, log=log, stop_after=stop_after)
     workdir = Path(workdir).absolute()
-    return workdir_lib.run_in(workdir, cfg, lambda commit: _train(cfg, workdir, commit, log, stop_after), log=log)
+    return workdir_lib.run_in(
+        workdir, cfg, lambda commit: _train(cfg, workdir, commit, log, stop_after), log=log
+    )
 
 
 def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dict:
@@ -153,22 +83,23 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
     if jax.process_index() == 0 and hasattr(data.tokenizer, "save"):
         data.tokenizer.save(workdir / "tokenizer.json")
 
-    model_cfg = stage_model_config(cfg)
-    graphdef, abstract_params = abstract_model(model_cfg)
-    params = init_params(model_cfg, cfg.seed, mesh, preset)
+    model_cfg = model_init.stage_model_config(cfg)
+    graphdef, abstract_params = model_init.abstract_model(model_cfg)
+    params = model_init.init_params(model_cfg, cfg.seed, mesh, preset)
     if t.init_from:
-        loaded, _ = load_run_params(t.init_from, mesh, preset)
-        params = merge_init(params, loaded, log)
-    hp = loss_hparams(cfg)
+        loaded, _ = model_init.load_run_params(t.init_from, mesh, preset)
+        params = model_init.merge_init(params, loaded, log)
+    hp = steps.loss_hparams(cfg)
 
     ref_params = ref = None
     train_arrays, eval_arrays = dict(data.train), dict(data.eval)
     needs_ref = cfg.stage == "dpo" and losses.get_preference_loss(cfg.loss.name).needs_reference
     if needs_ref:
         source = t.reference_from or t.init_from
-        ref = load_run_params(source, mesh, preset)[0] if source else params
+        ref = model_init.load_run_params(source, mesh, preset)[0] if source else params
         if not source:
-            log("warning: no train.init_from or train.reference_from: the reference is the random initialisation")
+            log("warning: no train.init_from or train.reference_from: "
+                "the reference is the random initialisation")
         if t.reference == "cache":
             cache_dir = Path(t.cache_dir) if t.cache_dir else workdir / "cache"
             micro = t.batch_size // t.grad_accum
@@ -181,17 +112,21 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
             ref_params = ref
 
     tx, schedule = steps.make_optimizer(cfg.optim, t.steps)
-    make_state = lambda p, r: _state(p, tx, cfg.seed, r)
+    make_state = lambda p, r: steps.new_train_state(p, tx, cfg.seed, r)
     # The frozen reference (on-the-fly mode) is placed by the same rules as the policy.
     state_shardings = sharding.tree_shardings(jax.eval_shape(make_state, params, ref_params), preset, mesh)
     state = jax.jit(make_state, out_shardings=state_shardings)(params, ref_params)
     del params
 
-    objective, totals_fn = stage_objective(cfg, graphdef)
+    objective, totals_fn = steps.stage_objective(cfg, graphdef)
     step_fn = steps.bind_step(objective, totals_fn, (tx, schedule), t.grad_accum)
-    example = {k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype) for k, v in train_arrays.items()}
+    example = {
+        k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype) for k, v in train_arrays.items()
+    }
     train_step = steps.make_step(step_fn, jax.eval_shape(lambda: state), example, mesh, preset)
-    eval_fn = lambda p, b, h, r: steps.eval_step(p, b, h, objective=objective, totals_fn=totals_fn, ref_params=r)
+    eval_fn = lambda p, b, h, r: steps.eval_step(
+        p, b, h, objective=objective, totals_fn=totals_fn, ref_params=r
+    )
     eval_step = jax.jit(_with_mesh(eval_fn, mesh, preset))
 
     commit()  # the run has started: from here on the workdir belongs to this config
@@ -206,7 +141,7 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
         start = int(meta["step"])
         log(f"resumed from {workdir}/checkpoints/{latest} at step {start}")
     metrics_lib.truncate_after(workdir, start if start else -1, final=start >= t.steps)
-    resumed_last = last_logged(workdir) if start else {}
+    resumed_last = metrics_lib.last_logged(workdir) if start else {}
 
     bucket = cfg.data.padding == "bucket"
     lengths = pipeline.example_lengths(train_arrays) if bucket or cfg.data.group_by_length else None
@@ -230,11 +165,16 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
         from jaxrl.evaluate import synthetic_eval
 
         # KL is to where the policy started, also for losses that train without a reference (SimPO).
-        eval_ref = ref if ref is not None or not t.init_from else load_run_params(t.init_from, mesh, preset)[0]
+        eval_ref = (
+            ref
+            if ref is not None or not t.init_from
+            else model_init.load_run_params(t.init_from, mesh, preset)[0]
+        )
         # The SFT base also measures the best-of-N ceilings every arm is read against.
         world_eval = lambda params, split, final=False: synthetic_eval(
-            cfg, graphdef, params, eval_ref, data.tokenizer, split=split, best_of=cfg.stage == "sft" and final)
-    progress = _progress(start, t.steps, enabled=t.progress and jax.process_index() == 0)
+            cfg, graphdef, params, eval_ref, data.tokenizer, split=split, best_of=cfg.stage == "sft" and final
+        )
+    progress = workdir_lib.progress(start, t.steps, enabled=t.progress and jax.process_index() == 0)
     pending, window_start, window = None, time.perf_counter(), []
     last, previous_skipped = resumed_last, None
     end = t.steps if stop_after is None else min(stop_after, t.steps)
@@ -265,7 +205,9 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
             if pending is not None:  # rows stay in step order
                 last = _log_metrics(writer, pending, window_start, window, progress)
                 window_start, window, pending = time.perf_counter(), [], None
-            writer.write(step + 1, {f"val/{k}": v for k, v in world_eval(state.params, "validation")[0].items()})
+            writer.write(
+                step + 1, {f"val/{k}": v for k, v in world_eval(state.params, "validation")[0].items()}
+            )
         ckpt.save(step + 1, _saveable(state), {"step": step + 1})
         progress.update(1)
     if failure is None and previous_skipped is not None:
@@ -280,7 +222,9 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
                                            t.max_skipped_fraction) or failure
         ckpt.close()
         writer.close()
-        raise workdir_lib.fail(workdir, cfg, failure, log=log, steps=t.steps, skipped_steps=skipped, train=last)
+        raise workdir_lib.fail(
+            workdir, cfg, failure, log=log, steps=t.steps, skipped_steps=skipped, train=last
+        )
 
     if stop_after is not None and end < t.steps:
         ckpt.save(end, _saveable(state), {"step": end}, force=True)
@@ -290,11 +234,14 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
 
     ckpt.save(t.steps, _saveable(state), {"step": t.steps}, force=True)
     ckpt.close()
-    eval_metrics = evaluate(eval_step, state.params, eval_arrays, hp, t.batch_size // t.grad_accum, mesh, preset,
-                            state.ref_params)
+    eval_metrics = evaluate(
+        eval_step, state.params, eval_arrays, hp, t.batch_size // t.grad_accum, mesh, preset, state.ref_params
+    )
     val_metrics, per_prompt = {}, None
     if world_eval:
-        val_metrics = world_eval(state.params, "validation", True)[0] if cfg.data.val_prompts_per_domain else {}
+        val_metrics = (
+            world_eval(state.params, "validation", True)[0] if cfg.data.val_prompts_per_domain else {}
+        )
         test_metrics, per_prompt = world_eval(state.params, "test", True)
         eval_metrics |= test_metrics
     writer.write(t.steps, {f"val/{k}": v for k, v in val_metrics.items()}
@@ -313,32 +260,23 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
     return summary
 
 
-def last_logged(workdir: Path, prefix: str = "train/") -> dict:
-    """The metrics of the last logged step (names without `prefix`), for the summary of a resumed run."""
-    rows = [r for r in metrics_lib.read_metrics(workdir) if not any(k.startswith(("eval/", "val/")) for k in r)]
-    if not rows:
-        return {}
-    return {k[len(prefix):]: v for k, v in rows[-1].items() if k != "step" and k.startswith(prefix)}
-
-
 def _on_policy_responder(cfg: Config, mesh, preset: str):
-    """For synthetic on-policy pairs: responder(prompts, seed) -> one sampled text per prompt from the policy in
-    train.init_from (at temperature 1); None for every other data source."""
-    if cfg.data.source != "synthetic" or cfg.data.synthetic_kind != pipeline.ON_POLICY or not cfg.train.init_from:
+    """For synthetic on-policy pairs: responder(prompts, seed) -> one sampled text per prompt from the policy
+    in train.init_from (at temperature 1); None for every other data source."""
+    if (
+        cfg.data.source != "synthetic"
+        or cfg.data.synthetic_kind != pipeline.ON_POLICY
+        or not cfg.train.init_from
+    ):
         return None
     from jaxrl.evaluate import sample_texts
     from jaxrl.synthetic import SyntheticTokenizer
 
-    params, source_model = load_run_params(cfg.train.init_from, mesh, preset)
-    graphdef, _ = abstract_model(dataclasses.replace(source_model, head="lm"))
+    params, source_model = model_init.load_run_params(cfg.train.init_from, mesh, preset)
+    graphdef, _ = model_init.abstract_model(dataclasses.replace(source_model, head="lm"))
     tok = SyntheticTokenizer()
     return lambda prompts, seed: sample_texts(graphdef, params, tok, prompts, temperature=1.0,
                                               max_new=cfg.data.eval_max_new, seed=seed)
-
-
-def _state(params, tx, seed: int, ref_params) -> steps.TrainState:
-    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                            rng=jax.random.PRNGKey(seed), skipped=jnp.zeros((), jnp.int32), ref_params=ref_params)
 
 
 def _saveable(state: steps.TrainState) -> steps.TrainState:
@@ -366,22 +304,3 @@ def _log_metrics(writer, pending, window_start, window, progress):
     writer.write(step, row)
     progress.set_postfix(loss=f"{values['loss']:.4f}")
     return values
-
-
-class _NoProgress:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(start: int, total: int, *, enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, leave=False)

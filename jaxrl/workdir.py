@@ -1,6 +1,6 @@
 """The run shell shared by every stage: one process per workdir (a lock), the saved config checked before
-anything is reused and committed only once a run has started, finished and failed summaries, and the rule that
-turns skipped (non-finite) updates into a failed run."""
+anything is reused and committed only once a run has started, finished and failed summaries, the rule that
+turns skipped (non-finite) updates into a failed run, and the progress bar."""
 
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def _pid_alive(pid: int) -> bool:
 @contextlib.contextmanager
 def hold(workdir: str | Path, *, log=print):
     """Holds the workdir's exclusive lock for the body; raises WorkdirLocked (naming the holder) when a live
-    process holds it. The lock is an flock, released by the kernel when its holder dies (even by kill -9), so a
-    killed run never leaves a lock that blocks the next one; where the filesystem has no flock, the recorded
+    process holds it. The lock is an flock, released by the kernel when its holder dies (even by kill -9), so
+    a killed run never leaves a lock that blocks the next one; where the filesystem has no flock, the recorded
     host and pid decide whether the holder is alive."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,9 @@ def hold(workdir: str | Path, *, log=print):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise WorkdirLocked(f"{workdir} is in use by {_holder(path)}; wait for it or stop it") from None
+                raise WorkdirLocked(
+                    f"{workdir} is in use by {_holder(path)}; wait for it or stop it"
+                ) from None
             _check_recorded_holder(path, workdir, log)  # no flock here (some network filesystems)
         record = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -123,7 +125,9 @@ def saved_config(workdir: str | Path) -> Config | None:
     try:
         return config_lib.from_dict(json.loads(path.read_text()))
     except (ValueError, ConfigError) as e:
-        raise ConfigError(f"{path}: unreadable saved config ({e}); delete the run directory to start over") from None
+        raise ConfigError(
+            f"{path}: unreadable saved config ({e}); delete the run directory to start over"
+        ) from None
 
 
 def check_config(workdir: str | Path, cfg: Config) -> None:
@@ -133,8 +137,10 @@ def check_config(workdir: str | Path, cfg: Config) -> None:
         return
     diff = config_differences(old, cfg)
     if diff:
-        shown = ", ".join(f"{k} ({_short(config_lib.flat_dict(old).get(k))} -> {_short(config_lib.flat_dict(cfg).get(k))})"
-                          for k in diff[:6])
+        shown = ", ".join(
+            f"{k} ({_short(config_lib.flat_dict(old).get(k))} -> {_short(config_lib.flat_dict(cfg).get(k))})"
+            for k in diff[:6]
+        )
         more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
         raise ConfigError(f"{workdir} holds a run made with a different config: {shown}{more}; use a new "
                           f"workdir or delete this one to rerun it")
@@ -146,7 +152,7 @@ def _short(value) -> str:
 
 
 def commit_config(workdir: str | Path, cfg: Config) -> None:
-    """Records the run's config (once it has started: a failed start leaves the workdir free for a fixed one)."""
+    """Records the run's config once it has started (a failed start leaves the workdir to a fixed config)."""
     if jax.process_index() == 0:
         path = Path(workdir) / CONFIG_FILE
         tmp = path.with_name(f".{CONFIG_FILE}.tmp{os.getpid()}")
@@ -181,11 +187,15 @@ def skip_verdict(skipped: int, attempted: int, planned: int, max_fraction: float
     `planned` in all: the first update non-finite stops at once (before it can change the weights); more skips
     than the allowed fraction of the whole run cannot be made good by the updates left."""
     if skipped and skipped == attempted:
-        return (f"the first {skipped} update(s) had a non-finite loss, gradient or update and were not applied; "
-                f"stopped before any weight changed (check optim.lr, the data and the model's dtype)")
+        return (
+            f"the first {skipped} update(s) had a non-finite loss, gradient or update and were not applied; "
+            f"stopped before any weight changed (check optim.lr, the data and the model's dtype)"
+        )
     if skipped > max_fraction * max(planned, 1):
-        return (f"{skipped} of {attempted} updates so far had a non-finite loss, gradient or update (skipped), more "
-                f"than train.max_skipped_fraction={max_fraction} of the run's {planned}")
+        return (
+            f"{skipped} of {attempted} updates so far had a non-finite loss, gradient or update (skipped), "
+            f"more than train.max_skipped_fraction={max_fraction} of the run's {planned}"
+        )
     return None
 
 
@@ -204,9 +214,9 @@ def fail(workdir: Path, cfg: Config, reason: str, *, log, **facts) -> RunFailed:
 
 
 def run_in(workdir: str | Path, cfg: Config, body, *, log=print) -> dict:
-    """The shell of every stage: lock the workdir, refuse another config, answer a finished run from its summary
-    (a failed one raises RunFailed again), else `body(commit)` trains it; `commit()` records the config once the
-    run has started."""
+    """The shell of every stage: lock the workdir, refuse another config, answer a finished run from its
+    summary (a failed one raises RunFailed again), else `body(commit)` trains it; `commit()` records the
+    config once the run has started."""
     workdir = Path(workdir).absolute()
     with hold(workdir, log=log):
         check_config(workdir, cfg)  # before the done check: a finished run never answers for another config
@@ -218,3 +228,23 @@ def run_in(workdir: str | Path, cfg: Config, body, *, log=print) -> dict:
             return summary
         return body(lambda: commit_config(workdir, cfg))
 
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def progress(start: int, total: int, *, enabled: bool):
+    """A progress bar over a run's steps (tqdm), or one that shows nothing."""
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, leave=False)

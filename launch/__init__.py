@@ -88,13 +88,14 @@ def jobs(config: str, workdir: str, overrides: Sequence[str] = (), *, sweep: boo
     exact config."""
     from jaxrl import config as config_lib
     from jaxrl import sweep as sweep_lib
+    from jaxrl.validate import validate
 
     workdir = str(Path(workdir).absolute())
     config = str(Path(config).expanduser().absolute())
     overrides = list(overrides)
     module = config_lib.load_experiment(config)
     if not sweep:
-        config_lib.validate(config_lib.override(module.get_config(), overrides))
+        validate(config_lib.override(module.get_config(), overrides))
         return [Job("train", workdir, train_args(config, workdir, overrides))]
     base = config_lib.override(module.get_config(), overrides)
     out = []

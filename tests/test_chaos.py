@@ -41,9 +41,14 @@ STUDY = textwrap.dedent('''
 
 
 def start_sweep(study: Path, workdir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "jaxrl.cli", "sweep", str(study), "--workdir", str(workdir)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "jaxrl.cli", "sweep", str(study), "--workdir", str(workdir)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout=600) -> str:

@@ -12,6 +12,7 @@ from jaxrl import checkpoint, steps, train
 from jaxrl import config as config_lib
 from jaxrl.config import ConfigError
 from jaxrl.metrics import read_metrics
+from jaxrl.models import init as model_init
 
 TIMING = ("train/tokens_per_s", "train/tflops_per_s")
 
@@ -27,7 +28,7 @@ def train_rows(workdir) -> dict[int, dict]:
 
 
 def final_params(cfg, workdir):
-    _, abstract = train.abstract_model(train.stage_model_config(cfg))
+    _, abstract = model_init.abstract_model(model_init.stage_model_config(cfg))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = checkpoint.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
     return jax.device_get(checkpoint.load_params(checkpoint.final_params_dir(workdir), target))
@@ -129,7 +130,7 @@ def test_a_finished_run_returns_at_once(sft_run, monkeypatch):
         raise AssertionError("a finished run must not rebuild data or train")
 
     monkeypatch.setattr(train.pipeline, "build_stage_data", fail)
-    monkeypatch.setattr(train, "init_params", fail)
+    monkeypatch.setattr(model_init, "init_params", fail)
     summary = train.run(cfg, workdir, log=lambda *_: None)
     assert summary == json.loads((workdir / train.DONE_FILE).read_text())
     assert summary["stage"] == "sft" and summary["steps"] == cfg.train.steps

@@ -9,8 +9,10 @@ import jax
 import pytest
 
 from jaxrl import config as config_lib
-from jaxrl import sharding, steps, train
+from jaxrl import sharding, steps
 from jaxrl.config import Config, ConfigError
+from jaxrl.models import init as model_init
+from jaxrl.validate import validate
 
 EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.py"))
 
@@ -153,7 +155,7 @@ def test_from_dict_rejects_unknown_keys():
 
 def test_default_config_validates():
     for stage in ("sft", "rm", "dpo"):
-        config_lib.validate(config_lib.override(Config(), {"stage": stage}))
+        validate(config_lib.override(Config(), {"stage": stage}))
 
 
 @pytest.mark.parametrize(
@@ -178,7 +180,7 @@ def test_default_config_validates():
 def test_validate_catches_bad_choices_and_combinations(overrides, match):
     cfg = config_lib.override(Config(), overrides)
     with pytest.raises(ConfigError, match=match):
-        config_lib.validate(cfg)
+        validate(cfg)
 
 
 # A valid base per stage: the RL stages need a reward, online_dpo two samples per prompt.
@@ -272,7 +274,7 @@ OUT_OF_RANGE = [
 def test_validate_refuses_values_out_of_range_naming_key_value_and_range(overrides, key):
     cfg = config_lib.override(Config(), overrides)  # a dotted override of the right type is read fine ...
     with pytest.raises(ConfigError) as info:  # ... and refused by validate, before anything runs
-        config_lib.validate(cfg)
+        validate(cfg)
     message = str(info.value)
     assert re.search(rf"(^| ){re.escape(key)}\b", message), message
     assert "\n" not in message and "must be" in message and "got" in message
@@ -303,7 +305,7 @@ def test_validate_refuses_values_out_of_range_naming_key_value_and_range(overrid
     ],
 )
 def test_validate_accepts_defaults_and_edge_values(overrides):
-    config_lib.validate(config_lib.override(Config(), overrides))
+    validate(config_lib.override(Config(), overrides))
 
 
 def test_cli_validate_refuses_an_out_of_range_override(capsys):
@@ -315,7 +317,26 @@ def test_cli_validate_refuses_an_out_of_range_override(capsys):
 
 
 def test_unknown_loss_name_is_fine_outside_dpo():
-    config_lib.validate(config_lib.override(Config(), {"stage": "sft", "loss.name": "not_a_loss"}))
+    validate(config_lib.override(Config(), {"stage": "sft", "loss.name": "not_a_loss"}))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"stage": "dpo", "loss.name": "not_a_loss"}, "loss.name: "),
+        ({"stage": "dpo", "data.synthetic_kind": "nope"}, "data.synthetic_kind must be one of"),
+        ({"data.source": "rows.jsonl", "data.format": "nope"}, "data.format must name a reader"),
+        ({**RL_BASE, "rl.kl_estimator": "k9"}, "rl.kl_estimator must be one of"),
+        ({**RL_BASE, "rl.advantage": "nope"}, "rl.advantage must be one of"),
+        ({**RL_BASE, "rl.ensemble": "nope"}, "rl.ensemble must be one of"),
+        ({**RL_BASE, "stage": "grpo"}, "compares samples of one prompt"),
+    ],
+)
+def test_registry_names_are_checked_by_the_entry_point_not_by_config(overrides, message):
+    cfg = config_lib.override(Config(), overrides)
+    assert config_lib.validate(cfg) is cfg  # structure only: jaxrl.config knows no registry
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(cfg)
 
 
 def test_load_experiment_errors(tmp_path):
@@ -327,10 +348,10 @@ def test_load_experiment_errors(tmp_path):
 
 
 def _abstract_train_state(cfg: Config):
-    model_cfg = train.stage_model_config(cfg)
-    _, abstract_params = train.abstract_model(model_cfg)
+    model_cfg = model_init.stage_model_config(cfg)
+    _, abstract_params = model_init.abstract_model(model_cfg)
     tx, _ = steps.make_optimizer(cfg.optim, cfg.train.steps)
-    return jax.eval_shape(lambda: train._state(abstract_params, tx, cfg.seed, None))
+    return jax.eval_shape(lambda: steps.new_train_state(abstract_params, tx, cfg.seed, None))
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
@@ -343,7 +364,7 @@ def test_every_experiment_and_sweep_point_validates_and_builds_an_abstract_state
     # A pod config's own mesh needs its pod; the rule table is checked with its preset on the 8 test devices.
     mesh = sharding.make_mesh(dataclasses.replace(base.mesh, data=2, fsdp=2, tensor=2))
     for point in points:
-        cfg = config_lib.validate(config_lib.override(base, point))
+        cfg = validate(config_lib.override(base, point))
         state = _abstract_train_state(cfg)
         n_params = sum(x.size for x in jax.tree.leaves(state.params))
         assert n_params > 0 and int(state.step.size) == 1

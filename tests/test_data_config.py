@@ -11,6 +11,7 @@ from jaxrl import config as config_lib
 from jaxrl.config import ConfigError
 from jaxrl.data import pipeline
 from jaxrl.data.records import PreferencePair, UnpairedExample
+from jaxrl.validate import validate
 
 
 def msg(role, content):
@@ -97,7 +98,7 @@ def mixture(sources, **trl):
 
 
 def mixture_config(run_config, sources, stage="rm", **overrides):
-    return config_lib.validate(
+    return validate(
         run_config(
             stage,
             **{
@@ -156,8 +157,8 @@ def test_mixture_config_errors_name_the_entry(run_config, sources, change, messa
 
 def test_kto_from_rated_data_and_min_margin_from_the_config(run_config, sources):
     base = {"data.source": str(sources["uf"]), "data.format": "ultrafeedback", "data.binarize": "all_pairs"}
-    kto = config_lib.validate(run_config("dpo", **base, **{"loss.name": "kto"}))
-    records, summary = pipeline._source_records(
+    kto = validate(run_config("dpo", **base, **{"loss.name": "kto"}))
+    records, summary = pipeline.source_records(
         kto,
         str(sources["uf"]),
         "ultrafeedback",
@@ -168,7 +169,7 @@ def test_kto_from_rated_data_and_min_margin_from_the_config(run_config, sources)
     )
     assert len(records) == 40 and all(isinstance(r, UnpairedExample) for r in records)
     assert [r.desirable for r in records[:2]] == [True, False] and "KTO examples" in summary
-    explicit = pipeline._source_records(
+    explicit = pipeline.source_records(
         kto,
         str(sources["uf"]),
         "ultrafeedback",
@@ -178,8 +179,8 @@ def test_kto_from_rated_data_and_min_margin_from_the_config(run_config, sources)
         on_error="raise",
     )[0]
     assert explicit == records
-    rm = config_lib.validate(run_config("rm", **base))
-    pairs, summary = pipeline._source_records(
+    rm = validate(run_config("rm", **base))
+    pairs, summary = pipeline.source_records(
         rm,
         str(sources["uf"]),
         "ultrafeedback",
@@ -214,10 +215,10 @@ def test_helpsteer_aspect_weights_from_the_config(run_config, tmp_path):
         },
     ]
     path = write_jsonl(tmp_path / "hs.jsonl", rows)
-    cfg = config_lib.validate(run_config("rm", **{"data.source": str(path), "data.format": "helpsteer"}))
+    cfg = validate(run_config("rm", **{"data.source": str(path), "data.format": "helpsteer"}))
 
     def chosen(weights):
-        (pair,), _ = pipeline._source_records(
+        (pair,), _ = pipeline.source_records(
             cfg,
             str(path),
             "helpsteer",

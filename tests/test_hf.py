@@ -268,6 +268,40 @@ def test_load_model_calls_lm_and_rm(checkpoints):
     np.testing.assert_allclose(np.asarray(rm(padded, mask)), hf_out(rm_ref, padded, mask)[:, 0], atol=TOL)
 
 
+
+def left_padded(seed=2, lengths=(12, 7, 3, 10)):
+    """A batch with rows of different lengths, left-padded with PAD (as prompts are), and its real mask."""
+    ids = tokens(seed, B=len(lengths), T=max(lengths))
+    mask = np.ones_like(ids)
+    for b, length in enumerate(lengths):
+        ids[b, : ids.shape[1] - length] = PAD
+        mask[b, : ids.shape[1] - length] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral_window", "qwen2_window", "olmo2", "llama_rm", "qwen2_rm"])
+def test_load_model_honours_left_padding(case, checkpoints):
+    model, directory = checkpoints(case)
+    loaded = hf.load_model(directory)
+    ids, mask = left_padded()
+    ours = np.asarray(loaded(ids, mask))
+    ref = hf_out(model, ids, mask)  # transformers with the same attention_mask (its own position ids)
+    # Each real row alone, unpadded: what the padded batch must reproduce.
+    alone = [(row[m == 1], np.asarray(loaded(row[m == 1]))) for row, m in zip(ids, mask, strict=True)]
+    if loaded.config.head == "scalar":
+        np.testing.assert_allclose(ours, ref[:, 0], atol=TOL)
+        np.testing.assert_allclose(ours, [score for _, score in alone], atol=TOL)
+        np.testing.assert_allclose(ours, [hf_out(model, row[None])[0, 0] for row, _ in alone], atol=TOL)
+        return
+    for b, (row, logits) in enumerate(alone):
+        real = mask[b] == 1
+        np.testing.assert_allclose(ours[b, real], ref[b, real], atol=TOL, err_msg=f"row {b}")
+        np.testing.assert_allclose(ours[b, real], logits, atol=TOL, err_msg=f"row {b}")
+        np.testing.assert_allclose(logits, hf_out(model, row[None])[0], atol=TOL, err_msg=f"row {b}")
+    # The window cases' rows are longer than the window, so a wrong window position would show here.
+    assert loaded.config.sliding_window == 0 or max(mask.sum(1)) > loaded.config.sliding_window
+
+
 def _hf_config(case):
     config_cls, model_cls, kwargs = CASES[case]
     return getattr(transformers, config_cls)(**{**BASE, **kwargs}).to_dict() | {"architectures": [model_cls]}

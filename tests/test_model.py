@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl import train
 from jaxrl.config import ModelConfig
+from jaxrl.models import init as model_init
 from jaxrl.models.transformer import count_params, init_model, rope_frequencies
 
 TINY = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, dtype="float32")
@@ -24,7 +24,7 @@ def build(cfg: ModelConfig, seed: int = 0):
 
 
 def graphdef_of(cfg: ModelConfig):
-    return train.abstract_model(cfg)[0]
+    return model_init.abstract_model(cfg)[0]
 
 
 def forward(graphdef, params, tokens, **kw):
@@ -279,7 +279,7 @@ def test_llama3_rope_scaling_matches_the_hand_formula():
 )
 def test_count_params_equals_the_real_parameter_count(overrides):
     cfg = dataclasses.replace(TINY, **overrides)
-    _, abstract = train.abstract_model(cfg)
+    _, abstract = model_init.abstract_model(cfg)
     real = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
     counts = count_params(cfg)
     assert counts["total"] == real

@@ -181,7 +181,11 @@ def test_two_processes_match_one(tmp_path, padding):
     _wait(
         [
             subprocess.Popen(
-                _train_argv(single, extra), cwd=REPO, env=_env(8), stdout=log.open("w"), stderr=subprocess.STDOUT
+                _train_argv(single, extra),
+                cwd=REPO,
+                env=_env(8),
+                stdout=log.open("w"),
+                stderr=subprocess.STDOUT,
             )
         ],
         [log],

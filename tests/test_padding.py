@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_checkpoint import assert_same_run, train_rows
 
 from jaxrl import config as config_lib
 from jaxrl import losses, steps, train
 from jaxrl.config import ConfigError
 from jaxrl.data import pipeline
 from jaxrl.models.transformer import Transformer
-
-from test_checkpoint import assert_same_run, train_rows
+from jaxrl.validate import validate
 
 PAD = 0
 
@@ -82,7 +82,7 @@ def test_pack_keeps_every_conversation_once_and_apart():
             where = np.flatnonzero(seg == s)
             assert np.all(np.diff(where) == 1)  # contiguous
             np.testing.assert_array_equal(packed["positions"][r][where], np.arange(len(where)))
-            assert packed["loss_mask"][r][where[0]] == 0  # nothing in the conversation predicts its first token
+            assert packed["loss_mask"][r][where[0]] == 0  # nothing in the conversation predicts its 1st token
             found.append(tuple(packed["tokens"][r][where]))
     original = sorted(tuple(arrays["tokens"][i, :n]) for i, n in enumerate(lengths))
     assert sorted(found) == original  # each conversation exactly once, whole
@@ -116,7 +116,9 @@ def test_packed_sft_loss_and_gradients_equal_the_unpacked(aggregation):
     arrays = ragged_rows([7, 12, 5, 20, 9, 3, 15, 11], 24, vocab=64)
     packed = pipeline.pack(arrays, pad_id=PAD, seed=0)
     assert packed["tokens"].shape[0] < 8
-    objective = lambda p, b, hp, tot: steps.sft_objective(p, b, hp, tot, graphdef=graphdef, aggregation=aggregation)
+    objective = lambda p, b, hp, tot: steps.sft_objective(
+        p, b, hp, tot, graphdef=graphdef, aggregation=aggregation
+    )
     totals_fn = lambda b: steps.sft_totals(b, aggregation)
     unpacked = {k: v.copy() for k, v in arrays.items()}
     unpacked["loss_mask"][:, 0] = 0  # as pack() does (already 0 here: the prompt comes first)
@@ -135,7 +137,9 @@ def test_sequence_mean_over_packed_segments_by_hand():
     seg = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0]])
     denom = losses.sft_denominator(mask, "sequence_mean", seg)
     assert float(denom) == 2.0
-    loss = losses.sft_token_loss(logp, mask, aggregation="sequence_mean", denominator=denom, segment_ids_BT=seg)
+    loss = losses.sft_token_loss(
+        logp, mask, aggregation="sequence_mean", denominator=denom, segment_ids_BT=seg
+    )
     assert float(loss) == pytest.approx(((2 + 3) / 2 + (5 + 6 + 7) / 3) / 2)
 
 
@@ -150,8 +154,8 @@ def test_a_bucketed_batch_gives_the_max_len_loss_and_gradients(stage):
     T = 32
     arrays = ragged_rows([9, 14, 6, 11, 8, 13, 10, 7], T, vocab=64) if stage == "sft" else _pairs(T, 0)
     cfg = config_lib.Config(stage=stage)
-    objective, totals_fn = train.stage_objective(cfg, graphdef)
-    hp = train.loss_hparams(cfg)
+    objective, totals_fn = steps.stage_objective(cfg, graphdef)
+    hp = steps.loss_hparams(cfg)
     if stage == "dpo":
         arrays["ref_logps"] = np.random.default_rng(3).normal(-20, 2, (4, 2)).astype(np.float32)
     indices = np.arange(arrays["tokens"].shape[0])
@@ -168,19 +172,26 @@ def test_a_bucketed_batch_gives_the_max_len_loss_and_gradients(stage):
 
 def test_pack_is_for_sft_only(run_config):
     with pytest.raises(ConfigError, match="pack"):
-        config_lib.validate(run_config("dpo", **{"data.padding": "pack"}))
+        validate(run_config("dpo", **{"data.padding": "pack"}))
     with pytest.raises(ConfigError, match="data.padding"):
-        config_lib.validate(run_config("sft", **{"data.padding": "ragged"}))
+        validate(run_config("sft", **{"data.padding": "ragged"}))
     with pytest.raises(ConfigError, match="bucket_multiple"):
-        config_lib.validate(run_config("sft", **{"data.bucket_multiple": 0}))
+        validate(run_config("sft", **{"data.bucket_multiple": 0}))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("padding", ["bucket", "grouped", "pack"])
 def test_train_runs_resume_exactly_with_buckets_and_packing(run_config, tmp_path, padding):
     grouped = padding == "grouped"
-    cfg = run_config("sft", **{"data.padding": "bucket" if grouped else padding, "data.group_by_length": grouped,
-                               "data.bucket_multiple": 8, "train.batch_size": 8})
+    cfg = run_config(
+        "sft",
+        **{
+            "data.padding": "bucket" if grouped else padding,
+            "data.group_by_length": grouped,
+            "data.bucket_multiple": 8,
+            "train.batch_size": 8,
+        },
+    )
     lines = []
     train.run(cfg, tmp_path / "full", log=lines.append)
     rows = train_rows(tmp_path / "full")

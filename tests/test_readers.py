@@ -713,7 +713,8 @@ PKU_SAFER_EXPECTED = [
     ),
 ]
 
-# A prepared tensorflow-datasets dataset stores one canonical record per row as JSON (jaxrl/data/tfds_builder.py).
+# A prepared tensorflow-datasets dataset stores one canonical record per row as JSON
+# (jaxrl/data/tfds_builder.py).
 TFDS_EXPECTED = TULU_EXPECTED + UF_EXPECTED + PROMPT_EXPECTED + UNPAIRED_EXPECTED
 TFDS_ROWS = [{"record": record_to_json(r), "kind": type(r).__name__} for r in TFDS_EXPECTED]
 

@@ -1,5 +1,6 @@
-"""Nothing stale, nothing silent: one process per workdir, finished results that match their configs, degenerate
-runs that fail loudly, a failed start that leaves its workdir free, one-line errors, strict JSON."""
+"""Nothing stale, nothing silent: one process per workdir, finished results that match their configs,
+degenerate runs that fail loudly, a failed start that leaves its workdir free, one-line errors, strict
+JSON."""
 
 import json
 import os
@@ -7,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -154,7 +154,8 @@ def test_an_exploding_learning_rate_stops_at_the_first_update(tmp_path, run_conf
     summary = json.loads((tmp_path / "run" / train.DONE_FILE).read_text())
     assert summary["status"] == "failed" and summary["skipped_steps"] >= 1
     assert not checkpoint.final_params_dir(tmp_path / "run").exists()
-    # No checkpoint holds an update: the only one saved before the stop is of step 1, whose update was refused.
+    # No checkpoint holds an update: the only one saved before the stop is of step 1, whose update was
+    # refused.
     assert all(int(p.name) <= 1 for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     strict_rows(tmp_path / "run" / "metrics.jsonl")
     # Running it again answers with the failure again, not with an ordinary finished run.
@@ -183,14 +184,18 @@ def test_non_finite_final_evaluation_fails_the_run(tmp_path, run_config, monkeyp
 @pytest.mark.slow
 def test_sweep_marks_failed_arms_and_does_not_start_their_dependents(study, tmp_path):
     study.sweep = lambda: [{"loss.name": "dpo"}, {"loss.name": "ipo", "optim.lr": 1e30}]
-    study.sft_config = lambda cfg: config_lib.override(cfg, {"stage": "sft", "train.steps": 4, "optim.lr": 1e-3})
+    study.sft_config = lambda cfg: config_lib.override(
+        cfg, {"stage": "sft", "train.steps": 4, "optim.lr": 1e-3}
+    )
     rows = sweep.run_sweep(study, tmp_path / "w", log=QUIET)
     by_loss = {r.get("loss.name"): r for r in rows}
     assert by_loss["ipo"]["status"] == "failed" and by_loss["dpo"]["status"] == "finished"
     _, _, markdown = sweep.write_results(rows, ["eval/loss"], tmp_path / "w")
     assert "FAILED 1 of 1" in markdown and "skipped" in markdown
     # A failed base takes its dependents down with it, and they are marked, not dropped.
-    study.sft_config = lambda cfg: config_lib.override(cfg, {"stage": "sft", "train.steps": 4, "optim.lr": 1e30})
+    study.sft_config = lambda cfg: config_lib.override(
+        cfg, {"stage": "sft", "train.steps": 4, "optim.lr": 1e30}
+    )
     rows = sweep.run_sweep(study, tmp_path / "w2", log=QUIET)
     assert {r["status"] for r in rows} == {"failed", "not run"}
 
@@ -249,8 +254,10 @@ def word_tokenizer(directory: Path) -> Path:
     tok.add_special_tokens(specials)
     directory.mkdir(parents=True)
     tok.save(str(directory / "tokenizer.json"))
-    template = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>' }}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
     config = {"eos_token": "<|im_end|>", "pad_token": "<pad>", "chat_template": template}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
@@ -261,9 +268,21 @@ def test_user_errors_are_one_line_with_exit_2_and_debug_shows_the_traceback(tmp_
     data = tmp_path / "pairs.jsonl"
     chosen = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]
     data.write_text(json.dumps({"prompt": "hi", "chosen": chosen}) + "\n")  # no "rejected"
-    args = ["train", "--config", "experiments/tiny_pipeline.py", "--workdir", str(tmp_path / "run"),
-            "--set", "stage=rm", "--set", f"data.source={data}", "--set", "data.format=ultrafeedback_binarized",
-            "--set", f"data.tokenizer={tokenizer}"]
+    args = [
+        "train",
+        "--config",
+        "experiments/tiny_pipeline.py",
+        "--workdir",
+        str(tmp_path / "run"),
+        "--set",
+        "stage=rm",
+        "--set",
+        f"data.source={data}",
+        "--set",
+        "data.format=ultrafeedback_binarized",
+        "--set",
+        f"data.tokenizer={tokenizer}",
+    ]
     result = cli(*args)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "pairs.jsonl" in result.stderr

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl import checkpoint, rewards, sharding, steps, train
+from jaxrl import checkpoint, rewards, sharding, steps
 from jaxrl import config as config_lib
 from jaxrl.config import Config, ConfigError, MeshConfig, ModelConfig
 from jaxrl.data.records import PromptRecord, messages
+from jaxrl.models import init as model_init
 from jaxrl.synthetic import SyntheticTokenizer, gold_reward, make_prompt_set
 
 TINY = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, dtype="float32")
@@ -31,9 +32,9 @@ def make_rm_run(workdir, seed: int, tokenizer=None):
     """A finished scalar-head run directory with random parameters."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_lib.save(Config(stage="rm", model=TINY, seed=seed), workdir / "config.json")
-    model_cfg = train.stage_model_config(Config(stage="rm", model=TINY))
+    model_cfg = model_init.stage_model_config(Config(stage="rm", model=TINY))
     checkpoint.save_params(
-        checkpoint.final_params_dir(workdir), train.init_params(model_cfg, seed, mesh1(), PRESET)
+        checkpoint.final_params_dir(workdir), model_init.init_params(model_cfg, seed, mesh1(), PRESET)
     )
     if tokenizer is not None:
         tokenizer.save(workdir / "tokenizer.json")
@@ -194,9 +195,9 @@ def test_reward_model_with_another_tokenizer_is_refused(tmp_path):
     not_rm = tmp_path / "lm"
     not_rm.mkdir()
     config_lib.save(Config(stage="sft", model=TINY), not_rm / "config.json")
-    model_cfg = train.stage_model_config(Config(stage="sft", model=TINY))
+    model_cfg = model_init.stage_model_config(Config(stage="sft", model=TINY))
     checkpoint.save_params(
-        checkpoint.final_params_dir(not_rm), train.init_params(model_cfg, 0, mesh1(), PRESET)
+        checkpoint.final_params_dir(not_rm), model_init.init_params(model_cfg, 0, mesh1(), PRESET)
     )
     with pytest.raises(ConfigError, match="scalar-head"):
         rewards.RewardModel(not_rm, mesh=mesh1(), preset=PRESET)

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl import evaluate, cli, sampling, sharding, steps, train
+from jaxrl import cli, evaluate, sampling, sharding, steps, train
 from jaxrl import config as config_lib
 from jaxrl.config import Config, ConfigError, MeshConfig, ModelConfig
 from jaxrl.metrics import read_metrics
+from jaxrl.models import init as model_init
 from jaxrl.rl import advantages, kl, runner
 from jaxrl.rl.losses import RLHParams, ppo_policy_loss, token_rewards, value_loss
+from jaxrl.validate import validate
 
 TINY = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, dtype="float32")
 PRESET = "fsdp"
@@ -305,8 +307,8 @@ def mesh1():
 @functools.cache
 def tiny_params(head="lm", seed=0):
     model_cfg = ModelConfig(**{**TINY.__dict__, "head": head})
-    return train.abstract_model(model_cfg)[0], jax.device_get(
-        train.init_params(model_cfg, seed, mesh1(), PRESET)
+    return model_init.abstract_model(model_cfg)[0], jax.device_get(
+        model_init.init_params(model_cfg, seed, mesh1(), PRESET)
     )
 
 
@@ -393,7 +395,7 @@ def test_trainer_log_probs_match_the_samplers_processed_distribution():
     graphdef, params = tiny_params()
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(4, 64, n)) for n in (3, 5, 4, 5)]
-    ids, mask = runner._fixed_left_pad(prompts, 6, 0)
+    ids, mask = runner.fixed_left_pad(prompts, 6, 0)
     stats_params = {"policy": params, "ref": params}
     for kw in ({}, {"top_k": 5}, {"top_p": 0.8}):
         tokens, logps, response_mask = sampling.sample(
@@ -429,7 +431,7 @@ def test_trainer_log_probs_match_the_samplers_processed_distribution():
 
 def test_rl_config_checks():
     ok = Config(stage="ppo", rl=config_lib.RLConfig(verifiable="gold", value_init="policy"))
-    config_lib.validate(ok)
+    validate(ok)
     bad = {
         "needs a reward": {"rl.verifiable": ""},
         "value_init=reward_model": {"rl.value_init": "reward_model"},
@@ -441,10 +443,10 @@ def test_rl_config_checks():
     }
     for message, overrides in bad.items():
         with pytest.raises(ConfigError, match=message):
-            config_lib.validate(config_lib.override(ok, overrides))
+            validate(config_lib.override(ok, overrides))
     with pytest.raises(ConfigError, match="samples_per_prompt=2"):
-        config_lib.validate(config_lib.override(ok, {"stage": "online_dpo"}))
-    config_lib.validate(
+        validate(config_lib.override(ok, {"stage": "online_dpo"}))
+    validate(
         config_lib.override(ok, {"stage": "grpo", "rl.samples_per_prompt": 4, "rl.rollout_batch": 16})
     )
     assert runner.kl_in_loss(config_lib.override(ok, {"stage": "grpo"})) and not runner.kl_in_loss(ok)
@@ -598,7 +600,7 @@ def random_rm_run(workdir, model_cfg, seed):
     cfg = Config(stage="rm", model=model_cfg, seed=seed)
     config_lib.save(cfg, workdir / "config.json")
     mesh = sharding.make_mesh(MeshConfig(preset=PRESET))
-    params = train.init_params(train.stage_model_config(cfg), seed, mesh, PRESET)
+    params = model_init.init_params(model_init.stage_model_config(cfg), seed, mesh, PRESET)
     checkpoint.save_params(checkpoint.final_params_dir(workdir), params)
     return workdir
 

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrl import config as config_lib
 from jaxrl import sharding, steps, train
 from jaxrl.config import Config, ConfigError, MeshConfig, ModelConfig, OptimConfig
+from jaxrl.models import init as model_init
 
 GOLDEN = Path(__file__).parent / "golden" / "sharding_specs.json"
 PRESETS = ("dp", "fsdp", "fsdp_tp")
@@ -37,9 +38,9 @@ def single_device_mesh(preset="fsdp"):
 
 
 def abstract_state(model_cfg, steps_total=10):
-    _, abstract_params = train.abstract_model(model_cfg)
+    _, abstract_params = model_init.abstract_model(model_cfg)
     tx, _ = steps.make_optimizer(OptimConfig(), steps_total)
-    return jax.eval_shape(lambda: train._state(abstract_params, tx, 0, None))
+    return jax.eval_shape(lambda: steps.new_train_state(abstract_params, tx, 0, None))
 
 
 def spec_table(tree, preset, mesh) -> dict[str, str]:
@@ -181,7 +182,7 @@ def test_run_rejects_an_indivisible_batch_before_reading_data_or_compiling(tmp_p
         raise AssertionError("the batch check must come before data and compilation")
 
     monkeypatch.setattr(train.pipeline, "build_stage_data", fail)
-    monkeypatch.setattr(train, "init_params", fail)
+    monkeypatch.setattr(model_init, "init_params", fail)
     monkeypatch.setattr(steps, "make_step", fail)
     cfg = run_config("sft", **{"train.batch_size": 12})  # 8 data shards
     with pytest.raises(ConfigError, match="batch_size=12"):
@@ -206,20 +207,20 @@ def _batch(stage: str, n=8, length=24, seed=0):
 def _one_step(stage, mesh, preset, params, batch):
     """One train_step jitted by make_step for `mesh`: (new state, metrics) fetched to the host."""
     cfg = config_lib.override(Config(stage=stage), {"loss.beta": 0.1})
-    graphdef, abstract_params = train.abstract_model(TINY)
-    objective, totals_fn = train.stage_objective(cfg, graphdef)
+    graphdef, abstract_params = model_init.abstract_model(TINY)
+    objective, totals_fn = steps.stage_objective(cfg, graphdef)
     tx, schedule = steps.make_optimizer(OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant"), 10)
     step_fn = functools.partial(
         steps.train_step, objective=objective, totals_fn=totals_fn, tx=tx, schedule=schedule
     )
-    abstract = jax.eval_shape(lambda: train._state(abstract_params, tx, 0, None))
+    abstract = jax.eval_shape(lambda: steps.new_train_state(abstract_params, tx, 0, None))
     state_shardings = sharding.tree_shardings(abstract, preset, mesh)
     params = jax.device_put(params, sharding.tree_shardings(abstract_params, preset, mesh))
-    state = jax.jit(lambda p: train._state(p, tx, 0, None), out_shardings=state_shardings)(params)
+    state = jax.jit(lambda p: steps.new_train_state(p, tx, 0, None), out_shardings=state_shardings)(params)
     example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     step = steps.make_step(step_fn, abstract, example, mesh, preset)
     state, metrics = step(
-        state, jax.device_put(batch, sharding.batch_sharding(mesh, preset)), train.loss_hparams(cfg)
+        state, jax.device_put(batch, sharding.batch_sharding(mesh, preset)), steps.loss_hparams(cfg)
     )
     if mesh.size > 1 and preset != "dp":
         # The layout really is sharded (not silently replicated).
@@ -231,7 +232,7 @@ def _one_step(stage, mesh, preset, params, batch):
 
 @pytest.fixture(scope="module")
 def tiny_params():
-    return jax.device_get(train.init_params(TINY, 0, single_device_mesh(), "fsdp"))
+    return jax.device_get(model_init.init_params(TINY, 0, single_device_mesh(), "fsdp"))
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from jaxrl import config as config_lib
-from jaxrl import reference, sharding, steps, train
-from jaxrl.data import pipeline
+from jaxrl import reference, sharding, steps
 from jaxrl.config import Config, MeshConfig, ModelConfig, OptimConfig
+from jaxrl.data import pipeline
+from jaxrl.models import init as model_init
 
 TINY = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, dtype="float32")
 LOG2 = math.log(2.0)
@@ -28,7 +29,7 @@ def mesh1():
 def initial_params(head: str, seed: int = 0):
     """Host copies of freshly initialised params (lm or scalar head)."""
     model_cfg = ModelConfig(**{**TINY.__dict__, "head": head})
-    return jax.device_get(train.init_params(model_cfg, seed, mesh1(), PRESET))
+    return jax.device_get(model_init.init_params(model_cfg, seed, mesh1(), PRESET))
 
 
 def make_batch(stage: str, n: int = 8, length: int = 24, seed: int = 0) -> dict[str, np.ndarray]:
@@ -57,9 +58,9 @@ class Setup:
         self.cfg = config_lib.override(
             Config(stage=stage, model=TINY), {f"loss.{k}": v for k, v in loss.items()}
         )
-        model_cfg = train.stage_model_config(self.cfg)
-        self.graphdef, abstract_params = train.abstract_model(model_cfg)
-        objective, totals_fn = train.stage_objective(self.cfg, self.graphdef)
+        model_cfg = model_init.stage_model_config(self.cfg)
+        self.graphdef, abstract_params = model_init.abstract_model(model_cfg)
+        objective, totals_fn = steps.stage_objective(self.cfg, self.graphdef)
         if objective_wrapper is not None:
             objective = objective_wrapper(objective)
         tx, schedule = steps.make_optimizer(OptimConfig(lr=lr, warmup_ratio=0.0, schedule="constant"), 100)
@@ -72,8 +73,8 @@ class Setup:
             grad_accum=grad_accum,
         )
         self.params = initial_params(model_cfg.head)
-        self.state = train._state(self.params, tx, 0, ref_params)
-        self.hp = train.loss_hparams(self.cfg)
+        self.state = steps.new_train_state(self.params, tx, 0, ref_params)
+        self.hp = steps.loss_hparams(self.cfg)
         self.tx = tx
 
     def jit(self, batch, donate=False):
@@ -260,7 +261,7 @@ def test_on_the_fly_reference_equals_cached_reference_logps():
 
 
 def test_compute_reference_logps_covers_every_row_when_batches_wrap():
-    graphdef, _ = train.abstract_model(TINY)
+    graphdef, _ = model_init.abstract_model(TINY)
     params = initial_params("lm")
     arrays = make_batch("dpo", n=10)
     logps = reference.compute_reference_logps(
@@ -281,7 +282,7 @@ def test_compute_reference_logps_covers_every_row_when_batches_wrap():
 
 
 def test_reference_cache_hits_and_misses(tmp_path):
-    graphdef, _ = train.abstract_model(TINY)
+    graphdef, _ = model_init.abstract_model(TINY)
     params = initial_params("lm")
     arrays = make_batch("dpo", n=8)
     kw = dict(batch_size=8, mesh=mesh1(), preset=PRESET, log=lambda *_: None)

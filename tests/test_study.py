@@ -1,5 +1,5 @@
-"""The study's measurement: sampled gold with standard errors, best-of-N ceilings, paired differences, intervals
-in the table, and recipes selected on validation only."""
+"""The study's measurement: sampled gold with standard errors, best-of-N ceilings, paired differences,
+intervals in the table, and recipes selected on validation only."""
 
 import itertools
 import json
@@ -32,7 +32,12 @@ def test_expected_best_of_matches_brute_force_over_subsets():
 
 def test_summarize_reports_best_of_n_with_its_kl_bound_and_only_up_to_the_samples():
     gold = np.array([[0.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]])
-    scores = {"gold": gold, "kl": np.zeros_like(gold), "length": np.ones_like(gold), "eos": np.ones_like(gold)}
+    scores = {
+        "gold": gold,
+        "kl": np.zeros_like(gold),
+        "length": np.ones_like(gold),
+        "eos": np.ones_like(gold),
+    }
     metrics = evaluate.summarize(scores, ["a", "b"], best_of=(1, 4, 16))
     assert metrics["best_of_4"] == pytest.approx((1.0 + 0.5) / 2)
     assert metrics["best_of_4_kl_bound"] == pytest.approx(math.log(4) - 3 / 4)
@@ -53,8 +58,10 @@ def test_intervals_over_seeds_and_over_prompts():
     assert sweep.interval([0.5], [0.01]) == pytest.approx(0.0196)
     values = [0.5, 0.6, 0.7]
     assert sweep.interval(values, [0.01] * 3) == pytest.approx(4.303 * np.std(values, ddof=1) / math.sqrt(3))
-    rows = [{"stage": "dpo", "seed": s, "status": "finished", "eval/gold_reward": v, "eval/gold_reward_se": 0.01}
-            for s, v in enumerate(values)]
+    rows = [
+        {"stage": "dpo", "seed": s, "status": "finished", "eval/gold_reward": v, "eval/gold_reward_se": 0.01}
+        for s, v in enumerate(values)
+    ]
     table = sweep.aggregate(rows, ["eval/gold_reward"], ["stage"])
     assert table[0]["eval/gold_reward ci95"] == pytest.approx(sweep.interval(values, []))
     assert table[0]["eval/gold_reward seed_ci95"] == pytest.approx(0.0196)
@@ -64,7 +71,7 @@ def write_curve(run_dir, val, test):
     """A fake run's metrics.jsonl: validation and test scores at steps 10, 20, 30."""
     run_dir.mkdir(parents=True)
     rows = [{"step": 10 * (i + 1), "val/gold_reward": v, "eval/gold_reward": t} for i, (v, t) in
-            enumerate(zip(val, test))]
+            enumerate(zip(val, test, strict=True))]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run_dir
 

@@ -1,5 +1,5 @@
-"""The sweep layer: expansion, shared bases, idempotence, resume after a kill, results table; every sweep point
-of the shipped studies validates and builds an abstract train state."""
+"""The sweep layer: expansion, shared bases, idempotence, resume after a kill, results table; every sweep
+point of the shipped studies validates and builds an abstract train state."""
 
 import json
 import textwrap
@@ -9,6 +9,7 @@ import pytest
 
 from jaxrl import config as config_lib
 from jaxrl import steps, sweep, train
+from jaxrl.models import init as model_init
 
 TINY_STUDY = textwrap.dedent('''
     from jaxrl.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, override
@@ -23,7 +24,8 @@ TINY_STUDY = textwrap.dedent('''
                                         tensorboard=False, progress=False))
 
     def sft_config(cfg):
-        return override(cfg, {"stage": "sft", "loss.name": "dpo", "data.synthetic_kind": "clean", "train.steps": 4})
+        sft = {"stage": "sft", "loss.name": "dpo", "data.synthetic_kind": "clean", "train.steps": 4}
+        return override(cfg, sft)
 
     def sweep():
         return [{"loss.name": n, "seed": s} for n in ("dpo", "ipo") for s in (0, 1)]
@@ -82,7 +84,9 @@ def test_sweep_is_idempotent_and_resumes_after_a_kill(study, tmp_path, monkeypat
     assert len(finished_first) == 2
 
     calls.clear()
-    monkeypatch.setattr(train, "run", lambda cfg, wd, **kw: (calls.append(str(wd)), real_run(cfg, wd, **kw))[1])
+    monkeypatch.setattr(
+        train, "run", lambda cfg, wd, **kw: (calls.append(str(wd)), real_run(cfg, wd, **kw))[1]
+    )
     rows = sweep.run_sweep(study, workdir, log=lambda *a: None)
     assert len(calls) == 6 - 2 and not set(calls) & set(finished_first)  # only what was missing
     assert len(rows) == 6
@@ -95,7 +99,10 @@ def test_sweep_is_idempotent_and_resumes_after_a_kill(study, tmp_path, monkeypat
     assert "eval/rewards/accuracies" in markdown and md.exists() and csv_path.exists()
     dpo_line = next(line for line in markdown.splitlines() if "| dpo | dpo |" in line)
     assert "±" in dpo_line and "| 2 |" in dpo_line  # two seeds aggregated with a spread
-    assert [p.name for p in sweep.write_plots(rows, workdir)] == ["gold_reward_by_domain.png", "gold_reward_vs_kl.png"]
+    assert [p.name for p in sweep.write_plots(rows, workdir)] == [
+        "gold_reward_by_domain.png",
+        "gold_reward_vs_kl.png",
+    ]
     for row in rows:
         assert json.loads((workdir / "runs" / row["run"] / "config.json").read_text())["seed"] in (0, 1)
 
@@ -141,7 +148,11 @@ def test_reward_models_are_shared_dependencies_of_the_rl_points(rl_study, tmp_pa
         data = r.point["rl.reward_model"]
         rm = next(x for x in rms if x.cfg.data.synthetic_kind == data)
         assert r.cfg.rl.reward_model == str(workdir / "runs" / rm.id)  # the symbolic name became the run dir
-        assert r.deps == (sft.id, rm.id) and ids.index(rm.id) < ids.index(r.id) and ids.index(sft.id) < ids.index(rm.id)
+        assert (
+            r.deps == (sft.id, rm.id)
+            and ids.index(rm.id) < ids.index(r.id)
+            and ids.index(sft.id) < ids.index(rm.id)
+        )
         assert r.cfg.rl.rollout_batch == 8 and r.cfg.train.steps == 2  # stage defaults apply ...
         assert "rollout_batch" not in r.id and "train.steps" not in r.id  # ... without entering the id
     assert all(r.cfg.train.steps == 3 for r in rms)  # rm has no stage defaults here
@@ -152,7 +163,10 @@ def test_reward_models_are_shared_dependencies_of_the_rl_points(rl_study, tmp_pa
 
 def test_reward_model_sources_keep_a_path_with_commas_whole(tmp_path):
     run_dir = tmp_path / "rm,data=clean,seed=0"
-    assert config_lib.reward_model_sources(f"{tmp_path}/a, {tmp_path}/b") == [f"{tmp_path}/a", f"{tmp_path}/b"]
+    assert config_lib.reward_model_sources(f"{tmp_path}/a, {tmp_path}/b") == [
+        f"{tmp_path}/a",
+        f"{tmp_path}/b",
+    ]
     assert config_lib.reward_model_sources(str(run_dir)) == [str(tmp_path / "rm"), "data=clean", "seed=0"]
     run_dir.mkdir()
     assert config_lib.reward_model_sources(str(run_dir)) == [str(run_dir)]
@@ -167,7 +181,8 @@ def test_sweep_trains_the_reward_model_before_the_ppo_points_that_use_it(rl_stud
     assert [r["stage"] for r in rows] == ["sft", "rm", "ppo"]
     (ppo,) = [r for r in rows if r["stage"] == "ppo"]
     assert "eval/gold_reward" in ppo
-    # The reward model (a run dir with commas in its name) was loaded as one model, and is the value model's init.
+    # The reward model (a run dir with commas in its name) was loaded as one model, and is the value model's
+    # init.
     lineage = json.loads((workdir / "runs" / ppo["run"] / "lineage.json").read_text())
     rm_dir = str(workdir.absolute() / "runs" / "rm,data.synthetic_kind=clean,seed=0,stage=rm")
     assert lineage["reward_model0"]["path"] == rm_dir and lineage["value_init"]["path"] == rm_dir
@@ -181,10 +196,10 @@ def test_aggregate_mean_and_spread():
 
 
 def _abstract_state(cfg):
-    model_cfg = train.stage_model_config(cfg)
-    _, abstract = train.abstract_model(model_cfg)
+    model_cfg = model_init.stage_model_config(cfg)
+    _, abstract = model_init.abstract_model(model_cfg)
     tx, _ = steps.make_optimizer(cfg.optim, cfg.train.steps)
-    return jax.eval_shape(lambda: train._state(abstract, tx, cfg.seed, None))
+    return jax.eval_shape(lambda: steps.new_train_state(abstract, tx, cfg.seed, None))
 
 
 @pytest.mark.parametrize("study_file", ["experiments/unpacking_synthetic.py", "experiments/tulu25.py",
@@ -213,10 +228,12 @@ def test_every_sweep_point_validates_and_builds_an_abstract_state(study_file, tm
 
 
 def test_shared_bases_are_told_apart_in_the_table(study, tmp_path):
-    study.sweep = lambda: [{"loss.name": "dpo", "seed": s, "model.hidden": h} for s in (0, 1) for h in (32, 48)]
+    study.sweep = lambda: [
+        {"loss.name": "dpo", "seed": s, "model.hidden": h} for s in (0, 1) for h in (32, 48)
+    ]
     runs = sweep.expand(study, tmp_path)
     bases = [r for r in runs if r.kind == "base"]
     assert len(bases) == 4
-    labels = sweep._base_labels(runs)
+    labels = sweep.base_labels(runs)
     assert sorted(labels[b.id]["model.hidden"] for b in bases) == [32, 32, 48, 48]
     assert all(set(labels[b.id]) == {"model.hidden"} for b in bases)  # the seed is a column of its own

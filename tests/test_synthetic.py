@@ -683,12 +683,13 @@ def test_ranking_accuracy_is_the_policy_own_likelihood_ranking_of_gold_pairs(run
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxrl import evaluate, steps, train
+    from jaxrl import evaluate, steps
+    from jaxrl.models import init as model_init
     from jaxrl.models.transformer import Transformer
     from jaxrl.synthetic import SyntheticTokenizer
 
     cfg = run_config("dpo")
-    graphdef, state = nnx.split(Transformer(train.stage_model_config(cfg), rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(Transformer(model_init.stage_model_config(cfg), rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(state)
     arrays = evaluate.gold_pair_arrays(cfg, SyntheticTokenizer())
     n, _, T = arrays["tokens"].shape

@@ -462,10 +462,10 @@ def dpo_config(run_config, directory, tokenizer, **overrides):
 
 
 def test_pipeline_tokenises_a_prepared_dataset(word_dataset, run_config):
-    from jaxrl import config as config_lib
     from jaxrl.data import pipeline
+    from jaxrl.validate import validate
 
-    cfg = config_lib.validate(dpo_config(run_config, *word_dataset))
+    cfg = validate(dpo_config(run_config, *word_dataset))
     data = pipeline.build_stage_data(cfg)
     assert data.report[0] == f"read {word_dataset[0]}: rows read 48 = used 48 + dropped 0"
     assert data.train["tokens"].shape[:2] == (32, 2) and data.eval["tokens"].shape[:2] == (16, 2)

@@ -38,8 +38,10 @@ def _synthetic_records(cfg: Config, responder=None) -> tuple[list, list, list[st
                 synthetic.make_sft_dataset(d.num_eval, seed=cfg.seed + 10_000, split="validation"), [])
     if d.synthetic_kind == ON_POLICY:
         if responder is None:
-            raise ConfigError("data.synthetic_kind=on_policy samples its pairs from train.init_from's policy: "
-                              "set train.init_from")
+            raise ConfigError(
+                "data.synthetic_kind=on_policy samples its pairs from train.init_from's policy: "
+                "set train.init_from"
+            )
         # Twice the prompts: pairs of identical or equally good samples are left out (counted).
         prompts = synthetic.make_prompt_set("in_domain", 2 * d.num_train, seed=cfg.seed)
         first, second = responder(prompts, 1), responder(prompts, 2)
@@ -50,15 +52,18 @@ def _synthetic_records(cfg: Config, responder=None) -> tuple[list, list, list[st
     stats = synthetic.dataset_stats(train)
     facts = ", ".join(f"{k} {v}" for k, v in sorted(train.stats.items())
                       if k not in stats and isinstance(v, (int, float)))
-    report = [f"synthetic {d.synthetic_kind} pairs: {len(train)}; against gold: flip rate {stats['flip_rate']:.3f}, "
-              f"tie rate {stats['tie_rate']:.3f}, length bias {stats['length_bias']:+.3f}" + (f" ({facts})" if facts
-                                                                                           else "")]
+    report = [
+        f"synthetic {d.synthetic_kind} pairs: {len(train)}; against gold: "
+        f"flip rate {stats['flip_rate']:.3f}, tie rate {stats['tie_rate']:.3f}, "
+        f"length bias {stats['length_bias']:+.3f}"
+        + (f" ({facts})" if facts else "")
+    ]
     # Held-out pairs are labelled by the gold reward, so eval accuracy measures agreement with the truth.
     return train, synthetic.make_gold_pairs(d.num_eval, seed=cfg.seed + 10_000), report
 
 
-def _source_records(cfg: Config, source: str, format: str, *, policy: str, aspect_weights: str,
-                    min_margin: float, on_error: str) -> tuple[list, str]:
+def source_records(cfg: Config, source: str, format: str, *, policy: str, aspect_weights: str,
+                   min_margin: float, on_error: str) -> tuple[list, str]:
     """One file source read by its reader; rated completions become pairs (or KTO examples). Returns the
     records and the one-line account of its rows."""
     from jaxrl import losses
@@ -74,13 +79,16 @@ def _source_records(cfg: Config, source: str, format: str, *, policy: str, aspec
             aspects = binarize.parse_aspects(explicit, format)
         except ValueError as e:
             raise ConfigError(f"data.aspect_weights: {e}") from None
-        unpaired = policy == "unpaired" or (cfg.stage == "dpo" and not losses.get_preference_loss(cfg.loss.name).paired)
+        unpaired = policy == "unpaired" or (
+            cfg.stage == "dpo" and not losses.get_preference_loss(cfg.loss.name).paired
+        )
         if unpaired:
             records, dropped = binarize.to_unpaired(records, aspect_reduce=aspects)
             what = f"split into {len(records)} KTO examples (best desirable, worst undesirable)"
         else:
-            records, dropped = binarize.binarize(records, policy, aspect_reduce=aspects, min_margin=min_margin,
-                                                 seed=cfg.seed)
+            records, dropped = binarize.binarize(
+                records, policy, aspect_reduce=aspects, min_margin=min_margin, seed=cfg.seed
+            )
             what = f"binarised ({policy}) to {len(records)} pairs"
         summary += f"; {what}, dropped {dict(dropped) or 'none'}"
     return records, summary
@@ -91,8 +99,8 @@ MIXTURE_KEYS = ("source", "format", "count", "weight", "binarize", "aspect_weigh
 
 
 def mixture_entries(text: str) -> list[dict]:
-    """data.mixture parsed: a JSON list of {"source", "format", "count" | "weight", ...}; ConfigError names the
-    entry and key at fault."""
+    """data.mixture parsed: a JSON list of {"source", "format", "count" | "weight", ...}; ConfigError names
+    the entry and key at fault."""
     from jaxrl.data.readers import READERS
 
     try:
@@ -113,8 +121,27 @@ def mixture_entries(text: str) -> list[dict]:
         if "count" in entry and "weight" in entry:
             raise ConfigError(f"{where}: give 'count' or 'weight', not both")
     if any("weight" in e for e in entries) and any("count" in e for e in entries):
-        raise ConfigError("data.mixture: give every source a 'weight' or none (counts and weights do not mix)")
+        raise ConfigError(
+            "data.mixture: give every source a 'weight' or none (counts and weights do not mix)"
+        )
     return entries
+
+
+def check_config(cfg: Config) -> None:
+    """The data section's names resolve (ConfigError otherwise): the synthetic kind (for the preference
+    stages), each mixture entry, a file source's reader."""
+    from jaxrl.data.readers import READERS
+    from jaxrl.synthetic import DATASETS
+
+    if cfg.data.source == "synthetic" and cfg.stage != "sft":
+        kinds = (*DATASETS, ON_POLICY)
+        if cfg.data.synthetic_kind not in kinds:
+            raise ConfigError(f"data.synthetic_kind must be one of {kinds}, got {cfg.data.synthetic_kind!r}")
+    if cfg.data.mixture:
+        mixture_entries(cfg.data.mixture)  # raises ConfigError naming the bad entry
+    elif cfg.data.source != "synthetic" and cfg.data.format not in READERS:
+        raise ConfigError(f"data.format must name a reader for file data, one of {sorted(READERS)}; "
+                          f"got {cfg.data.format!r}")
 
 
 def mixture_records(cfg: Config) -> tuple[list, list[str]]:
@@ -127,10 +154,15 @@ def mixture_records(cfg: Config) -> tuple[list, list[str]]:
     for index, entry in enumerate(mixture_entries(d.mixture)):
         name = entry.get("name") or Path(entry["source"]).stem
         name = name if name not in sources else f"{name}_{index}"
-        records, summary = _source_records(
-            cfg, entry["source"], entry["format"], policy=entry.get("binarize", d.binarize),
+        records, summary = source_records(
+            cfg,
+            entry["source"],
+            entry["format"],
+            policy=entry.get("binarize", d.binarize),
             aspect_weights=entry.get("aspect_weights", d.aspect_weights),
-            min_margin=float(entry.get("min_margin", d.min_margin)), on_error=entry.get("on_error", d.on_error))
+            min_margin=float(entry.get("min_margin", d.min_margin)),
+            on_error=entry.get("on_error", d.on_error),
+        )
         sources[name] = records
         counts[name] = entry.get("count")
         if "weight" in entry:
@@ -157,9 +189,9 @@ def _file_records(cfg: Config):
     if d.mixture:
         records, report = mixture_records(cfg)
     else:
-        records, summary = _source_records(cfg, d.source, d.format, policy=d.binarize,
-                                           aspect_weights=d.aspect_weights, min_margin=d.min_margin,
-                                           on_error=d.on_error)
+        records, summary = source_records(cfg, d.source, d.format, policy=d.binarize,
+                                          aspect_weights=d.aspect_weights, min_margin=d.min_margin,
+                                          on_error=d.on_error)
         report = [f"read {d.source}: {summary}"]
     if len(records) <= d.num_eval:
         raise ConfigError(f"{d.source}: {len(records)} records is not more than data.num_eval={d.num_eval}")
@@ -196,8 +228,8 @@ def encode(records, tok, cfg: Config):
 
 
 def build_stage_data(cfg: Config, responder=None) -> StageData:
-    """Reads, tokenises and splits the stage's data. `responder(prompts, seed) -> texts` samples the policy that
-    on-policy synthetic pairs come from."""
+    """Reads, tokenises and splits the stage's data. `responder(prompts, seed) -> texts` samples the policy
+    that on-policy synthetic pairs come from."""
     tok = load_tokenizer(cfg)
     report = []
     if cfg.data.source == "synthetic":
@@ -217,7 +249,9 @@ def build_stage_data(cfg: Config, responder=None) -> StageData:
         report.append(f"packed train: {n} conversations into {rows} rows of {train['tokens'].shape[1]} "
                       f"({n / rows:.2f} per row, {padding_fraction(train):.1%} padding)")
     if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
+        raise ConfigError(
+            f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}"
+        )
     return StageData(tokenizer=tok, train=train, eval=held_out, report=report)
 
 
@@ -227,8 +261,8 @@ class BatchOrder:
 
     With `lengths`, batches group examples of similar length (for length buckets): each epoch's shuffled order
     is cut into windows of `group` batches, each window sorted by length and cut into batches, and the epoch's
-    batches shuffled. Every example still comes once per epoch (the remainder that fills no batch waits for the
-    next epoch's draw), and a batch's rows are as random as the window they come from.
+    batches shuffled. Every example still comes once per epoch (the remainder that fills no batch waits for
+    the next epoch's draw), and a batch's rows are as random as the window they come from.
     """
 
     def __init__(self, num_examples: int, batch_size: int, seed: int, lengths: np.ndarray | None = None,
@@ -262,7 +296,9 @@ class BatchOrder:
         return batches[rng.permutation(per_epoch)]
 
 
-def host_batch(arrays: dict[str, np.ndarray], indices: np.ndarray, width: int | None = None) -> dict[str, np.ndarray]:
+def host_batch(
+    arrays: dict[str, np.ndarray], indices: np.ndarray, width: int | None = None
+) -> dict[str, np.ndarray]:
     """This process's rows of a global batch (contiguous per-host shards of the index list), cut to `width`
     positions when given (see bucket_width: every process must pass the same one)."""
     n_proc, pid = jax.process_count(), jax.process_index()
@@ -276,8 +312,9 @@ POSITION_KEYS = ("tokens", "loss_mask", "segment_ids", "positions")
 
 
 def used_lengths(loss_mask: np.ndarray) -> np.ndarray:
-    """Positions of each row that matter to any loss: up to and including the last loss-mask position (rows are
-    right-padded and attention is causal, so what follows it changes nothing). Shape: loss_mask's without T."""
+    """Positions of each row that matter to any loss: up to and including the last loss-mask position (rows
+    are right-padded and attention is causal, so what follows it changes nothing). Shape: loss_mask's without
+    T."""
     T = loss_mask.shape[-1]
     has = loss_mask.any(axis=-1)
     last = T - 1 - np.argmax(loss_mask[..., ::-1] != 0, axis=-1)
@@ -291,8 +328,8 @@ def example_lengths(arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def bucket_width(lengths: np.ndarray, indices: np.ndarray, multiple: int, max_width: int) -> int:
-    """The width a global batch is cut to: the smallest multiple of `multiple` that holds the longest example of
-    the batch (`lengths` from example_lengths, read at the global indices so every process agrees), at most
+    """The width a global batch is cut to: the smallest multiple of `multiple` that holds the longest example
+    of the batch (`lengths` from example_lengths, read at the global indices so every process agrees), at most
     `max_width`."""
     longest = max(int(lengths[indices].max(initial=1)), 1)
     return min(max_width, -(-longest // multiple) * multiple)
@@ -306,8 +343,8 @@ def padding_fraction(arrays: dict[str, np.ndarray]) -> float:
 
 
 def pack(arrays: dict[str, np.ndarray], *, pad_id: int, seed: int, window: int = 64) -> dict[str, np.ndarray]:
-    """Packs right-padded rows {"tokens", "loss_mask"} [N, T] into fewer rows of T with "segment_ids" (1, 2, ...
-    per conversation, 0 on padding) and "positions" (restarting at 0 in each conversation).
+    """Packs right-padded rows {"tokens", "loss_mask"} [N, T] into fewer rows of T with "segment_ids" (1, 2,
+    ... per conversation, 0 on padding) and "positions" (restarting at 0 in each conversation).
 
     Conversations are taken in a seeded random order and each goes into the fullest of the last `window` open
     rows that it fits (first fit within a window: near-full rows without sorting the data by length). Each

@@ -12,7 +12,11 @@ class RecordError(ValueError):
     """A malformed input row; the message names the file, row and field."""
 
     def __init__(self, reason: str, message: str, *, file: str = "", row: int | None = None, field: str = ""):
-        where = ", ".join(p for p in (file and f"file {file}", row is not None and f"row {row}", field and f"field {field!r}") if p)
+        where = ", ".join(
+            p
+            for p in (file and f"file {file}", row is not None and f"row {row}", field and f"field {field!r}")
+            if p
+        )
         super().__init__(f"{where}: {message}" if where else message)
         self.reason = reason
         self.file, self.row, self.field = file, row, field
@@ -25,7 +29,9 @@ class Message:
 
     def __post_init__(self):
         if self.role not in ROLES:
-            raise RecordError("unknown_role", f"unknown role {self.role!r}; expected one of {ROLES}", field="role")
+            raise RecordError(
+                "unknown_role", f"unknown role {self.role!r}; expected one of {ROLES}", field="role"
+            )
         if not isinstance(self.content, str):
             raise RecordError("wrong_type", f"content must be a string, got {type(self.content).__name__}",
                               field="content")

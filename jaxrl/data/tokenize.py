@@ -66,9 +66,11 @@ class TokenizeStats:
 
     def summary(self) -> str:
         drops = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
-        return (f"examples {self.seen} = kept {self.kept} + dropped {sum(self.dropped.values())} ({drops}); "
-                f"prompts truncated {self.prompt_truncated}, completions truncated {self.completion_truncated}"
-                f", texts cut before tokenising {self.text_cut}")
+        return (
+            f"examples {self.seen} = kept {self.kept} + dropped {sum(self.dropped.values())} ({drops}); "
+            f"prompts truncated {self.prompt_truncated}, completions truncated {self.completion_truncated}"
+            f", texts cut before tokenising {self.text_cut}"
+        )
 
 
 _WORD = re.compile(r"\S+")  # the synthetic tokenizer's words: \s is str.split()'s whitespace
@@ -184,7 +186,7 @@ def _row(prompt: list[int], completion: list[int], max_len: int, pad_id: int):
 
 def encode_pairs(pairs: Sequence[PreferencePair], tok: ChatTokenizer, *, max_len: int, max_prompt_len: int,
                  truncation: str = "drop") -> tuple[dict[str, np.ndarray], TokenizeStats]:
-    """Pairs -> {"tokens" [N,2,T], "loss_mask" [N,2,T] (1 on completion tokens), "margin" [N]}; index 0 chosen."""
+    """Pairs -> {"tokens" [N,2,T], "loss_mask" [N,2,T] (1 on completions), "margin" [N]}; index 0 chosen."""
     stats = TokenizeStats()
     tokens, masks, margins = [], [], []
     for pair in pairs:
@@ -217,8 +219,14 @@ def encode_pairs(pairs: Sequence[PreferencePair], tok: ChatTokenizer, *, max_len
     return arrays, stats
 
 
-def encode_unpaired(examples: Sequence[UnpairedExample], tok: ChatTokenizer, *, max_len: int, max_prompt_len: int,
-                    truncation: str = "drop") -> tuple[dict[str, np.ndarray], TokenizeStats]:
+def encode_unpaired(
+    examples: Sequence[UnpairedExample],
+    tok: ChatTokenizer,
+    *,
+    max_len: int,
+    max_prompt_len: int,
+    truncation: str = "drop",
+) -> tuple[dict[str, np.ndarray], TokenizeStats]:
     """KTO examples -> {"tokens" [N,2,T], "loss_mask", "desirable" [N]}; row 1 pairs the completion with the
     next example's prompt (a fixed mismatched pair for the KL reference point)."""
     stats = TokenizeStats()

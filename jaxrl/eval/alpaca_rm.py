@@ -53,15 +53,15 @@ def read_alpaca(path: str | Path, limit: int | None = None) -> list[dict]:
 
 
 def _judge_tokenizer(judge: Path):
-    from jaxrl.convert import is_hf_dir
     from jaxrl.eval import model as model_lib
+    from jaxrl.models.hf import is_hf_dir
 
     if is_hf_dir(judge):
-        tok = model_lib._tokenizer_from(judge)
+        tok = model_lib.tokenizer_from(judge)
     else:
         from jaxrl import config as config_lib
 
-        tok = model_lib._run_tokenizer(
+        tok = model_lib.run_tokenizer(
             judge, config_lib.from_dict(json.loads((judge / "config.json").read_text()))
         )
     if tok is None:
@@ -75,8 +75,9 @@ def judge_scores(
     judge: str | Path, mesh, preset: str, instructions: list[str], responses: list[str], batch_size: int = 16
 ) -> np.ndarray:
     """The reward model's score [N] of each (instruction, response), read at the response's last token."""
-    from jaxrl import sampling, sharding, train
+    from jaxrl import sampling, sharding
     from jaxrl.data.records import Message
+    from jaxrl.models import init as model_init
     from jaxrl.rewards import score_responses
 
     judge = Path(judge)
@@ -84,10 +85,10 @@ def judge_scores(
         raise FileNotFoundError(
             f"judge {judge}: not a reward-model run dir or HF checkpoint (no config.json)"
         )
-    params, cfg = train.load_run_params(judge, mesh, preset)
+    params, cfg = model_init.load_run_params(judge, mesh, preset)
     if cfg.head != "scalar":
         raise ConfigError(f"judge {judge} is not a reward model (no scalar head)")
-    graphdef, _ = train.abstract_model(cfg)
+    graphdef, _ = model_init.abstract_model(cfg)
     tok = _judge_tokenizer(judge)
     divisor = sharding.batch_divisor(mesh, preset)
     batch_size = -(-batch_size // divisor) * divisor

@@ -18,7 +18,7 @@ RESULTS_FILE = "results.json"
 
 
 def _check_model_dir(model: str | Path) -> None:
-    from jaxrl.convert import is_hf_dir
+    from jaxrl.models.hf import is_hf_dir
 
     path = Path(model)
     if not path.is_dir():

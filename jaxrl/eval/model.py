@@ -88,7 +88,7 @@ class LoadedModel:
     max_length: int
 
 
-def _tokenizer_from(directory: Path):
+def tokenizer_from(directory: Path):
     """The tokenizer saved in a directory (a synthetic-world JSON or an HF tokenizer.json), or None."""
     path = directory / "tokenizer.json"
     if not path.is_file():
@@ -106,11 +106,11 @@ def _tokenizer_from(directory: Path):
     return HFTextTokenizer(HFChatTokenizer.from_dir(directory), name=str(directory))
 
 
-def _run_tokenizer(run_dir: Path, run_cfg):
+def run_tokenizer(run_dir: Path, run_cfg):
     """A run's tokenizer: its own tokenizer.json, else its data.tokenizer, else its init_from's, else the
     synthetic world's for a synthetic run."""
     for candidate in (run_dir, run_cfg.data.tokenizer, run_cfg.train.init_from):
-        if candidate and (tok := _tokenizer_from(Path(candidate))) is not None:
+        if candidate and (tok := tokenizer_from(Path(candidate))) is not None:
             return tok
     if run_cfg.data.source == "synthetic":
         from jaxrl.synthetic import SyntheticTokenizer
@@ -134,18 +134,17 @@ def load(
     """A jaxrl run directory (finished) or an HF *ForCausalLM checkpoint directory, ready to evaluate.
 
     `dtype` overrides the compute dtype (params keep theirs); logits and log-probs are fp32 regardless."""
-    from jaxrl import checkpoint, train
-    from jaxrl.convert import is_hf_dir
+    from jaxrl import checkpoint
+    from jaxrl.models import hf
+    from jaxrl.models import init as model_init
 
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"model {source}: no such directory")
-    if is_hf_dir(source):
-        from jaxrl.models import hf
-
+    if hf.is_hf_dir(source):
         model_cfg, params = hf.load_hf(source, mesh=mesh, preset=preset, dtype=dtype or "float32")
         hf_config = hf.read_hf_config(source)
-        tok = _tokenizer_from(Path(tokenizer) if tokenizer else source)
+        tok = tokenizer_from(Path(tokenizer) if tokenizer else source)
         if tok is None:
             raise ConfigError(f"{source}: an HF checkpoint without tokenizer.json; pass tokenizer=DIR")
         length = max_length or hf_config.get("max_position_embeddings") or DEFAULT_MAX_LENGTH
@@ -160,15 +159,15 @@ def load(
         run_cfg = config_lib.from_dict(json.loads(cfg_file.read_text()))
         if not checkpoint.final_params_dir(source).exists():
             raise ConfigError(f"model {source}: the run has not finished (no final/params)")
-        params, model_cfg = train.load_run_params(source, mesh, preset)
+        params, model_cfg = model_init.load_run_params(source, mesh, preset)
         if dtype:
             model_cfg = dataclasses.replace(model_cfg, dtype=dtype)
-        tok = _tokenizer_from(Path(tokenizer)) if tokenizer else _run_tokenizer(source, run_cfg)
+        tok = tokenizer_from(Path(tokenizer)) if tokenizer else run_tokenizer(source, run_cfg)
         if tok is None:
             raise ConfigError(f"tokenizer {tokenizer}: no tokenizer.json there")
         length = max_length or DEFAULT_MAX_LENGTH
     if model_cfg.head != "lm":
         raise ConfigError(f"model {source} is a reward/value model (scalar head), not a language model")
     model_cfg = dataclasses.replace(model_cfg, remat="none")  # no backward pass: nothing to rematerialise
-    graphdef, _ = train.abstract_model(model_cfg)
+    graphdef, _ = model_init.abstract_model(model_cfg)
     return LoadedModel(str(source), graphdef, params, model_cfg, tok, int(length))

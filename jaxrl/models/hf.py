@@ -75,6 +75,14 @@ class HFCheckpointError(ValueError):
     """An unsupported, incomplete or inconsistent Hugging Face checkpoint."""
 
 
+def is_hf_dir(path: str | Path) -> bool:
+    """A directory holding an HF config.json (with `architectures`) rather than a jaxrl run."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return False
+    return "architectures" in json.loads(cfg_file.read_text())
+
+
 def read_hf_config(path: str | Path) -> dict:
     """The checkpoint's config.json as a dict."""
     file = Path(path) / "config.json"
@@ -762,15 +770,20 @@ class HFModel:
 
     def _apply(self, params, tokens_BT, mask_BT):
         ctx = use_mesh(self.mesh, self.preset) if self.mesh is not None else contextlib.nullcontext()
+        # As the sampler does: pads form segment 0 and never attend to or from real tokens, and positions
+        # count real tokens only, so a left-padded row gives its unpadded logits (pad positions are junk).
+        valid_BT = (mask_BT != 0).astype(jnp.int32)
+        positions_BT = jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0)
         with ctx:
-            out = nnx.merge(self.graphdef, params)(tokens_BT)
+            out = nnx.merge(self.graphdef, params)(tokens_BT, positions_BT, valid_BT)
         return last_token_scores(out, mask_BT) if self.config.head == "scalar" else out
 
     def __call__(self, tokens, mask=None) -> jax.Array:
         """Logits [B,T,V] (LM) or scores [B] at each sequence's last real token (RM).
 
         `tokens` is [B,T] or [T] (ids), or a list of ragged id lists (right-padded here); `mask` [B,T] marks
-        the real tokens of a padded array (default: all real).
+        the real tokens of a padded array, left- or right-padded (default: all real). Real tokens never attend
+        to pads and their positions start at 0 at the first real token (transformers' generate convention).
         """
         tokens_BT, mask_BT, single = _pad_batch(tokens, self.pad_id)
         if mask is not None:

@@ -24,6 +24,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxrl.config import Config, ConfigError, check_choices
 from jaxrl.rl.losses import token_rewards
 
 # Group std and whitening add these before dividing (TRL's constants), so a constant group gives 0, not NaN.
@@ -228,3 +229,16 @@ def get_aggregation(name: str) -> Callable:
     if name not in AGGREGATIONS:
         raise KeyError(f"unknown aggregation {name!r}; registered: {sorted(AGGREGATIONS)}")
     return AGGREGATIONS[name]
+
+
+def check_config(cfg: Config) -> None:
+    """rl.advantage and rl.aggregation are registered names; a group estimator gets groups (ConfigError)."""
+    r = cfg.rl
+    check_choices({
+        "rl.advantage": (r.advantage, ("",) + tuple(ADVANTAGE_ESTIMATORS)),
+        "rl.aggregation": (r.aggregation, tuple(AGGREGATIONS)),
+    })
+    estimator = r.advantage or {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}.get(cfg.stage, "reinforce_pp")
+    if cfg.stage != "online_dpo" and estimator in GROUP_ESTIMATORS and r.samples_per_prompt < 2:
+        raise ConfigError(f"advantage estimator {estimator!r} compares samples of one prompt: "
+                          f"set rl.samples_per_prompt >= 2")

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxrl.config import RLConfig, check_choices
+
 KLEstimator = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -41,3 +43,10 @@ def get_kl_estimator(name: str) -> KLEstimator:
     if name not in KL_ESTIMATORS:
         raise KeyError(f"unknown KL estimator {name!r}; registered: {sorted(KL_ESTIMATORS)}")
     return KL_ESTIMATORS[name]
+
+
+def check_config(rl: RLConfig) -> None:
+    """rl.kl_estimator and rl.kl_loss_estimator name registered estimators (ConfigError otherwise)."""
+    names = tuple(KL_ESTIMATORS)
+    check_choices({"rl.kl_estimator": (rl.kl_estimator, names),
+                   "rl.kl_loss_estimator": (rl.kl_loss_estimator, names)})

@@ -33,13 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxrl import checkpoint, losses, rewards, sampling, sharding, steps, train
+from jaxrl import checkpoint, losses, rewards, sampling, sharding, steps
+from jaxrl import config as config_lib
 from jaxrl import metrics as metrics_lib
 from jaxrl import workdir as workdir_lib
-from jaxrl import config as config_lib
 from jaxrl.config import Config, ConfigError
 from jaxrl.data import pipeline
 from jaxrl.metrics import MetricWriter
+from jaxrl.models import init as model_init
 from jaxrl.rl import advantages, kl
 from jaxrl.rl.losses import RLHParams, ppo_policy_loss, processed_logits, token_logps_and_entropy, value_loss
 
@@ -295,7 +296,7 @@ def make_pairs(rollout, stats, chosen_second_R, weight_R):
     }
 
 
-def _fixed_left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def fixed_left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """`sampling.left_pad` to a fixed width, so every rollout batch has one shape (one compile)."""
     ids, mask = sampling.left_pad(prompts, pad_id)
     extra = width - ids.shape[1]
@@ -328,7 +329,7 @@ def prompt_set(cfg: Config, tok) -> tuple[list, np.ndarray, np.ndarray, list[str
     ]
     if len(keep) < r.rollout_batch:
         raise ConfigError(f"only {len(keep)} prompts fit data.max_prompt_len, fewer than rl.rollout_batch")
-    ids, mask = _fixed_left_pad([encoded[i] for i in keep], cfg.data.max_prompt_len, tok.pad_id)
+    ids, mask = fixed_left_pad([encoded[i] for i in keep], cfg.data.max_prompt_len, tok.pad_id)
     return [records[i] for i in keep], ids, mask, report
 
 
@@ -351,7 +352,9 @@ def lineage(cfg: Config) -> dict:
         sources[f"reward_model{k}"] = source
     if cfg.stage == "ppo":
         sources["value_init"] = (
-            config_lib.reward_model_sources(r.reward_model)[0] if r.value_init == "reward_model" else cfg.train.init_from
+            config_lib.reward_model_sources(r.reward_model)[0]
+            if r.value_init == "reward_model"
+            else cfg.train.init_from
         )
     out = {
         name: {"path": str(Path(p).absolute()) if p else "", "config_hash": _config_hash(p) if p else None}
@@ -377,10 +380,10 @@ def _value_params(cfg: Config, reward_fn, policy_params, mesh, preset, log):
     if cfg.rl.value_init == "reward_model":
         rm = reward_fn.models[0]
         return rm.graphdef, rm.params
-    value_cfg = dataclasses.replace(train.stage_model_config(cfg), head="scalar")
-    graphdef, _ = train.abstract_model(value_cfg)
-    fresh = train.init_params(value_cfg, cfg.seed + 1, mesh, preset)
-    return graphdef, train.merge_init(fresh, policy_params, log)
+    value_cfg = dataclasses.replace(model_init.stage_model_config(cfg), head="scalar")
+    graphdef, _ = model_init.abstract_model(value_cfg)
+    fresh = model_init.init_params(value_cfg, cfg.seed + 1, mesh, preset)
+    return graphdef, model_init.merge_init(fresh, policy_params, log)
 
 
 def _mean_rows(rows: list[dict]) -> dict[str, float]:
@@ -405,7 +408,9 @@ def _host_rollout_metrics(tokens_BN, mask_BN, eos_id: int, components: dict) -> 
     return out
 
 
-def _world_eval(cfg: Config, graphdef, params, ref_params, tok, split: str = "test") -> tuple[dict, dict | None]:
+def _world_eval(
+    cfg: Config, graphdef, params, ref_params, tok, split: str = "test"
+) -> tuple[dict, dict | None]:
     """(metrics, per-prompt record) of the synthetic world's evaluation on a split; nothing for other data."""
     if cfg.data.source != "synthetic" or not cfg.data.eval_prompts_per_domain:
         return {}, None
@@ -517,7 +522,7 @@ def _minibatch_example(cfg: Config, mb_units: int) -> dict:
 
 
 def update_fn(cfg: Config, graphdef, value_graphdef, optimizers: dict):
-    """The pure minibatch update (policy and, for ppo, value) of the stage; preflight compiles the same one."""
+    """The pure minibatch update (policy and, for ppo, value) of the stage; preflight compiles this one."""
     r, t, N = cfg.rl, cfg.train, cfg.rl.max_new_tokens
     if cfg.stage == "online_dpo":
         objective = functools.partial(online_dpo_objective, graphdef=graphdef, loss_name=cfg.loss.name)
@@ -658,7 +663,7 @@ def _score(ctx: _Context, programs: _Programs, state: RLState, gen: _Generation,
         ctx.batch_sharding,
     )
     data = programs.pairs(gen.rollout, stats, chosen_second, weight)
-    return data, train.loss_hparams(ctx.cfg), metrics, components
+    return data, steps.loss_hparams(ctx.cfg), metrics, components
 
 
 def _train(ctx: _Context, programs: _Programs, state: RLState, data, hp, iteration: int):
@@ -731,11 +736,11 @@ def _context(cfg: Config, workdir: Path, log) -> tuple[_Context, dict, list[str]
         tok.save(workdir / "tokenizer.json")
     records, prompt_ids, prompt_mask, report = prompt_set(cfg, tok)
 
-    model_cfg = train.stage_model_config(cfg)
-    graphdef, abstract_params = train.abstract_model(model_cfg)
-    params = train.init_params(model_cfg, cfg.seed, mesh, preset)
+    model_cfg = model_init.stage_model_config(cfg)
+    graphdef, abstract_params = model_init.abstract_model(model_cfg)
+    params = model_init.init_params(model_cfg, cfg.seed, mesh, preset)
     if t.init_from:
-        params = train.merge_init(params, train.load_run_params(t.init_from, mesh, preset)[0], log)
+        params = model_init.merge_init(params, model_init.load_run_params(t.init_from, mesh, preset)[0], log)
     else:
         log("warning: no train.init_from: the policy and its reference are the random initialisation")
     # The train state is built from these by a jit, so it holds new buffers: donating it never frees the ref.
@@ -802,10 +807,12 @@ def _world_eval_of(ctx: _Context, state: RLState, split: str = "test") -> tuple[
 def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None = None) -> dict:
     """Trains one online-RL stage in `workdir` (resuming if it holds a checkpoint); returns the final summary.
 
-    `stop_after` ends the loop early at that iteration without finishing the run (for tests of resume)."""
-    cfg = train.resolve(cfg)
+    `cfg` is resolved and validated (train.run, which calls this, does it). `stop_after` ends the loop early
+    at that iteration without finishing the run (for tests of resume)."""
     workdir = Path(workdir).absolute()
-    return workdir_lib.run_in(workdir, cfg, lambda commit: _run(cfg, workdir, commit, log, stop_after), log=log)
+    return workdir_lib.run_in(
+        workdir, cfg, lambda commit: _run(cfg, workdir, commit, log, stop_after), log=log
+    )
 
 
 def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dict:
@@ -819,9 +826,11 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
     optimizers = _optimizers(cfg, ctx)
 
     def build(policy, value):
-        value_state = None if value is None else train._state(value, optimizers["value"][0], cfg.seed, None)
+        value_state = (
+            None if value is None else steps.new_train_state(value, optimizers["value"][0], cfg.seed, None)
+        )
         return RLState(
-            policy=train._state(policy, optimizers["policy"][0], cfg.seed, None), value=value_state
+            policy=steps.new_train_state(policy, optimizers["policy"][0], cfg.seed, None), value=value_state
         )
 
     abstract_state = jax.eval_shape(build, trainable["policy"], trainable["value"])
@@ -833,14 +842,16 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
     commit()  # the run has started: from here on the workdir belongs to this config
     kl_coef, eval_initial, initial_per_prompt, start = float(cfg.rl.kl_coef), None, None, 0
     ckpt = checkpoint.Checkpointer(workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
-    restored = ckpt.restore_latest(checkpoint.abstract_with_shardings(abstract_state, state_shardings), log=log)
+    restored = ckpt.restore_latest(
+        checkpoint.abstract_with_shardings(abstract_state, state_shardings), log=log
+    )
     if restored is not None:
         latest, state, meta = restored
         start, kl_coef, eval_initial = int(meta["step"]), float(meta["kl_coef"]), meta.get("eval_initial")
         initial_per_prompt = meta.get("eval_initial_per_prompt")
         log(f"resumed from {workdir}/checkpoints/{latest} at iteration {start}")
     metrics_lib.truncate_after(workdir, start if start else -1, final=start >= t.steps)
-    resumed_last = train.last_logged(workdir, prefix="") if start else {}
+    resumed_last = metrics_lib.last_logged(workdir, prefix="") if start else {}
     meta = lambda step: {"step": step, "kl_coef": kl_coef, "eval_initial": eval_initial,
                          "eval_initial_per_prompt": initial_per_prompt}
 
@@ -848,7 +859,7 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
     if start == 0:
         eval_initial, initial_per_prompt = _world_eval_of(ctx, state)
         writer.write(0, {f"eval/{k}": v for k, v in eval_initial.items()})
-    progress = train._progress(start, t.steps, enabled=t.progress and jax.process_index() == 0)
+    progress = workdir_lib.progress(start, t.steps, enabled=t.progress and jax.process_index() == 0)
     last: dict[str, float] = resumed_last
     end = t.steps if stop_after is None else min(stop_after, t.steps)
     failure, updates_per_iteration = None, None
@@ -883,7 +894,9 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
         if (it + 1) % t.log_every == 0 or it + 1 == end:
             writer.write(it + 1, values)
         if t.eval_every and (it + 1) % t.eval_every == 0 and it + 1 < t.steps:
-            writer.write(it + 1, {f"val/{k}": v for k, v in _world_eval_of(ctx, state, "validation")[0].items()})
+            writer.write(
+                it + 1, {f"val/{k}": v for k, v in _world_eval_of(ctx, state, "validation")[0].items()}
+            )
         ckpt.save(it + 1, state, meta(it + 1))
         progress.update(1)
         progress.set_postfix(score=f"{values['objective/scores']:.3f}", kl=f"{values['objective/kl']:.3f}")
@@ -892,7 +905,9 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
     if failure:
         ckpt.close()
         writer.close()
-        raise workdir_lib.fail(workdir, cfg, failure, log=log, steps=t.steps, skipped_steps=skipped, train=last)
+        raise workdir_lib.fail(
+            workdir, cfg, failure, log=log, steps=t.steps, skipped_steps=skipped, train=last
+        )
 
     if stop_after is not None and end < t.steps:
         ckpt.save(end, state, meta(end), force=True)
