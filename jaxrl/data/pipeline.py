@@ -50,8 +50,8 @@ def _synthetic_records(cfg: Config, responder=None) -> tuple[list, list, list[st
     else:
         train = synthetic.make_preference_dataset(d.synthetic_kind, d.num_train, seed=cfg.seed)
     stats = synthetic.dataset_stats(train)
-    facts = ", ".join(f"{k} {v}" for k, v in sorted(train.stats.items())
-                      if k not in stats and isinstance(v, (int, float)))
+    made = {k: v for k, v in sorted(train.stats.items()) if k not in stats and isinstance(v, (int, float))}
+    facts = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in made.items())
     report = [
         f"synthetic {d.synthetic_kind} pairs: {len(train)}; against gold: "
         f"flip rate {stats['flip_rate']:.3f}, tie rate {stats['tie_rate']:.3f}, "
