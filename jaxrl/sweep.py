@@ -222,6 +222,10 @@ def run_sweep(module, workdir: str | Path, overrides=(), *, log=print, poll_s: f
     the setting and checkpoint with the best validation score (`selection`) rerun with fresh seeds; the rows
     returned are those of the fresh-seed runs (and their bases), each with its selected `recipe`."""
     workdir = Path(workdir).absolute()
+    # Every stage's runner is imported now, not at the sweep's first online run: a sweep that runs for hours
+    # must not combine modules loaded at its start with ones edited in the checkout since.
+    import jaxrl.rl.runner  # noqa: F401
+
     if not hasattr(module, "search") or all(module.search(dict(arm)) is None for arm in module.sweep()):
         return collect(_run_all(expand(module, workdir, overrides), workdir, log, poll_s), workdir)
     log("search: every arm's recipe grid on the search seed")
