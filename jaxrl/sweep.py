@@ -42,11 +42,12 @@ def run_id(cfg: Config, point: dict[str, Any]) -> str:
 
 
 def config_hash(cfg: Config) -> str:
-    """A content hash of a resolved config; settings that only change how a run is shown (train.progress,
-    train.tensorboard) are hashed at their defaults, so they never split a shared base."""
-    defaults = config_lib.TrainConfig()
-    shown = {"progress": defaults.progress, "tensorboard": defaults.tensorboard}
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **shown))
+    """A content hash of a resolved config; settings that only change how a run is shown
+    (workdir.PRESENTATION_KEYS) are hashed at their defaults, so they never split a shared base."""
+    from jaxrl.workdir import PRESENTATION_KEYS
+
+    defaults = config_lib.flat_dict(config_lib.Config(stage=cfg.stage))
+    cfg = config_lib.override(cfg, {key: defaults[key] for key in PRESENTATION_KEYS})
     return hashlib.sha256(json.dumps(config_lib.to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -261,7 +262,17 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float) -> list[Run]:
     (workdir / "runs").mkdir(parents=True, exist_ok=True)
     check_stale(runs, workdir)
     _enable_compilation_cache(workdir / "cache" / "xla")
-    status = lambda r: (workdir_lib.finished_summary(workdir / "runs" / r.id) or {}).get("status", "missing")
+    by_id = {r.id: r for r in runs}
+    ended: dict[str, str] = {}  # a run's final status never changes: read each summary once
+
+    def status(r: Run) -> str:
+        if r.id not in ended:
+            summary = workdir_lib.finished_summary(workdir / "runs" / r.id)
+            if summary is None:
+                return "missing"
+            ended[r.id] = summary.get("status", "finished")
+        return ended[r.id]
+
     todo = [r for r in runs if status(r) == "missing"]
     log(f"{len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to run")
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="sweep", dynamic_ncols=True)
@@ -270,7 +281,7 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float) -> list[Run]:
     while todo:
         progressed = False
         for r in list(todo):
-            states = [status(by_id) for by_id in runs if by_id.id in r.deps]
+            states = [status(by_id[d]) for d in r.deps]
             if any(s == "failed" for s in states) or any(d in blocked for d in r.deps):
                 blocked.add(r.id)
                 todo.remove(r)

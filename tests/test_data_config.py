@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from chat_fixtures import word_tokenizer
 
 from jaxrl import config as config_lib
 from jaxrl.config import ConfigError
@@ -21,26 +22,6 @@ def msg(role, content):
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path
-
-
-def word_tokenizer(directory: Path) -> Path:
-    """A whitespace word-level tokenizer with a ChatML template (no downloads)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
-    words = ["<unk>", "user", "assistant"] + [f"w{i}" for i in range(40)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(specials)
-    directory.mkdir(parents=True)
-    tok.save(str(directory / "tokenizer.json"))
-    template = (
-        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
-    config = {"eos_token": "<|im_end|>", "pad_token": "<pad>", "chat_template": template}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return directory
 
 
 @pytest.fixture
@@ -83,7 +64,7 @@ def sources(tmp_path):
         "trl": write_jsonl(tmp_path / "trl.jsonl", trl),
         "hs3": write_jsonl(tmp_path / "hs3.jsonl", helpsteer3),
         "uf": write_jsonl(tmp_path / "uf.jsonl", uf),
-        "tokenizer": word_tokenizer(tmp_path / "tok"),
+        "tokenizer": word_tokenizer(tmp_path / "tok", [f"w{i}" for i in range(40)]),
     }
 
 
@@ -158,37 +139,14 @@ def test_mixture_config_errors_name_the_entry(run_config, sources, change, messa
 def test_kto_from_rated_data_and_min_margin_from_the_config(run_config, sources):
     base = {"data.source": str(sources["uf"]), "data.format": "ultrafeedback", "data.binarize": "all_pairs"}
     kto = validate(run_config("dpo", **base, **{"loss.name": "kto"}))
-    records, summary = pipeline.source_records(
-        kto,
-        str(sources["uf"]),
-        "ultrafeedback",
-        policy="all_pairs",
-        aspect_weights="",
-        min_margin=0.0,
-        on_error="raise",
-    )
+    read = lambda cfg, policy, min_margin=0.0: pipeline.source_records(  # noqa: E731
+        cfg, str(sources["uf"]), "ultrafeedback", policy=policy, aspect_weights="", min_margin=min_margin,
+        on_error="raise")
+    records, summary = read(kto, "all_pairs")
     assert len(records) == 40 and all(isinstance(r, UnpairedExample) for r in records)
     assert [r.desirable for r in records[:2]] == [True, False] and "KTO examples" in summary
-    explicit = pipeline.source_records(
-        kto,
-        str(sources["uf"]),
-        "ultrafeedback",
-        policy="unpaired",
-        aspect_weights="",
-        min_margin=0.0,
-        on_error="raise",
-    )[0]
-    assert explicit == records
-    rm = validate(run_config("rm", **base))
-    pairs, summary = pipeline.source_records(
-        rm,
-        str(sources["uf"]),
-        "ultrafeedback",
-        policy="all_pairs",
-        aspect_weights="",
-        min_margin=3.0,
-        on_error="raise",
-    )
+    assert read(kto, "unpaired")[0] == records
+    pairs, summary = read(validate(run_config("rm", **base)), "all_pairs", min_margin=3.0)
     assert all(isinstance(p, PreferencePair) and p.margin >= 3.0 for p in pairs) and len(pairs) == 20
     assert "'below_margin': 40" in summary
 

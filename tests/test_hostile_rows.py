@@ -94,8 +94,7 @@ def _pair(prompt, chosen, rejected="short answer", system=None):
 def _plain(monkeypatch):
     """tokenize.py as before: every text tokenised in full, then truncated."""
     patch = monkeypatch.setattr
-    patch(tokenize, "_encode_prompt", lambda tok, m, keep: (tok.encode_prompt(m), False))
-    patch(tokenize, "_encode_completion", lambda tok, m, keep: (tok.encode_completion(m), False))
+    patch(tokenize, "_encode_bounded", lambda tok, m, keep, what: (getattr(tok, f"encode_{what}")(m), False))
     patch(tokenize, "_encode_conversation", lambda tok, m, keep: (*tok.encode_conversation(m), False))
 
 

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from chat_fixtures import word_tokenizer
 
 from jaxrl import checkpoint, sweep, train
 from jaxrl import config as config_lib
@@ -105,16 +106,22 @@ def test_a_held_workdir_refuses_a_second_run(tmp_path, run_config):
     assert not (tmp_path / "run" / "config.json").exists()
 
 
-def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
+def lock_holder(workdir: Path) -> subprocess.Popen:
+    """Another process that holds `workdir`'s lock (until killed); returns once it holds it."""
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f'''
-        import sys, time
+        import time
         from jaxrl import workdir
-        with workdir.hold({str(tmp_path / "run")!r}):
+        with workdir.hold({str(workdir)!r}):
             print("held", flush=True)
             time.sleep(600)
     ''')], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
+    holder = lock_holder(tmp_path / "run")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(workdir_lib.WorkdirLocked, match=f"pid {holder.pid}"):
             with workdir_lib.hold(tmp_path / "run"):
                 pass
@@ -126,15 +133,8 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
 
 
 def test_second_train_command_exits_with_one_line(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f'''
-        import time
-        from jaxrl import workdir
-        with workdir.hold({str(tmp_path / "run")!r}):
-            print("held", flush=True)
-            time.sleep(600)
-    ''')], stdout=subprocess.PIPE, text=True)
+    holder = lock_holder(tmp_path / "run")
     try:
-        assert holder.stdout.readline().strip() == "held"
         result = cli("train", "--config", "experiments/tiny_pipeline.py", "--workdir", str(tmp_path / "run"))
     finally:
         holder.kill()
@@ -243,28 +243,8 @@ def test_a_damaged_newest_checkpoint_falls_back_and_resumes_exactly(tmp_path, ru
 # 7. One-line errors.
 
 
-def word_tokenizer(directory: Path) -> Path:
-    """A whitespace word-level tokenizer with a ChatML template (no downloads)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
-    vocab = {w: i for i, w in enumerate(specials + ["<unk>", "user", "assistant", "hi", "a", "b"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(specials)
-    directory.mkdir(parents=True)
-    tok.save(str(directory / "tokenizer.json"))
-    template = (
-        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
-    config = {"eos_token": "<|im_end|>", "pad_token": "<pad>", "chat_template": template}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return directory
-
-
 def test_user_errors_are_one_line_with_exit_2_and_debug_shows_the_traceback(tmp_path):
-    tokenizer = word_tokenizer(tmp_path / "tok")
+    tokenizer = word_tokenizer(tmp_path / "tok", ["hi", "a", "b"])
     data = tmp_path / "pairs.jsonl"
     chosen = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]
     data.write_text(json.dumps({"prompt": "hi", "chosen": chosen}) + "\n")  # no "rejected"

@@ -9,10 +9,10 @@ import hashlib
 import json
 import math
 import sys
-from pathlib import Path
 
 import grain
 import pytest
+from chat_fixtures import word_tokenizer
 from test_readers import CASES, TULU_ROWS, UFB_ROWS, msg, write_jsonl, write_saved_dataset
 
 from jaxrl import cli
@@ -409,26 +409,6 @@ def test_cli_prepare(tmp_path, tulu_source, capsys):
 WORDS = [f"w{i}" for i in range(40)]
 
 
-def word_tokenizer(directory: Path) -> Path:
-    """A whitespace word-level tokenizer.json + tokenizer_config.json with a ChatML template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    specials = ["<pad>", "<|im_start|>", "<|im_end|>"]
-    vocab = {w: i for i, w in enumerate(specials + ["<unk>", "system", "user", "assistant"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(specials)
-    directory.mkdir(parents=True)
-    tok.save(str(directory / "tokenizer.json"))
-    template = (
-        "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
-    config = {"eos_token": "<|im_end|>", "pad_token": "<pad>", "chat_template": template}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return directory
-
-
 @pytest.fixture
 def word_dataset(tmp_path):
     """A prepared tulu25 dataset of 48 word pairs, and a tokenizer for it."""
@@ -444,7 +424,7 @@ def word_dataset(tmp_path):
         )
     source = write_jsonl(tmp_path / "words.jsonl", rows)
     directory = tfds_builder.prepare(source, "tulu25", tmp_path / "data", name="words", log=quiet)
-    return directory, word_tokenizer(tmp_path / "tok")
+    return directory, word_tokenizer(tmp_path / "tok", WORDS)
 
 
 def dpo_config(run_config, directory, tokenizer, **overrides):

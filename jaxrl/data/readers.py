@@ -548,6 +548,11 @@ def read_prompts(row: Mapping) -> list[PromptRecord]:
 @register("sft")
 def read_sft(row: Mapping) -> list[Conversation]:
     """SFT conversations: a `messages` list with at least one assistant turn."""
+    return [_conversation(row, "sft")]
+
+
+def _conversation(row: Mapping, default_source: str) -> Conversation:
+    """A `messages` conversation with at least one assistant turn and no empty turn (system aside)."""
     messages = _messages(_value(row, "messages"), "messages")
     if not any(m.role == "assistant" for m in messages):
         raise _fail("bad_structure", "no assistant turn to train on", "messages")
@@ -555,8 +560,8 @@ def read_sft(row: Mapping) -> list[Conversation]:
         if message.role != "system" and not message.content.strip():
             reason = "empty_response" if message.role == "assistant" else "empty_prompt"
             raise _fail(reason, f"empty {message.role} turn", f"messages[{index}].content")
-    source = _string(row, "source", optional=True) or "sft"
-    return [Conversation(messages, source, _identifier(row, "id"))]
+    source = _string(row, "source", optional=True) or default_source
+    return Conversation(messages, source, _identifier(row, "id"))
 
 
 def _unpaired(row: Mapping, source: str) -> list[UnpairedExample]:
@@ -658,15 +663,7 @@ def read_openai_chat(row: Mapping) -> list[Conversation]:
     """OpenAI's chat fine-tuning format: `messages` with string or text-part `content`, `developer` as system;
     tool calls, tool turns, tool definitions and non-text parts are errors (or counted skips) by reason."""
     _no_tools(row)
-    messages = _messages(_value(row, "messages"), "messages")
-    if not any(m.role == "assistant" for m in messages):
-        raise _fail("bad_structure", "no assistant turn to train on", "messages")
-    for index, message in enumerate(messages):
-        if message.role != "system" and not message.content.strip():
-            reason = "empty_response" if message.role == "assistant" else "empty_prompt"
-            raise _fail(reason, f"empty {message.role} turn", f"messages[{index}].content")
-    source = _string(row, "source", optional=True) or "openai_chat"
-    return [Conversation(messages, source, _identifier(row, "id"))]
+    return [_conversation(row, "openai_chat")]
 
 
 @register("openai_dpo")

@@ -122,22 +122,16 @@ def _synthetic_cut(tok: SyntheticTokenizer, messages: Messages, keep: int,
     return tuple(out), cut
 
 
-def _encode_prompt(tok: ChatTokenizer, messages: Messages, keep: int) -> tuple[list[int], bool]:
-    if hasattr(tok, "encode_prompt_bounded"):
-        return tok.encode_prompt_bounded(messages, keep)
+def _encode_bounded(tok: ChatTokenizer, messages: Messages, keep: int, what: str) -> tuple[list[int], bool]:
+    """(ids, cut) of a prompt (kept from the left) or a completion (from the right), tokenising only what
+    truncation to `keep` tokens can keep."""
+    bounded = getattr(tok, f"encode_{what}_bounded", None)
+    if bounded is not None:
+        return bounded(messages, keep)
     cut = False
     if isinstance(tok, SyntheticTokenizer):
-        messages, cut = _synthetic_cut(tok, messages, keep, "left")
-    return tok.encode_prompt(messages), cut
-
-
-def _encode_completion(tok: ChatTokenizer, messages: Messages, keep: int) -> tuple[list[int], bool]:
-    if hasattr(tok, "encode_completion_bounded"):
-        return tok.encode_completion_bounded(messages, keep)
-    cut = False
-    if isinstance(tok, SyntheticTokenizer):
-        messages, cut = _synthetic_cut(tok, messages, keep, "right")
-    return tok.encode_completion(messages), cut
+        messages, cut = _synthetic_cut(tok, messages, keep, "left" if what == "prompt" else "right")
+    return getattr(tok, f"encode_{what}")(messages), cut
 
 
 def _encode_conversation(tok: ChatTokenizer, messages: Messages,
@@ -191,10 +185,10 @@ def encode_pairs(pairs: Sequence[PreferencePair], tok: ChatTokenizer, *, max_len
     tokens, masks, margins = [], [], []
     for pair in pairs:
         stats.seen += 1
-        prompt, text_cut = _encode_prompt(tok, pair.prompt, max_prompt_len)
+        prompt, text_cut = _encode_bounded(tok, pair.prompt, max_prompt_len, "prompt")
         rows, cuts = [], TokenizeStats()
         for completion in (pair.chosen, pair.rejected):
-            completion, cut = _encode_completion(tok, completion, max_len)
+            completion, cut = _encode_bounded(tok, completion, max_len, "completion")
             text_cut |= cut
             fitted = _fit(prompt, completion, max_len, max_prompt_len, truncation, cuts)
             if fitted is None:
@@ -230,12 +224,12 @@ def encode_unpaired(
     """KTO examples -> {"tokens" [N,2,T], "loss_mask", "desirable" [N]}; row 1 pairs the completion with the
     next example's prompt (a fixed mismatched pair for the KL reference point)."""
     stats = TokenizeStats()
-    encoded = [_encode_prompt(tok, e.prompt, max_prompt_len) for e in examples]
+    encoded = [_encode_bounded(tok, e.prompt, max_prompt_len, "prompt") for e in examples]
     prompts, prompt_cut = [ids for ids, _ in encoded], [cut for _, cut in encoded]
     tokens, masks, labels = [], [], []
     for i, example in enumerate(examples):
         stats.seen += 1
-        completion, cut = _encode_completion(tok, example.completion, max_len)
+        completion, cut = _encode_bounded(tok, example.completion, max_len, "completion")
         stats.text_cut += cut or prompt_cut[i]
         rows, cuts = [], TokenizeStats()
         for prompt in (prompts[i], prompts[(i + 1) % len(examples)]):
