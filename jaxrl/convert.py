@@ -18,18 +18,12 @@ from typing import Any
 from jaxrl import checkpoint, sharding
 from jaxrl import config as config_lib
 from jaxrl.config import Config, ConfigError, MeshConfig
-from jaxrl.models.hf import is_hf_dir  # noqa: F401  (its former home: eval and preflight import it from here)
+from jaxrl.models.hf_config import ARCHITECTURE_KEYS, SPECIAL_TOKEN_KEYS, is_hf_dir
+from jaxrl.models.hf_save import GENERATION_FILE, TOKENIZER_FILES
 
-ARCHITECTURE_KEYS = ("vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "mlp", "norm_eps",
-                     "rope_theta", "rope_scaling", "rope_factor", "rope_low_freq_factor",
-                     "rope_high_freq_factor", "rope_original_max_positions", "qkv_bias", "qk_norm",
-                     "norm_position", "sliding_window", "window_layers", "tie_embeddings")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "added_tokens.json")
-SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# ARCHITECTURE_KEYS (which preflight imports from here), the token keys and the file names are the HF
+# modules' own lists, named once.
 HF_FILE = "hf.json"  # in a run dir: the source checkpoint's architecture and special token ids
-GENERATION_FILE = "generation_config.json"
 EXPORT_KEYS = ("model.param_dtype",)  # with mesh.*: the --set keys an export (run -> HF) takes
 
 

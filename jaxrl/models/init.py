@@ -15,18 +15,13 @@ from flax import nnx
 from jaxrl import checkpoint, sharding
 from jaxrl import config as config_lib
 from jaxrl.config import Config, ConfigError
+from jaxrl.models.abstract import abstract_model  # re-exported: model_init.abstract_model
 from jaxrl.models.transformer import Transformer
 
 
 def stage_model_config(cfg: Config):
     """The model config a stage trains: a scalar head for reward models, an LM head otherwise."""
     return dataclasses.replace(cfg.model, head="scalar" if cfg.stage == "rm" else "lm")
-
-
-def abstract_model(model_cfg):
-    """(graphdef, abstract params) without allocating anything."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0))))
-    return graphdef, nnx.to_pure_dict(state)
 
 
 def init_params(model_cfg, seed: int, mesh, preset: str):
