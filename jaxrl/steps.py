@@ -35,20 +35,22 @@ def new_train_state(params, tx: optax.GradientTransformation, seed: int, ref_par
                       rng=jax.random.PRNGKey(seed), skipped=jnp.zeros((), jnp.int32), ref_params=ref_params)
 
 
-def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup, then constant, linear or cosine decay to end_lr_ratio * lr."""
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int, lr=None) -> optax.Schedule:
+    """Linear warmup, then constant, linear or cosine decay to end_lr_ratio * lr. `lr` (an array, e.g. one
+    member's rate inside a vmapped group) replaces cfg.lr in the same formulas."""
+    lr = cfg.lr if lr is None else lr
     warmup = int(round(cfg.warmup_ratio * total_steps))
     decay_steps = max(1, total_steps - warmup)
-    end = cfg.lr * cfg.end_lr_ratio
+    end = lr * cfg.end_lr_ratio
     if cfg.schedule == "constant":
-        after = optax.constant_schedule(cfg.lr)
+        after = optax.constant_schedule(lr)
     elif cfg.schedule == "linear":
-        after = optax.linear_schedule(cfg.lr, end, decay_steps)
+        after = optax.linear_schedule(lr, end, decay_steps)
     else:
-        after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_ratio)
+        after = optax.cosine_decay_schedule(lr, decay_steps, alpha=cfg.end_lr_ratio)
     if warmup == 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
 def _decay_mask(params):
@@ -60,9 +62,10 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping and the configured schedule."""
-    schedule = learning_rate_schedule(cfg, total_steps)
+def make_optimizer(cfg: OptimConfig, total_steps: int, lr=None) -> tuple[optax.GradientTransformation,
+                                                                        optax.Schedule]:
+    """AdamW with global-norm clipping and the configured schedule (`lr`: see learning_rate_schedule)."""
+    schedule = learning_rate_schedule(cfg, total_steps, lr)
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                              mask=_decay_mask))
@@ -142,13 +145,37 @@ def policy_seq_logps(model, batch: Batch):
     return logp_N.reshape(-1, 2), len_N.reshape(-1, 2)
 
 
-def preference_objective(params, batch: Batch, hp, totals: Totals, *, graphdef, loss_name: str,
-                         ref_params=None):
+def _switched_loss(names: tuple[str, ...], index, seq: losses.SeqLogps, hp):
+    """The loss `names[index]` on the same log-probs (`index` may be traced: one member of a vmapped group per
+    loss); its metrics under the union of the names' metric keys, the ones it does not log set to zero."""
+    specs = [losses.get_preference_loss(n) for n in names]
+    no_ref = seq.replace(ref_chosen=jnp.zeros_like(seq.ref_chosen),
+                         ref_rejected=jnp.zeros_like(seq.ref_rejected))
+    inputs = [seq if spec.needs_reference else no_ref for spec in specs]  # as each loss sees them alone
+    proto = {}
+    for spec, x in zip(specs, inputs, strict=True):
+        for k, v in jax.eval_shape(spec.fn, x, hp)[1].items():
+            proto.setdefault(k, v)
+
+    def branch(i):
+        def run(hp):
+            loss_B, metrics = specs[i].fn(inputs[i], hp)
+            return loss_B, {k: metrics[k] if k in metrics else jnp.zeros(v.shape, v.dtype)
+                            for k, v in sorted(proto.items())}
+
+        return run
+
+    return jax.lax.switch(index, [branch(i) for i in range(len(specs))], hp)
+
+
+def preference_objective(params, batch: Batch, hp, totals: Totals, *, graphdef, loss_name: str | tuple,
+                         ref_params=None, loss_index=None):
     """A DPO-family loss of a (micro)batch of pairs; reference log-probs come cached in the batch or from
-    ref_params."""
-    spec = losses.get_preference_loss(loss_name)
+    ref_params. A tuple of names with a `loss_index` selects one of them (see _switched_loss)."""
+    names = loss_name if isinstance(loss_name, tuple) else (loss_name,)
+    specs = [losses.get_preference_loss(n) for n in names]
     logp_B2, len_B2 = policy_seq_logps(nnx.merge(graphdef, params), batch)
-    if not spec.needs_reference:
+    if not any(spec.needs_reference for spec in specs):
         ref_B2 = jnp.zeros_like(logp_B2)
     elif ref_params is not None:
         ref_B2, _ = policy_seq_logps(nnx.merge(graphdef, ref_params), batch)
@@ -158,7 +185,10 @@ def preference_objective(params, batch: Batch, hp, totals: Totals, *, graphdef, 
     seq = losses.SeqLogps(chosen=logp_B2[:, 0], rejected=logp_B2[:, 1], ref_chosen=ref_B2[:, 0],
                           ref_rejected=ref_B2[:, 1], chosen_len=len_B2[:, 0], rejected_len=len_B2[:, 1],
                           desirable=batch.get("desirable"))
-    loss_B, metrics = spec.fn(seq, hp)
+    if isinstance(loss_name, tuple):
+        loss_B, metrics = _switched_loss(names, loss_index, seq, hp)
+    else:
+        loss_B, metrics = specs[0].fn(seq, hp)
     n = totals["examples"]
     out = {k: jnp.sum(v) / n for k, v in metrics.items()}
     out["num_tokens"] = jnp.sum(len_B2)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from jaxrl import config as config_lib
+from jaxrl import group as group_lib
 from jaxrl.config import Config
 
 
@@ -213,7 +214,8 @@ def check_stale(runs: list[Run], workdir: Path) -> None:
         raise config_lib.ConfigError(problems[0] + more)
 
 
-def run_sweep(module, workdir: str | Path, overrides=(), *, log=print, poll_s: float = 1.0) -> list[dict]:
+def run_sweep(module, workdir: str | Path, overrides=(), *, log=print, poll_s: float = 1.0,
+              group: str = "auto") -> list[dict]:
     """Runs every unfinished run (finished ones are skipped, interrupted ones resume); returns result rows.
 
     Several sweeps may share one workdir: each run is locked by the process training it, and the others go on
@@ -221,20 +223,25 @@ def run_sweep(module, workdir: str | Path, overrides=(), *, log=print, poll_s: f
 
     A study with search(arm) is run in two phases: every arm's recipe grid on the search seed, then, per arm,
     the setting and checkpoint with the best validation score (`selection`) rerun with fresh seeds; the rows
-    returned are those of the fresh-seed runs (and their bases), each with its selected `recipe`."""
+    returned are those of the fresh-seed runs (and their bases), each with its selected `recipe`.
+
+    `group`: "auto" trains runs that share shapes as one vmapped program (jaxrl.group), "off" one at a time;
+    the results are the same either way (each member is a run of its own)."""
+    if group not in ("auto", "off"):
+        raise config_lib.ConfigError(f"--group {group!r}: expected auto or off")
     workdir = Path(workdir).absolute()
     # Every stage's runner is imported now, not at the sweep's first online run: a sweep that runs for hours
     # must not combine modules loaded at its start with ones edited in the checkout since.
     import jaxrl.rl.runner  # noqa: F401
 
     if not hasattr(module, "search") or all(module.search(dict(arm)) is None for arm in module.sweep()):
-        return collect(_run_all(expand(module, workdir, overrides), workdir, log, poll_s), workdir)
+        return collect(_run_all(expand(module, workdir, overrides), workdir, log, poll_s, group), workdir)
     log("search: every arm's recipe grid on the search seed")
-    _run_all(expand(module, workdir, overrides), workdir, log, poll_s)
+    _run_all(expand(module, workdir, overrides), workdir, log, poll_s, group)
     points, chosen = final_points(module, workdir, overrides)
     (workdir / "selected.json").write_text(json.dumps(chosen, indent=2) + "\n")
     log("selected recipes (validation) rerun with fresh seeds")
-    runs = _run_all(expand(module, workdir, overrides, points), workdir, log, poll_s)
+    runs = _run_all(expand(module, workdir, overrides, points), workdir, log, poll_s, group)
     rows = collect(runs, workdir)
     for row in rows:
         run = next(r for r in runs if r.id == row["run"])
@@ -252,8 +259,10 @@ def _recipe_label(recipe: dict) -> str:
     return " ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(recipe.items()))
 
 
-def _run_all(runs: list[Run], workdir: Path, log, poll_s: float) -> list[Run]:
-    """Trains every unfinished run of `runs` (see run_sweep); returns `runs`."""
+def _run_all(runs: list[Run], workdir: Path, log, poll_s: float, group: str = "auto") -> list[Run]:
+    """Trains every unfinished run of `runs` (see run_sweep); returns `runs`. With group "auto", runs whose
+    programs share shapes and whose dependencies are finished train together as one vmapped program
+    (jaxrl.group); "off" trains one run at a time."""
     from tqdm import tqdm
 
     from jaxrl import train
@@ -293,6 +302,30 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float) -> list[Run]:
                 continue  # its base or reward model is still being trained (here or by another sweep)
             bar.set_postfix_str(r.id[:60])
             start = time.perf_counter()
+            key = group_lib.group_key(r.cfg) if group == "auto" else None
+            mates = [o for o in todo if o is not r and key is not None and group_lib.group_key(o.cfg) == key
+                     and all(status(by_id[d]) == "finished" for d in o.deps)]
+            if mates:
+                members = [r, *mates]
+                results = group_lib.run_group(
+                    [config_lib.override(m.cfg, {"train.progress": False}) for m in members],
+                    [workdir / "runs" / m.id for m in members], log=quiet)
+                ran = [(m, x) for m, x in zip(members, results, strict=True)
+                       if not isinstance(x, workdir_lib.WorkdirLocked)]
+                elapsed = time.perf_counter() - start
+                for m, x in ran:
+                    if isinstance(x, workdir_lib.RunFailed):
+                        bar.write(f"FAILED {m.id}: {x.summary.get('reason')}")
+                    elif isinstance(x, Exception):
+                        raise x
+                    else:
+                        bar.write(f"finished {m.id} (a group of {len(ran)}, {elapsed:.0f}s)")
+                    todo.remove(m)
+                    bar.update(1)
+                if ran:
+                    progressed = True
+                    break
+                continue
             try:
                 train.run(
                     config_lib.override(r.cfg, {"train.progress": False}), workdir / "runs" / r.id, log=quiet

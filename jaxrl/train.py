@@ -7,6 +7,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -75,13 +76,49 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
 
 def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
+    member = setup(cfg, workdir, mesh, log)
+    commit()  # the run has started: from here on the workdir belongs to this config
+    restore(member, log)
+    summary = train_members([member], SoloProgram(member), log, stop_after)[0]
+    if summary.get("status") == "failed":
+        raise workdir_lib.RunFailed(workdir, summary)
+    return summary
+
+
+@dataclasses.dataclass
+class Member:
+    """One offline run's host-side pieces: its data, model, initial state, programs, and (after restore)
+    where it starts and what it has logged."""
+
+    cfg: Config
+    workdir: Path
+    mesh: Any
+    data: Any
+    train_arrays: dict
+    eval_arrays: dict
+    model_cfg: Any
+    graphdef: Any
+    hp: Any
+    state: steps.TrainState
+    state_shardings: Any
+    objective: Any
+    totals_fn: Any
+    train_step: Any  # the solo program (jitted, donating); a vmapped group has its own
+    eval_step: Any
+    world_eval: Any
+    has_ref: bool = False  # a frozen reference in the state (its forward pass is in every step's cost)
+    start: int = 0
+    last: dict = dataclasses.field(default_factory=dict)
+    ckpt: Any = None
+
+
+def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
+    """Builds a run's data, initial state and programs (nothing is written to the workdir yet)."""
     preset, t = cfg.mesh.preset, cfg.train
     sharding.check_batch(t.batch_size, t.grad_accum, mesh, preset)
     data = pipeline.build_stage_data(cfg, _on_policy_responder(cfg, mesh, preset))
     for line in data.report:
         log(line)
-    if jax.process_index() == 0 and hasattr(data.tokenizer, "save"):
-        data.tokenizer.save(workdir / "tokenizer.json")
 
     model_cfg = model_init.stage_model_config(cfg)
     graphdef, abstract_params = model_init.abstract_model(model_cfg)
@@ -129,37 +166,6 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
     )
     eval_step = jax.jit(_with_mesh(eval_fn, mesh, preset))
 
-    commit()  # the run has started: from here on the workdir belongs to this config
-    ckpt = checkpoint.Checkpointer(workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
-    start = 0
-    saved = jax.eval_shape(lambda: _saveable(state))
-    restored = ckpt.restore_latest(
-        checkpoint.abstract_with_shardings(saved, sharding.tree_shardings(saved, preset, mesh)), log=log)
-    if restored is not None:
-        latest, restored_state, meta = restored
-        state = restored_state.replace(ref_params=state.ref_params)
-        start = int(meta["step"])
-        log(f"resumed from {workdir}/checkpoints/{latest} at step {start}")
-    metrics_lib.truncate_after(workdir, start if start else -1, final=start >= t.steps)
-    resumed_last = metrics_lib.last_logged(workdir) if start else {}
-
-    bucket = cfg.data.padding == "bucket"
-    lengths = pipeline.example_lengths(train_arrays) if bucket or cfg.data.group_by_length else None
-    order = pipeline.BatchOrder(train_arrays["tokens"].shape[0], t.batch_size, cfg.seed,
-                                lengths if cfg.data.group_by_length else None)
-    batch_sharding = sharding.batch_sharding(mesh, preset)
-    writer = MetricWriter(workdir, tensorboard=t.tensorboard)
-    seq_len = train_arrays["tokens"].shape[-1]
-    rows_per_example = 2 if train_arrays["tokens"].ndim == 3 else 1
-
-    def step_cost(width: int) -> tuple[float, float]:
-        """(token positions, model FLOPs) of one step on batches `width` wide."""
-        tokens = t.batch_size * rows_per_example * width
-        flops = flops_per_token(model_cfg, width) * tokens
-        if ref_params is not None:
-            flops += flops_per_token(model_cfg, width, backward=False) * tokens
-        return tokens, flops
-
     world_eval = None
     if cfg.data.source == "synthetic" and cfg.stage != "rm" and cfg.data.eval_prompts_per_domain:
         from jaxrl.evaluate import synthetic_eval
@@ -174,89 +180,222 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
         world_eval = lambda params, split, final=False: synthetic_eval(
             cfg, graphdef, params, eval_ref, data.tokenizer, split=split, best_of=cfg.stage == "sft" and final
         )
-    progress = workdir_lib.progress(start, t.steps, enabled=t.progress and jax.process_index() == 0)
-    pending, window_start, window = None, time.perf_counter(), []
-    last, previous_skipped = resumed_last, None
+    return Member(cfg=cfg, workdir=workdir, mesh=mesh, data=data, train_arrays=train_arrays,
+                  eval_arrays=eval_arrays, model_cfg=model_cfg, graphdef=graphdef, hp=hp, state=state,
+                  state_shardings=state_shardings, objective=objective, totals_fn=totals_fn,
+                  train_step=train_step, eval_step=eval_step, world_eval=world_eval,
+                  has_ref=ref_params is not None)
+
+
+def restore(m: Member, log) -> None:
+    """Resumes `m` from its latest checkpoint (if any); truncates metrics logged after it."""
+    preset, t = m.cfg.mesh.preset, m.cfg.train
+    if jax.process_index() == 0 and hasattr(m.data.tokenizer, "save"):
+        m.data.tokenizer.save(m.workdir / "tokenizer.json")
+    m.ckpt = checkpoint.Checkpointer(m.workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
+    saved = jax.eval_shape(lambda: _saveable(m.state))
+    restored = m.ckpt.restore_latest(
+        checkpoint.abstract_with_shardings(saved, sharding.tree_shardings(saved, preset, m.mesh)), log=log)
+    if restored is not None:
+        latest, restored_state, meta = restored
+        m.state = restored_state.replace(ref_params=m.state.ref_params)
+        m.start = int(meta["step"])
+        log(f"resumed from {m.workdir}/checkpoints/{latest} at step {m.start}")
+    metrics_lib.truncate_after(m.workdir, m.start if m.start else -1, final=m.start >= t.steps)
+    m.last = metrics_lib.last_logged(m.workdir) if m.start else {}
+
+
+class SoloProgram:
+    """One run's state and its own jitted step: the one-run-at-a-time path."""
+
+    def __init__(self, member: Member):
+        self.member, self.members, self.state = member, [member], member.state
+
+    def step(self, batches: list) -> Any:
+        self.state, metrics = self.member.train_step(self.state, batches[0], self.member.hp)
+        return metrics
+
+    def fetch(self, metrics) -> list[dict]:
+        return [jax.device_get(metrics)]
+
+    def member_state(self, i: int) -> steps.TrainState:
+        return self.state
+
+    def skipped(self) -> list[int]:
+        return [int(jax.device_get(self.state.skipped))]
+
+
+class _MemberLoop:
+    """Per-run bookkeeping of the shared loop: pending metrics, the throughput window, the skip verdict."""
+
+    def __init__(self, m: Member, log):
+        t = m.cfg.train
+        self.m, self.pending, self.window_start, self.window = m, None, time.perf_counter(), []
+        self.last, self.previous_skipped, self.failure, self.failed = m.last, None, None, None
+        self.writer = MetricWriter(m.workdir, tensorboard=t.tensorboard)
+        enabled = t.progress and jax.process_index() == 0
+        self.progress = workdir_lib.progress(m.start, t.steps, enabled=enabled)
+        bucket = m.cfg.data.padding == "bucket"
+        self.lengths = (pipeline.example_lengths(m.train_arrays)
+                        if bucket or m.cfg.data.group_by_length else None)
+        self.order = pipeline.BatchOrder(m.train_arrays["tokens"].shape[0], t.batch_size, m.cfg.seed,
+                                         self.lengths if m.cfg.data.group_by_length else None)
+        self.seq_len = m.train_arrays["tokens"].shape[-1]
+        self.rows_per_example = 2 if m.train_arrays["tokens"].ndim == 3 else 1
+
+    def width(self, step: int) -> int | None:
+        if self.m.cfg.data.padding != "bucket":
+            return None
+        return pipeline.bucket_width(self.lengths, self.order.indices(step), self.m.cfg.data.bucket_multiple,
+                                     self.seq_len)
+
+    def host_batch(self, step: int, width: int | None) -> dict:
+        return pipeline.host_batch(self.m.train_arrays, self.order.indices(step), width)
+
+    def step_cost(self, width: int) -> tuple[float, float]:
+        """(token positions, model FLOPs) of one step on batches `width` wide."""
+        t, model_cfg = self.m.cfg.train, self.m.model_cfg
+        tokens = t.batch_size * self.rows_per_example * width
+        flops = flops_per_token(model_cfg, width) * tokens
+        if self.m.has_ref:
+            flops += flops_per_token(model_cfg, width, backward=False) * tokens
+        return tokens, flops
+
+    def log_pending(self, values_of) -> None:
+        step, metrics = self.pending
+        self.last = _log_metrics(self.writer, (step, values_of(metrics)), self.window_start, self.window,
+                                 self.progress)
+        self.window_start, self.window, self.pending = time.perf_counter(), [], None
+
+
+def train_members(members: list[Member], program, log, stop_after: int | None) -> list[dict]:
+    """The offline loop for runs that start at the same step and take the same steps, stepped together by
+    `program` (SoloProgram: one run; a vmapped group: several). Every run logs, checkpoints and evaluates
+    exactly as it would alone; returns each run's summary (a failed run's summary has status "failed")."""
+    t = members[0].cfg.train
+    start = members[0].start
+    loops = [_MemberLoop(m, log) for m in members]
+    batch_sharding = sharding.batch_sharding(members[0].mesh, members[0].cfg.mesh.preset)
     end = t.steps if stop_after is None else min(stop_after, t.steps)
     every = max(1, t.checkpoint_every)
-    failure = None
+    fetched: dict[int, list[dict]] = {}  # step -> host metrics per member (each step is fetched once)
+
+    def values(step, metrics, i):
+        if step not in fetched:
+            fetched.clear()
+            fetched[step] = program.fetch(metrics)
+        return fetched[step][i]
+
+    active = list(range(len(members)))
     for step in range(start, end):
-        indices = order.indices(step)
-        width = pipeline.bucket_width(lengths, indices, cfg.data.bucket_multiple, seq_len) if bucket else None
-        batch = pipeline.to_device(pipeline.host_batch(train_arrays, indices, width), batch_sharding)
-        state, metrics = train_step(state, batch, hp)
-        window.append(step_cost(width or seq_len))
+        widths = [lp.width(step) for lp in loops]
+        width = max(widths) if widths[0] is not None else None
+        batches = [pipeline.to_device(lp.host_batch(step, width), batch_sharding) for lp in loops]
+        metrics = program.step(batches)
+        for i in active:
+            loops[i].window.append(loops[i].step_cost(width or loops[i].seq_len))
         # Fetch the previous step's metrics only after dispatching this one: the device never waits on us.
-        if previous_skipped is not None:
-            failure = workdir_lib.skip_verdict(int(previous_skipped[1]), previous_skipped[0], t.steps,
-                                               t.max_skipped_fraction)
-            if failure:
-                break
-        if pending is not None:
-            last = _log_metrics(writer, pending, window_start, window[:-1], progress)
-            window_start, window, pending = time.perf_counter(), window[-1:], None
-        previous_skipped = (step + 1, metrics["skipped_steps"])
-        if (step + 1) % t.log_every == 0 or step + 1 == end:
-            pending = (step + 1, metrics)
-            if (step + 1) % every == 0:  # a checkpoint never gets ahead of the metrics rows it resumes after
-                last = _log_metrics(writer, pending, window_start, window, progress)
-                window_start, window, pending = time.perf_counter(), [], None
-        if world_eval and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
-            if pending is not None:  # rows stay in step order
-                last = _log_metrics(writer, pending, window_start, window, progress)
-                window_start, window, pending = time.perf_counter(), [], None
-            writer.write(
-                step + 1, {f"val/{k}": v for k, v in world_eval(state.params, "validation")[0].items()}
-            )
-        ckpt.save(step + 1, _saveable(state), {"step": step + 1})
-        progress.update(1)
-    if failure is None and previous_skipped is not None:
-        failure = workdir_lib.skip_verdict(int(previous_skipped[1]), previous_skipped[0], t.steps,
-                                           t.max_skipped_fraction)
-    if pending is not None and failure is None:
-        last = _log_metrics(writer, pending, window_start, window, progress)
-    progress.close()
-    skipped = int(jax.device_get(state.skipped))
-    if failure:  # counted again with the step dispatched after the one that decided it, so both agree
-        failure = workdir_lib.skip_verdict(skipped, int(jax.device_get(state.step)) + skipped, t.steps,
-                                           t.max_skipped_fraction) or failure
-        ckpt.close()
-        writer.close()
-        raise workdir_lib.fail(
-            workdir, cfg, failure, log=log, steps=t.steps, skipped_steps=skipped, train=last
-        )
+        for i in list(active):
+            lp = loops[i]
+            if lp.previous_skipped is not None:
+                prev_step, prev_metrics = lp.previous_skipped
+                n_skipped = int(values(prev_step, prev_metrics, i)["skipped_steps"])
+                lp.failure = workdir_lib.skip_verdict(n_skipped, prev_step, t.steps, t.max_skipped_fraction)
+                if lp.failure:
+                    active.remove(i)
+                    lp.failed = _fail(members[i], lp, program, i, log)
+                    continue
+            if lp.pending is not None:
+                pending_step = lp.pending[0]
+                lp.window = lp.window[:-1]
+                lp.log_pending(lambda mt, s=pending_step, i=i: values(s, mt, i))
+                lp.window = [lp.step_cost(width or lp.seq_len)]
+            lp.previous_skipped = (step + 1, metrics)
+            if (step + 1) % t.log_every == 0 or step + 1 == end:
+                lp.pending = (step + 1, metrics)
+                # A checkpoint never gets ahead of the metrics rows it resumes after.
+                if (step + 1) % every == 0:
+                    lp.log_pending(lambda mt, s=step + 1, i=i: values(s, mt, i))
+        if not active:
+            break
+        for i in active:
+            lp, m = loops[i], members[i]
+            if m.world_eval and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
+                if lp.pending is not None:  # rows stay in step order
+                    lp.log_pending(lambda mt, s=step + 1, i=i: values(s, mt, i))
+                val = m.world_eval(program.member_state(i).params, "validation")[0]
+                lp.writer.write(step + 1, {f"val/{k}": v for k, v in val.items()})
+            if (step + 1) % m.ckpt.every == 0:
+                m.ckpt.save(step + 1, _saveable(program.member_state(i)), {"step": step + 1})
+            lp.progress.update(1)
+    return [_finish(m, lp, program, i, log, stop_after, end, values)
+            for i, (m, lp) in enumerate(zip(members, loops, strict=True))]
+
+
+def _fail(m: Member, lp: _MemberLoop, program, i: int, log) -> dict:
+    """Ends a degenerate run at the step that decided it; its failed summary."""
+    t = m.cfg.train
+    lp.progress.close()
+    state = program.member_state(i)
+    skipped = program.skipped()[i]
+    # Counted again with the step dispatched after the one that decided it, so both agree.
+    failure = workdir_lib.skip_verdict(skipped, int(jax.device_get(state.step)) + skipped, t.steps,
+                                       t.max_skipped_fraction) or lp.failure
+    m.ckpt.close()
+    lp.writer.close()
+    return workdir_lib.fail(m.workdir, m.cfg, failure, log=log, steps=t.steps, skipped_steps=skipped,
+                            train=lp.last).summary
+
+
+def _finish(m: Member, lp: _MemberLoop, program, i: int, log, stop_after, end: int, values) -> dict:
+    """Ends one run of the loop: its failure, its early stop (tests of resume), or its final evaluation and
+    summary."""
+    t, preset = m.cfg.train, m.cfg.mesh.preset
+    if lp.failed is not None:
+        return lp.failed
+    if lp.previous_skipped is not None:
+        prev_step, prev_metrics = lp.previous_skipped
+        lp.failure = workdir_lib.skip_verdict(int(values(prev_step, prev_metrics, i)["skipped_steps"]),
+                                              prev_step, t.steps, t.max_skipped_fraction)
+        if lp.failure:
+            return _fail(m, lp, program, i, log)
+    if lp.pending is not None:
+        lp.log_pending(lambda mt, s=lp.pending[0]: values(s, mt, i))
+    lp.progress.close()
+    state = program.member_state(i)
+    skipped = program.skipped()[i]
 
     if stop_after is not None and end < t.steps:
-        ckpt.save(end, _saveable(state), {"step": end}, force=True)
-        ckpt.close()
-        writer.close()
+        m.ckpt.save(end, _saveable(state), {"step": end}, force=True)
+        m.ckpt.close()
+        lp.writer.close()
         return {"stopped_at": end}
 
-    ckpt.save(t.steps, _saveable(state), {"step": t.steps}, force=True)
-    ckpt.close()
-    eval_metrics = evaluate(
-        eval_step, state.params, eval_arrays, hp, t.batch_size // t.grad_accum, mesh, preset, state.ref_params
-    )
+    m.ckpt.save(t.steps, _saveable(state), {"step": t.steps}, force=True)
+    m.ckpt.close()
+    eval_metrics = evaluate(m.eval_step, state.params, m.eval_arrays, m.hp, t.batch_size // t.grad_accum,
+                            m.mesh, preset, state.ref_params)
     val_metrics, per_prompt = {}, None
-    if world_eval:
+    if m.world_eval:
         val_metrics = (
-            world_eval(state.params, "validation", True)[0] if cfg.data.val_prompts_per_domain else {}
+            m.world_eval(state.params, "validation", True)[0] if m.cfg.data.val_prompts_per_domain else {}
         )
-        test_metrics, per_prompt = world_eval(state.params, "test", True)
+        test_metrics, per_prompt = m.world_eval(state.params, "test", True)
         eval_metrics |= test_metrics
-    writer.write(t.steps, {f"val/{k}": v for k, v in val_metrics.items()}
-                 | {f"eval/{k}": v for k, v in eval_metrics.items()})
-    writer.close()
+    lp.writer.write(t.steps, {f"val/{k}": v for k, v in val_metrics.items()}
+                    | {f"eval/{k}": v for k, v in eval_metrics.items()})
+    lp.writer.close()
     if bad := workdir_lib.nonfinite_eval(eval_metrics):
-        raise workdir_lib.fail(workdir, cfg, f"the final evaluation is not finite: {', '.join(bad)}", log=log,
-                               steps=t.steps, skipped_steps=skipped, train=last, eval=eval_metrics)
-    checkpoint.save_params(checkpoint.final_params_dir(workdir), state.params)
-    summary = {"stage": cfg.stage, "status": "finished", "steps": t.steps, "skipped_steps": skipped,
-               "train": last, "eval": eval_metrics, "val": val_metrics, "data": data.report}
+        return workdir_lib.fail(m.workdir, m.cfg, f"the final evaluation is not finite: {', '.join(bad)}",
+                                log=log, steps=t.steps, skipped_steps=skipped, train=lp.last,
+                                eval=eval_metrics).summary
+    checkpoint.save_params(checkpoint.final_params_dir(m.workdir), state.params)
+    summary = {"stage": m.cfg.stage, "status": "finished", "steps": t.steps, "skipped_steps": skipped,
+               "train": lp.last, "eval": eval_metrics, "val": val_metrics, "data": m.data.report}
     if per_prompt is not None:
         summary["eval_per_prompt"] = per_prompt
-    workdir_lib.write_summary(workdir, summary)
-    log(f"finished {cfg.stage}: eval {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
+    workdir_lib.write_summary(m.workdir, summary)
+    log(f"finished {m.cfg.stage}: eval {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
     return summary
 
 
@@ -293,10 +432,10 @@ def _with_mesh(fn, mesh, preset):
 
 
 def _log_metrics(writer, pending, window_start, window, progress):
-    """Logs a step's metrics, with throughput over the window of steps since the last log ((tokens, flops) of
-    each; tokens are the positions computed, padding included)."""
+    """Logs a step's metrics (host values), with throughput over the window of steps since the last log
+    ((tokens, flops) of each; tokens are the positions computed, padding included)."""
     step, metrics = pending
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    values = {k: float(v) for k, v in metrics.items()}
     elapsed = max(time.perf_counter() - window_start, 1e-9)
     values["tokens_per_s"] = sum(tokens for tokens, _ in window) / elapsed
     values["tflops_per_s"] = sum(flops for _, flops in window) / elapsed / 1e12
