@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-WORDS = ("the model answer question data reward policy value step token train learn prefer better worse "
-         "because therefore however example first second finally result method paper study show").split()
+WORDS = (
+    "the model answer question data reward policy value step token train learn prefer better worse "
+    "because therefore however example first second finally result method paper study show"
+).split()
 
 
 def _text(rng, n_words: int) -> str:
@@ -36,11 +38,16 @@ def write_pairs(path: Path, n: int, seed: int = 0) -> None:
         for i in range(n):
             prompt = [{"role": "user", "content": _text(rng, 40)}]
             if i % 3 == 0:
-                prompt = [{"role": "user", "content": _text(rng, 20)},
-                          {"role": "assistant", "content": _text(rng, 60)}] + prompt
-            row = {"chosen": prompt + [{"role": "assistant", "content": _text(rng, 300)}],
-                   "rejected": prompt + [{"role": "assistant", "content": _text(rng, 250)}],
-                   "source": "bench", "id": str(i)}
+                prompt = [
+                    {"role": "user", "content": _text(rng, 20)},
+                    {"role": "assistant", "content": _text(rng, 60)},
+                ] + prompt
+            row = {
+                "chosen": prompt + [{"role": "assistant", "content": _text(rng, 300)}],
+                "rejected": prompt + [{"role": "assistant", "content": _text(rng, 250)}],
+                "source": "bench",
+                "id": str(i),
+            }
             f.write(json.dumps(row) + "\n")
 
 
@@ -52,13 +59,15 @@ def make_tokenizer_dir(directory: Path, corpus: list[str]) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
-    trainer = trainers.BpeTrainer(vocab_size=32000, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=32000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(corpus, trainer)
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "add_bos_token": False})
+    )
     return directory
 
 
@@ -86,8 +95,9 @@ def main(argv=None) -> dict:
         result = readers.read(tmp / "pairs.jsonl", "tulu25")
         read_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        arrays, stats = tokenize.encode_pairs(result.records, tok, max_len=args.max_len,
-                                              max_prompt_len=args.max_len // 2, truncation="truncate")
+        arrays, stats = tokenize.encode_pairs(
+            result.records, tok, max_len=args.max_len, max_prompt_len=args.max_len // 2, truncation="truncate"
+        )
         tokenize_s = time.perf_counter() - t0
 
     order = BatchOrder(arrays["tokens"].shape[0], args.batch, seed=0)

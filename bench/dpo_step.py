@@ -82,13 +82,18 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model_cfg.vocab_size, (args.pairs, 2, seq), dtype=np.int32)
     mask = np.zeros((args.pairs, 2, seq), np.int8)
-    mask[:, :, seq // 4:] = 1  # a quarter prompt, the rest completion
-    batch = {"tokens": tokens, "loss_mask": mask, "margin": np.zeros(args.pairs, np.float32),
-             "ref_logps": rng.normal(-200.0, 10.0, (args.pairs, 2)).astype(np.float32)}
+    mask[:, :, seq // 4 :] = 1  # a quarter prompt, the rest completion
+    batch = {
+        "tokens": tokens,
+        "loss_mask": mask,
+        "margin": np.zeros(args.pairs, np.float32),
+        "ref_logps": rng.normal(-200.0, 10.0, (args.pairs, 2)).astype(np.float32),
+    }
     batch = jax.device_put(batch, sharding.batch_sharding(mesh, preset))
     objective = functools.partial(steps.preference_objective, graphdef=graphdef, loss_name=args.loss)
-    step_fn = functools.partial(steps.train_step, objective=objective, totals_fn=steps.pair_totals, tx=tx,
-                                schedule=schedule)
+    step_fn = functools.partial(
+        steps.train_step, objective=objective, totals_fn=steps.pair_totals, tx=tx, schedule=schedule
+    )
     abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
     step = steps.make_step(step_fn, jax.eval_shape(lambda: state), abstract_batch, mesh, preset)
     hp = losses.LossHParams.create(beta=0.1)

@@ -30,7 +30,7 @@ def make_rows(n: int, max_len: int, median: float, sigma: float, seed: int = 0) 
     mask = np.zeros((n, max_len), np.int8)
     for i, length in enumerate(lengths):
         tokens[i, :length] = rng.integers(1, 32000, length)
-        mask[i, length // 3:length] = 1  # the prompt is the first third
+        mask[i, length // 3 : length] = 1  # the prompt is the first third
     return {"tokens": tokens, "loss_mask": mask}
 
 

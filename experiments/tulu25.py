@@ -197,7 +197,17 @@ def sweep(full: bool = True):
 
 
 def metrics():
-    return ["eval/loss", "eval/rewards/accuracies", "eval/accuracy", "eval/kl"]
+    """Table columns, each one a run of this study logs (tests/test_tulu25_metrics.py runs a tiny version of
+    every stage and checks): DPO's held-out loss and reward accuracy, the RM's held-out accuracy, and PPO's
+    rollout RM score and KL to the reference from training (PPO on real data has no held-out evaluation yet,
+    so there is no eval/kl; benchmark scores come from `jaxrl eval` on each finished arm)."""
+    return [
+        "eval/loss",
+        "eval/rewards/accuracies",
+        "eval/accuracy",
+        "train/objective/scores",
+        "train/objective/kl",
+    ]
 
 
 def large_rm(cfg: Config) -> Config:

@@ -23,6 +23,11 @@ How the study measures (fixed before any preference run, the same for every arm)
   - every policy run evaluates on the validation split (48 prompts per domain, disjoint by text from test)
     during training: those curves are plotted against KL, with the SFT base's best-of-N frontier;
   - the SFT base measures the ceilings: best-of-N on gold for N = 1, 4, 16, 64 with their KL bounds;
+  - every reward model is judged by the use the study makes of it: best-of-N on its init_from base's samples
+    picked by the RM and scored by gold (eval/proxy_best_of_N, the same draws as the base's gold ceilings),
+    and its accuracy on those samples' pairs (eval/sample_ranking_accuracy); the small RMs start from the
+    policy's SFT base, so theirs is the policy's over-optimisation curve, the large ones from a base of their
+    own size;
   - with --full, every algorithm has a recipe grid of the same size (four settings), searched on seed 0; the
     setting and checkpoint with the best validation gold is rerun with seeds 1, 2, 3, and only those runs'
     test scores enter the table (`jaxrl.sweep.run_sweep`). The default grid runs fixed recipes (the ones a
@@ -125,16 +130,29 @@ def stage_defaults(stage: str) -> dict:
 def sft_config(cfg: Config) -> Config:
     """The shared SFT base of a sweep point (same model and seed; imperfect demonstrations), trained until its
     held-out NLL stops falling."""
-    return override(cfg, {"stage": "sft", "loss.name": "dpo", "loss.beta": 1.0, "loss.label_smoothing": 0.0,
-                          "loss.gamma": 0.0, "data.synthetic_kind": "clean", "optim.lr": 3e-3,
-                          "optim.schedule": "cosine", "train.steps": 750, "train.eval_every": 0,
-                          "train.log_every": 50, "train.checkpoint_every": 250, "train.init_from": ""})
+    return override(
+        cfg,
+        {
+            "stage": "sft",
+            "loss.name": "dpo",
+            "loss.beta": 1.0,
+            "loss.label_smoothing": 0.0,
+            "loss.gamma": 0.0,
+            "data.synthetic_kind": "clean",
+            "optim.lr": 3e-3,
+            "optim.schedule": "cosine",
+            "train.steps": 750,
+            "train.eval_every": 0,
+            "train.log_every": 50,
+            "train.checkpoint_every": 250,
+            "train.init_from": "",
+        },
+    )
 
 
 def rm_point(data: str, size: str, seed: int) -> dict:
     """The sweep point of a reward model trained on one dataset."""
-    return {"stage": "rm", "data.synthetic_kind": data, "optim.lr": 1e-3, **RM_SIZES[size],
-            "seed": seed}
+    return {"stage": "rm", "data.synthetic_kind": data, "optim.lr": 1e-3, **RM_SIZES[size], "seed": seed}
 
 
 def reward_model(point: dict):
@@ -144,8 +162,10 @@ def reward_model(point: dict):
         return None
     data, _, size = name.rpartition("-")
     if data not in DATASETS or size not in RM_SIZES:
-        raise ValueError(f"rl.reward_model {name!r}: expected <dataset>-<size> with a dataset in {DATASETS} "
-                         f"and a size in {tuple(RM_SIZES)}")
+        raise ValueError(
+            f"rl.reward_model {name!r}: expected <dataset>-<size> with a dataset in {DATASETS} "
+            f"and a size in {tuple(RM_SIZES)}"
+        )
     return rm_point(data, size, point.get("seed", 0))
 
 
@@ -161,8 +181,10 @@ def _full_arms() -> list[dict]:
         {"data.synthetic_kind": data, "loss.name": loss} for data, loss in itertools.product(DATASETS, LOSSES)
     ]
     # On-policy data is sampled from a run's init_from: only the small reward model starts from the policy.
-    arms += [online_point("ppo", rm, "in_domain") for rm in ("clean-small", "clean-large", "noisy-small",
-                                                              "on_policy-small")]
+    arms += [
+        online_point("ppo", rm, "in_domain")
+        for rm in ("clean-small", "clean-large", "noisy-small", "on_policy-small")
+    ]
     arms += [online_point("ppo", "clean-small", prompts) for prompts in ("math_heavy", "mixed")]
     arms += [online_point(stage, "clean-small", "in_domain") for stage in ("grpo", "online_dpo")]
     return arms + [GOLD_PPO]
@@ -171,8 +193,10 @@ def _full_arms() -> list[dict]:
 def _default_points() -> list[dict]:
     """The default grid, seed 0, fixed recipes: DPO on three datasets, PPO with the clean reward model, and
     PPO on the gold reward (the ceiling an online arm can reach)."""
-    points = [{"data.synthetic_kind": data, "loss.name": "dpo", **OFFLINE_RECIPE, "seed": 0}
-              for data in ("clean", "noisy", "on_policy")]
+    points = [
+        {"data.synthetic_kind": data, "loss.name": "dpo", **OFFLINE_RECIPE, "seed": 0}
+        for data in ("clean", "noisy", "on_policy")
+    ]
     points.append(rm_point("clean", "small", 0))
     points.append({**online_point("ppo", "clean-small", "in_domain"), **ONLINE_RECIPE, "seed": 0})
     points.append({**GOLD_PPO, **ONLINE_RECIPE, "seed": 0})
@@ -211,19 +235,42 @@ def findings(rows: list[dict]) -> list[dict]:
         ),
     }
     out = [
-        {"claim": "preference data quality matters: clean beats noisy pairs (DPO)", "what": "clean - noisy",
-         "result": measured["data"], "verdict": verdict(measured["data"])},
-        {"claim": "PPO beats DPO (clean data, its reward model)", "what": "PPO - DPO",
-         "result": measured["algorithm"], "verdict": verdict(measured["algorithm"])},
-        {"claim": "a larger reward model helps (PPO)", "what": "large - small RM",
-         "result": measured["reward model"], "verdict": verdict(measured["reward model"])},
+        {
+            "claim": "preference data quality matters: clean beats noisy pairs (DPO)",
+            "what": "clean - noisy",
+            "result": measured["data"],
+            "verdict": verdict(measured["data"]),
+        },
+        {
+            "claim": "PPO beats DPO (clean data, its reward model)",
+            "what": "PPO - DPO",
+            "result": measured["algorithm"],
+            "verdict": verdict(measured["algorithm"]),
+        },
+        {
+            "claim": "a larger reward model helps (PPO)",
+            "what": "large - small RM",
+            "result": measured["reward model"],
+            "verdict": verdict(measured["reward model"]),
+        },
     ]
     math_large = compare(rows, ppo("clean-large"), ppo("clean-small"), "eval/gold_reward/math")
-    out.append({"claim": "... and mainly in math", "what": "large - small RM, math", "result": math_large,
-                "verdict": verdict(math_large)})
-    out.append({"claim": "targeted prompts help their domain (math-heavy prompts, math gold)",
-                "what": "math_heavy - in_domain, math", "result": measured["prompts"],
-                "verdict": verdict(measured["prompts"])})
+    out.append(
+        {
+            "claim": "... and mainly in math",
+            "what": "large - small RM, math",
+            "result": math_large,
+            "verdict": verdict(math_large),
+        }
+    )
+    out.append(
+        {
+            "claim": "targeted prompts help their domain (math-heavy prompts, math gold)",
+            "what": "math_heavy - in_domain, math",
+            "result": measured["prompts"],
+            "verdict": verdict(measured["prompts"]),
+        }
+    )
     for name in ("on_policy", "length_biased"):
         result = compare(rows, dpo(name), dpo("clean"))
         out.append(
@@ -251,13 +298,34 @@ def findings(rows: list[dict]) -> list[dict]:
         text = ", ".join(f"{k} {abs(sizes[k]['difference']):.3f}" for k in order)
     else:
         ordering, text = "cannot tell", "not every factor measured"
-    out.insert(0, {"claim": "effect sizes order: data > algorithm > reward model > prompts", "what": text,
-                   "result": None, "verdict": ordering})
+    out.insert(
+        0,
+        {
+            "claim": "effect sizes order: data > algorithm > reward model > prompts",
+            "what": text,
+            "result": None,
+            "verdict": ordering,
+        },
+    )
     return out
 
 
 def metrics():
-    return ["eval/gold_reward", "eval/gold_reward_delta", "eval/gold_reward_greedy", "eval/kl",
-            "eval/gold_reward/math", "eval/gold_reward/instruct", "eval/gold_reward/safety",
-            "eval/gold_reward/chat", "eval/best_of_16", "eval/best_of_64", "eval/accuracy",
-            "eval/ranking_accuracy", "eval/nll_per_token"]
+    return [
+        "eval/gold_reward",
+        "eval/gold_reward_delta",
+        "eval/gold_reward_greedy",
+        "eval/kl",
+        "eval/gold_reward/math",
+        "eval/gold_reward/instruct",
+        "eval/gold_reward/safety",
+        "eval/gold_reward/chat",
+        "eval/best_of_16",
+        "eval/best_of_64",
+        "eval/accuracy",
+        "eval/ranking_accuracy",
+        "eval/nll_per_token",
+        "eval/proxy_best_of_16",
+        "eval/proxy_best_of_64",
+        "eval/sample_ranking_accuracy",
+    ]

@@ -29,10 +29,15 @@ class Checkpointer:
     def __init__(self, workdir: str | Path, *, every: int, keep: int, asynchronous: bool = True):
         self.every = max(1, every)
         self.workdir = Path(workdir).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(1, every),
-                                               enable_async_checkpointing=asynchronous, create=True)
-        self.manager = ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
-                                             item_names=("state", "meta"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=max(1, every),
+            enable_async_checkpointing=asynchronous,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            Path(workdir).absolute() / "checkpoints", options=options, item_names=("state", "meta")
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -52,8 +57,9 @@ class Checkpointer:
         restored = self.manager.restore(step, args=args)
         return restored.state, restored.meta
 
-    def restore_latest(self, abstract_state, *, log: Callable[[str], Any] = print
-                       ) -> tuple[int, Any, dict[str, Any]] | None:
+    def restore_latest(
+        self, abstract_state, *, log: Callable[[str], Any] = print
+    ) -> tuple[int, Any, dict[str, Any]] | None:
         """(step, state, meta) from the newest checkpoint that restores, or None when there is none.
 
         A step that fails to restore (truncated or emptied files, missing or unparseable metadata, a missing
@@ -80,8 +86,10 @@ class Checkpointer:
             if step in self.manager.all_steps():
                 raise RuntimeError(f"damaged checkpoint step {step} ({reason}) could not be moved aside")
         if moved:
-            log(f"warning: no intact checkpoint left in {self.manager.directory} (moved aside: "
-                f"{', '.join(map(str, moved))}); starting from scratch")
+            log(
+                f"warning: no intact checkpoint left in {self.manager.directory} (moved aside: "
+                f"{', '.join(map(str, moved))}); starting from scratch"
+            )
         return None
 
     def _move_aside(self, step: int) -> Path:
@@ -142,11 +150,11 @@ def _check_restored(state, meta, abstract_state) -> None:
     if len(got) != len(want):
         raise ValueError(f"restored {len(got)} arrays, expected {len(want)}")
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        if getattr(w, "shape", None) is not None and (getattr(g, "shape", None) != w.shape
-                                                      or getattr(g, "dtype", None) != w.dtype):
+        if getattr(w, "shape", None) is not None and (
+            getattr(g, "shape", None) != w.shape or getattr(g, "dtype", None) != w.dtype
+        ):
             got_spec = f"{getattr(g, 'shape', None)} {getattr(g, 'dtype', None)}"
-            raise ValueError(f"array {i} restored as {got_spec}, "
-                             f"expected {w.shape} {w.dtype}")
+            raise ValueError(f"array {i} restored as {got_spec}, expected {w.shape} {w.dtype}")
 
 
 def final_params_dir(workdir: str | Path) -> Path:

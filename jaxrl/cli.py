@@ -1,4 +1,4 @@
-"""`jaxrl train | pipeline | validate`: command-line entry points."""
+"""`jaxrl train | sweep | convert | eval | eval-rm | validate | ...`: command-line entry points."""
 
 from __future__ import annotations
 
@@ -27,18 +27,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    import inspect
-
     from jaxrl import config as config_lib
     from jaxrl import sweep
 
-    module = config_lib.load_experiment(args.config)
-    if args.full:
-        if "full" not in inspect.signature(module.sweep).parameters:
-            raise ConfigError(f"{args.config}: sweep() takes no `full` argument")
-        original = module.sweep
-        module.sweep = lambda: original(full=True)
-    rows = sweep.run_sweep(module, args.workdir, args.set or [])
+    module = sweep.variant(config_lib.load_experiment(args.config), full=args.full, label=args.config)
+    rows = sweep.run_sweep(module, args.workdir, args.set or [], group=args.group)
     from pathlib import Path
 
     workdir = Path(args.workdir).absolute()
@@ -70,8 +63,13 @@ def cmd_convert(args) -> int:
         out = convert.hf_to_run(args.source, args.out, overrides=args.set or [], hf_overrides=hf_overrides)
         print(f"wrote jaxrl run directory {out} (use it as train.init_from / train.reference_from)")
     else:
-        out = convert.run_to_hf(args.source, args.out, tokenizer_dir=args.tokenizer, overrides=args.set or [],
-                                hf_overrides=hf_overrides)
+        out = convert.run_to_hf(
+            args.source,
+            args.out,
+            tokenizer_dir=args.tokenizer,
+            overrides=args.set or [],
+            hf_overrides=hf_overrides,
+        )
         print(f"wrote Hugging Face checkpoint {out}")
     return 0
 
@@ -88,18 +86,72 @@ def cmd_eval(args) -> int:
     try:
         from lm_eval.utils import handle_arg_string
     except ImportError as e:
-        raise ConfigError(f"jaxrl eval needs lm-eval: pip install -e \".[eval]\" ({e})") from e
+        raise ConfigError(f'jaxrl eval needs lm-eval: pip install -e ".[eval]" ({e})') from e
     model_args = {k: handle_arg_string(v) for k, v in model_args.items()}
-    harness.evaluate(args.model, [t.strip() for t in args.tasks.split(",") if t.strip()], args.out,
-                     limit=args.limit, num_fewshot=args.num_fewshot, include_path=args.include_path,
-                     batch_size=args.batch_size, model_args=model_args,
-                     apply_chat_template=args.apply_chat_template, with_optional=args.with_optional,
-                     judge=args.judge, alpaca_file=args.alpaca_file, log_samples=args.log_samples)
+    harness.evaluate(
+        args.model,
+        [t.strip() for t in args.tasks.split(",") if t.strip()],
+        args.out,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        include_path=args.include_path,
+        batch_size=args.batch_size,
+        model_args=model_args,
+        apply_chat_template=args.apply_chat_template,
+        with_optional=args.with_optional,
+        judge=args.judge,
+        alpaca_file=args.alpaca_file,
+        log_samples=args.log_samples,
+    )
+    return 0
+
+
+def _key_values(items, flag: str) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def cmd_eval_rm(args) -> int:
+    from jaxrl.eval import rm_eval
+
+    policy_args = _key_values(args.policy_arg, "--policy-arg")
+    if policy_args:
+        from lm_eval.utils import handle_arg_string
+
+        policy_args = {k: handle_arg_string(v) for k, v in policy_args.items()}
+    mesh = {
+        "data": args.mesh_data,
+        "fsdp": args.mesh_fsdp,
+        "tensor": args.mesh_tensor,
+        "preset": args.mesh_preset,
+    }
+    rm_eval.run(
+        args.model,
+        args.out,
+        data=args.data,
+        policy=args.policy,
+        prompts=args.prompts,
+        best_of=args.best_of,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        max_prompt_len=args.max_prompt_len,
+        dtype=args.dtype,
+        mesh=mesh,
+        policy_args=policy_args,
+    )
     return 0
 
 
 def cmd_validate(args) -> int:
-    import inspect
     import tempfile
 
     from jaxrl import config as config_lib
@@ -111,9 +163,7 @@ def cmd_validate(args) -> int:
     if not hasattr(module, "sweep"):
         print(f"{args.config}: 1 configuration valid")
         return 0
-    if "full" in inspect.signature(module.sweep).parameters:
-        original = module.sweep
-        module.sweep = lambda: original(full=True)
+    module = sweep.variant(module, full=sweep.has_full(module), label=args.config)  # the larger grid
     with tempfile.TemporaryDirectory() as tmp:  # expand() validates every run, shared bases included
         runs = sweep.expand(module, tmp, args.set or [])
     points = sum(r.kind == "point" for r in runs)
@@ -129,8 +179,15 @@ def cmd_preflight(args) -> int:
 
     try:
         cfg = preflight.load_config(args.config, args.set or [])
-        report = preflight.run(cfg, args.topology, backend=args.backend, hbm_gib=args.hbm_gib,
-                               config_label=args.config, log=lambda m: print(m, file=sys.stderr, flush=True))
+        report = preflight.run(
+            cfg,
+            args.topology,
+            backend=args.backend,
+            hbm_gib=args.hbm_gib,
+            slices=args.slices,
+            config_label=args.config,
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
     except preflight.PreflightError as e:
         print(f"jaxrl preflight: error: {e}", file=sys.stderr)
         return 2
@@ -155,15 +212,22 @@ def cmd_prepare(args) -> int:
     from jaxrl.data.records import RecordError
 
     try:
-        directory = tfds_builder.prepare(args.source, args.format, args.out, name=args.name,
-                                         version=args.version, on_error=args.on_error,
-                                         log=lambda m: print(m, file=sys.stderr))
+        directory = tfds_builder.prepare(
+            args.source,
+            args.format,
+            args.out,
+            name=args.name,
+            version=args.version,
+            on_error=args.on_error,
+            log=lambda m: print(m, file=sys.stderr),
+        )
     except (ValueError, RecordError, ImportError) as e:
         print(f"jaxrl prepare: error: {e}", file=sys.stderr)
         return 2
     info = tfds_builder.metadata(directory)
-    counts = ReadResult(rows_read=info["rows_read"], rows_used=info["rows_used"],
-                        dropped=collections.Counter(info["dropped"]))
+    counts = ReadResult(
+        rows_read=info["rows_read"], rows_used=info["rows_used"], dropped=collections.Counter(info["dropped"])
+    )
     print(directory)
     print(counts.summary())
     return 0
@@ -182,22 +246,43 @@ def cmd_launch(args) -> int:
     if args.target == "local":
         from launch import local
 
-        local.launch(jobs, num_processes=args.processes, port=args.port, cpu_devices=args.cpu_devices,
-                     program=launch.local_program(), dry_run=args.dry_run)
+        local.launch(
+            jobs,
+            num_processes=args.processes,
+            port=args.port,
+            cpu_devices=args.cpu_devices,
+            program=launch.local_program(),
+            dry_run=args.dry_run,
+        )
     elif args.target == "slurm":
         from launch import slurm
 
-        options = slurm.SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                                     cpus_per_task=args.cpus_per_task, time=args.time, port=args.port,
-                                     partition=args.partition, account=args.account, setup=args.setup,
-                                     script_dir=args.script_dir)
+        options = slurm.SlurmOptions(
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            cpus_per_task=args.cpus_per_task,
+            time=args.time,
+            port=args.port,
+            partition=args.partition,
+            account=args.account,
+            setup=args.setup,
+            script_dir=args.script_dir,
+        )
         slurm.launch(jobs, options, dry_run=args.dry_run)
     else:
         from launch import tpu
 
-        options = tpu.TpuOptions(name=args.name, zone=args.zone, project=args.project, topology=args.topology,
-                                 runtime_version=args.runtime_version, spot=args.spot, reserved=args.reserved,
-                                 keep=args.keep)
+        options = tpu.TpuOptions(
+            name=args.name,
+            zone=args.zone,
+            project=args.project,
+            topology=args.topology,
+            runtime_version=args.runtime_version,
+            spot=args.spot,
+            reserved=args.reserved,
+            keep=args.keep,
+            slices=args.slices,
+        )
         tpu.launch(jobs, options, action=args.action, dry_run=args.dry_run)
     return 0
 
@@ -218,18 +303,33 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True, help="study directory: runs/<id>/, cache/, results, plots")
     p.add_argument("--full", action="store_true", help="the full grid with several seeds (sweep(full=True))")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
+    p.add_argument(
+        "--group",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="on: offline runs that share shapes train together as one vmapped program; off: one "
+        "run at a time; auto: on for GPU/TPU, off on CPU (the results are the same)",
+    )
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("convert", help="HF checkpoint dir -> jaxrl run dir, or a finished run -> HF dir")
     p.add_argument("source", help="an HF checkpoint directory or a finished jaxrl run directory")
     p.add_argument("out", help="directory to write")
     p.add_argument("--tokenizer", default=None, help="tokenizer files to copy into an HF export")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="import: the run's config (model.dtype, model.param_dtype, mesh.*, stage); "
-                        "export: mesh.* and model.param_dtype (the saved weights' dtype)")
-    p.add_argument("--hf-set", action="append", metavar="KEY=JSON",
-                   help="export: a config.json entry (pad_token_id=0, eos_token_id=[1,2]); "
-                        "import: the bos/eos/pad ids to keep")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="import: the run's config (model.dtype, model.param_dtype, mesh.*, stage); "
+        "export: mesh.* and model.param_dtype (the saved weights' dtype)",
+    )
+    p.add_argument(
+        "--hf-set",
+        action="append",
+        metavar="KEY=JSON",
+        help="export: a config.json entry (pad_token_id=0, eos_token_id=[1,2]); "
+        "import: the bos/eos/pad ids to keep",
+    )
     p.set_defaults(fn=cmd_convert)
 
     p = sub.add_parser("eval", help="lm-eval harness tasks on a run dir or HF checkpoint (jaxrl backend)")
@@ -240,15 +340,54 @@ def main(argv=None) -> int:
     p.add_argument("--num-fewshot", type=int, default=None, help="shots for every task (default: each's own)")
     p.add_argument("--include-path", action="append", default=None, help="a directory of local task YAMLs")
     p.add_argument("--batch-size", type=int, default=None, help="rows per process and forward call")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                   help="backend argument, e.g. dtype=float32, mesh_preset=fsdp, max_length=4096")
-    p.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction, default=None,
-                   help="wrap prompts in the model's chat template (default: the suite's setting, else off)")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="backend argument, e.g. dtype=float32, mesh_preset=fsdp, max_length=4096",
+    )
+    p.add_argument(
+        "--apply-chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts in the model's chat template (default: the suite's setting, else off)",
+    )
     p.add_argument("--with-optional", action="store_true", help="also the suite's optional tasks (HumanEval)")
     p.add_argument("--judge", default=None, help="reward model dir judging alpaca_eval_rm")
     p.add_argument("--alpaca-file", default=None, help="AlpacaEval JSON/JSONL: instruction, output")
     p.add_argument("--log-samples", action="store_true", help="also write tasks/<task>.samples.jsonl")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("eval-rm", help="reward model: RewardBench-style accuracy; best-of-N")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the reward model: a finished rm run dir or an HF *ForSequenceClassification checkpoint dir",
+    )
+    p.add_argument("--out", required=True, help="directory for rm_results.json, rm_scores.jsonl, samples")
+    p.add_argument("--data", default=None, help="preference JSONL/JSON: prompt, chosen, rejected, subset, id")
+    p.add_argument("--policy", default=None, help="best-of-N: the sampling policy (run dir or HF checkpoint)")
+    p.add_argument("--prompts", default=None, help="best-of-N: JSONL/JSON of prompt (text or messages)[, id]")
+    p.add_argument("--best-of", type=int, default=4, help="best-of-N: samples per prompt (default 4)")
+    p.add_argument("--temperature", type=float, default=0.7, help="best-of-N: sampling temperature")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="best-of-N: tokens per sample at most")
+    p.add_argument("--seed", type=int, default=0, help="best-of-N: sampling seed")
+    p.add_argument(
+        "--policy-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="best-of-N: jaxrl lm-eval backend argument for the policy, e.g. dtype=float32",
+    )
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows of each file")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per reward-model call")
+    p.add_argument("--max-len", type=int, default=4096, help="prompt + response tokens the RM reads at most")
+    p.add_argument("--max-prompt-len", type=int, default=2048, help="prompt tokens kept (from the end)")
+    p.add_argument("--dtype", default=None, help="reward-model compute dtype (default: its own)")
+    p.add_argument("--mesh-preset", default="fsdp")
+    p.add_argument("--mesh-data", type=int, default=-1)
+    p.add_argument("--mesh-fsdp", type=int, default=1)
+    p.add_argument("--mesh-tensor", type=int, default=1)
+    p.set_defaults(fn=cmd_eval_rm)
 
     p = sub.add_parser("validate", help="check that an experiment's config and every sweep point validate")
     p.add_argument("--config", required=True)
@@ -258,9 +397,19 @@ def main(argv=None) -> int:
     p = sub.add_parser("preflight", help="compile a config for a TPU slice here; per-chip memory vs HBM")
     p.add_argument("--config", required=True, help="experiments/<file>.py or <file>.py:<function>")
     p.add_argument("--topology", required=True, help="TPU slice: v5p-128, v5e-64, v4-8, v5p:4x4x12, ...")
+    p.add_argument(
+        "--slices",
+        type=int,
+        default=1,
+        help="multi-slice: this many slices of --topology, the data axis across them (over DCN)",
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--backend", choices=("auto", "tpu", "cpu"), default="auto",
-                   help="tpu: libtpu's topology (required); cpu: fake-CPU mesh; auto: tpu if libtpu works")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "tpu", "cpu"),
+        default="auto",
+        help="tpu: libtpu's topology (required); cpu: fake-CPU mesh; auto: tpu if libtpu works",
+    )
     p.add_argument("--hbm-gib", type=float, default=None, help="override the chip's HBM per chip (GiB)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
     p.set_defaults(fn=cmd_preflight)
@@ -280,9 +429,11 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("launch", help="run jaxrl train on a TPU slice, a SLURM cluster or local processes")
     targets = p.add_subparsers(dest="target", required=True)
-    for target, help_text in (("tpu", "a TPU slice via gcloud (queued resource or existing TPU VM)"),
-                              ("slurm", "a SLURM batch job per run: one task per node, srun"),
-                              ("local", "N processes on this machine joined by jax.distributed")):
+    for target, help_text in (
+        ("tpu", "a TPU slice via gcloud (queued resource or existing TPU VM)"),
+        ("slurm", "a SLURM batch job per run: one task per node, srun"),
+        ("local", "N processes on this machine joined by jax.distributed"),
+    ):
         t = targets.add_parser(target, help=help_text)
         t.add_argument("--config", required=True, help="experiments/<file>.py")
         t.add_argument("--workdir", required=True, help="run directory (with --sweep: the study directory)")
@@ -294,12 +445,22 @@ def main(argv=None) -> int:
             t.add_argument("--name", required=True, help="TPU VM name (and queued-resource id)")
             t.add_argument("--zone", required=True)
             t.add_argument("--project", default="")
-            t.add_argument("--topology", default="",
-                           help="create a queued resource of this slice, e.g. v5p-128 (omit: existing VM)")
+            t.add_argument(
+                "--topology",
+                default="",
+                help="create a queued resource of this slice, e.g. v5p-128 (omit: existing VM)",
+            )
             t.add_argument("--runtime-version", default="")
             t.add_argument("--spot", action="store_true")
             t.add_argument("--reserved", action="store_true")
             t.add_argument("--keep", action="store_true", help="do not delete a created slice afterwards")
+            t.add_argument(
+                "--slices",
+                type=int,
+                default=1,
+                help="multi-slice: a queued resource of this many --topology slices (nodes "
+                "<name>-0, <name>-1, ...), the jobs' data axis across them",
+            )
             t.add_argument("--action", choices=("run", "stop", "logs", "delete"), default="run")
         elif target == "slurm":
             t.add_argument("--nodes", type=int, default=1)

@@ -28,7 +28,7 @@ from jaxrl.config_ranges import (  # noqa: F401  (the range table, re-exported)
     interval,
 )
 
-STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo", "reinforce_pp", "online_dpo")
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo", "reinforce_pp", "online_dpo", "nash_md")
 RL_STAGES = STAGES[3:]
 
 
@@ -61,7 +61,12 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     remat: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
     scan_layers: bool = True
-    attention: str = "auto"  # "auto" | "xla" | "cudnn"
+    # "auto" (splash on TPU, cuDNN flash attention on GPU where it fits, XLA elsewhere) | "xla" | "cudnn" |
+    # "splash" (Pallas; interpret mode off a TPU): see jaxrl.models.attention
+    attention: str = "auto"
+    # Token log-probs over sequence chunks of this many positions, logits rematerialised in the backward pass
+    # (no fp32 [B, T, V] array); 0: all positions at once
+    logprob_chunk: int = 0
     init_std: float = 0.02
 
     @property
@@ -115,6 +120,10 @@ class DataConfig:
     max_len: int = 48
     max_prompt_len: int = 24
     binarize: str = "best_vs_random"  # rated completions -> pairs (jaxrl.data.binarize.POLICIES)
+    # Ranked lists: the synthetic world makes K responses per prompt ranked by its labeller when K >= 2 (0:
+    # pairs); a listwise loss (jaxrl.listwise) trains on lists of K (longer ones cut, shorter ones masked),
+    # a pairwise one on pairs binarised from them by data.binarize.
+    list_size: int = 0
     aspect_reduce: str = "mean"  # per-aspect ratings -> one score: "mean" or an aspect name
     # per-aspect weights (jaxrl.data.binarize.parse_aspects): "" the format's default (helpsteer: helpfulness
     # alone, else aspect_reduce), a preset ("tulu25", "helpsteer2"), or "helpfulness=0.3,correctness=0.74"
@@ -162,12 +171,13 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """Online RL (stages ppo, grpo, rloo, reinforce_pp, online_dpo); defaults: the Tulu 2.5 PPO recipe."""
+    """Online RL (stages ppo, grpo, rloo, reinforce_pp, online_dpo, nash_md); defaults: the Tulu 2.5 PPO
+    recipe."""
 
     prompt_set: str = "in_domain"  # synthetic prompt set (jaxrl.synthetic.PROMPT_SETS) or a prompts file
     num_prompts: int = 1024
     rollout_batch: int = 64  # prompts per rollout batch
-    samples_per_prompt: int = 1  # G for grpo / rloo / reinforce_pp; 2 for online_dpo
+    samples_per_prompt: int = 1  # G for grpo / rloo / reinforce_pp; 2 for online_dpo and nash_md
     minibatch: int = 64  # sequences per optimiser minibatch
     epochs: int = 1  # passes over each rollout batch
     max_new_tokens: int = 16
@@ -205,6 +215,16 @@ class RLConfig:
     entropy_coef: float = 0.0  # entropy bonus in the policy loss
     uncertainty_coef: float = 1.0  # k of the "uncertainty" ensemble (mean - k * std)
     reward_norm: str = "none"  # "none" | "batch" (standardise scores over the rollout batch)
+    # nash_md: the comparison response is sampled from the token-level geometric mixture of the policy and the
+    # reference, logits (1 - c) * policy + c * reference (TRL's NashMDConfig.mixture_coef); its KL penalty's
+    # coefficient (TRL's beta) is rl.kl_coef, in the loss
+    mixture_coef: float = 0.5
+    # Constrained RLHF (Moskovitz et al. 2023): a JSON list of {"reward_model" (run dirs, "," an ensemble) or
+    # "verifiable", "threshold", optional "name", "lambda_init"}, each a constraint mean reward >= threshold
+    # with a Lagrange multiplier; the policy's reward is the objective's + sum of lambda_i * reward_i
+    # (jaxrl.rewards.parse_constraints, jaxrl.rl.constraints)
+    constraints: str = ""
+    lambda_lr: float = 0.05  # projected gradient ascent step of the multipliers, per iteration (0: fixed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,7 +419,7 @@ def validate(cfg: Config) -> Config:
         "model.norm_position": (m.norm_position, ("pre", "post")),
         "model.head": (m.head, ("lm", "scalar")),
         "model.remat": (m.remat, ("none", "full", "dots", "dots_no_batch")),
-        "model.attention": (m.attention, ("auto", "xla", "cudnn")),
+        "model.attention": (m.attention, ("auto", "xla", "cudnn", "splash")),
         "model.dtype": (m.dtype, ("float32", "bfloat16", "float16")),
         "model.param_dtype": (m.param_dtype, ("float32", "bfloat16")),
         "optim.schedule": (cfg.optim.schedule, ("constant", "linear", "cosine")),
@@ -412,20 +432,26 @@ def validate(cfg: Config) -> Config:
     check_choices(choices)
     _check_ranges(cfg, RANGES)  # before anything divides by a count
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
-        raise ConfigError(f"mesh.data, mesh.fsdp and mesh.tensor must be -1 (all remaining devices) at most "
-                          f"once, got {cfg.mesh.data}, {cfg.mesh.fsdp}, {cfg.mesh.tensor}")
+        raise ConfigError(
+            f"mesh.data, mesh.fsdp and mesh.tensor must be -1 (all remaining devices) at most "
+            f"once, got {cfg.mesh.data}, {cfg.mesh.fsdp}, {cfg.mesh.tensor}"
+        )
     if cfg.stage in ("dpo", "online_dpo"):
         smoothing = LABEL_SMOOTHING_RANGES.get(cfg.loss.name, UNIT)
         _check_ranges(cfg, PREFERENCE_LOSS_RANGES)
         if not smoothing.test(cfg.loss.label_smoothing):
-            raise ConfigError(f"loss.label_smoothing must be {smoothing.text} for "
-                              f"loss.name={cfg.loss.name!r}, got {cfg.loss.label_smoothing!r}")
+            raise ConfigError(
+                f"loss.label_smoothing must be {smoothing.text} for "
+                f"loss.name={cfg.loss.name!r}, got {cfg.loss.label_smoothing!r}"
+            )
     if cfg.stage == "rm":
         _check_ranges(cfg, [("loss.rm_center", NON_NEGATIVE)])
     if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
-        raise ConfigError(f"model.rope_high_freq_factor must be greater than model.rope_low_freq_factor "
-                          f"({m.rope_low_freq_factor}) for rope_scaling=llama3, "
-                          f"got {m.rope_high_freq_factor}")
+        raise ConfigError(
+            f"model.rope_high_freq_factor must be greater than model.rope_low_freq_factor "
+            f"({m.rope_low_freq_factor}) for rope_scaling=llama3, "
+            f"got {m.rope_high_freq_factor}"
+        )
     if m.heads % m.kv_heads:
         raise ConfigError(f"model.heads ({m.heads}) must be a multiple of model.kv_heads ({m.kv_heads})")
     if t.batch_size % t.grad_accum:
@@ -461,33 +487,45 @@ def reward_model_sources(value: str) -> list[str]:
 def _validate_rl(cfg: Config) -> None:
     """Structural checks of the rl section for the online-RL stages (its names: jaxrl.validate)."""
     r = cfg.rl
-    check_choices({
-        "rl.kl_mode": (r.kl_mode, ("auto", "reward", "loss")),
-        "rl.value_init": (r.value_init, ("reward_model", "policy")),
-        "rl.reward_norm": (r.reward_norm, ("none", "batch")),
-    })
+    check_choices(
+        {
+            "rl.kl_mode": (r.kl_mode, ("auto", "reward", "loss")),
+            "rl.value_init": (r.value_init, ("reward_model", "policy")),
+            "rl.reward_norm": (r.reward_norm, ("none", "batch")),
+        }
+    )
     _check_ranges(cfg, RL_RANGES)
     if not r.reward_model and not r.verifiable:
-        raise ConfigError(f"stage {cfg.stage} needs a reward: set rl.reward_model (a reward-model run) "
-                          f"and/or rl.verifiable (gold | exact_match)")
+        raise ConfigError(
+            f"stage {cfg.stage} needs a reward: set rl.reward_model (a reward-model run) "
+            f"and/or rl.verifiable (gold | exact_match)"
+        )
     if r.reward_transform != "none" and not r.reward_model:
-        raise ConfigError(f"rl.reward_transform={r.reward_transform!r} transforms reward-model scores; "
-                          f"set rl.reward_model")
+        raise ConfigError(
+            f"rl.reward_transform={r.reward_transform!r} transforms reward-model scores; set rl.reward_model"
+        )
     if cfg.stage == "ppo" and r.value_init == "reward_model" and not r.reward_model:
-        raise ConfigError("rl.value_init=reward_model needs rl.reward_model; with only a verifiable reward "
-                          "set rl.value_init=policy")
+        raise ConfigError(
+            "rl.value_init=reward_model needs rl.reward_model; with only a verifiable reward "
+            "set rl.value_init=policy"
+        )
     if cfg.stage == "online_dpo":
         if r.samples_per_prompt != 2:
             raise ConfigError("online_dpo compares two samples per prompt: set rl.samples_per_prompt=2")
         if r.minibatch % 2:
-            raise ConfigError(f"online_dpo: rl.minibatch ({r.minibatch}) counts sequences, two per pair: "
-                              f"make it even")
+            raise ConfigError(
+                f"online_dpo: rl.minibatch ({r.minibatch}) counts sequences, two per pair: make it even"
+            )
     rows = r.rollout_batch * r.samples_per_prompt
     if rows % r.minibatch:
-        raise ConfigError(f"rl.minibatch ({r.minibatch}) must divide the rollout batch's {rows} sequences "
-                          f"(rl.rollout_batch x rl.samples_per_prompt)")
+        raise ConfigError(
+            f"rl.minibatch ({r.minibatch}) must divide the rollout batch's {rows} sequences "
+            f"(rl.rollout_batch x rl.samples_per_prompt)"
+        )
     units = r.minibatch // 2 if cfg.stage == "online_dpo" else r.minibatch  # pairs for online_dpo
     if units % cfg.train.grad_accum:
-        raise ConfigError(f"rl.minibatch ({r.minibatch}) must split into train.grad_accum "
-                          f"({cfg.train.grad_accum}) "
-                          f"equal microbatches ({'pairs' if cfg.stage == 'online_dpo' else 'sequences'})")
+        raise ConfigError(
+            f"rl.minibatch ({r.minibatch}) must split into train.grad_accum "
+            f"({cfg.train.grad_accum}) "
+            f"equal microbatches ({'pairs' if cfg.stage == 'online_dpo' else 'sequences'})"
+        )

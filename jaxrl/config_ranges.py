@@ -65,11 +65,13 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("optim.grad_clip", NON_NEGATIVE),  # 0 disables
     ("data.num_train", NON_NEGATIVE_INT),  # 0: every record of a file source
     ("data.num_eval", NON_NEGATIVE_INT),
+    ("data.list_size", NON_NEGATIVE_INT),  # 0: pairs; lists need 2 or more (checked with the loss)
     ("data.max_len", POSITIVE_INT),
     ("data.max_prompt_len", POSITIVE_INT),
     ("data.bucket_multiple", POSITIVE_INT),
     ("model.sliding_window", NON_NEGATIVE_INT),  # 0: full attention
     ("model.window_layers", NON_NEGATIVE_INT),
+    ("model.logprob_chunk", NON_NEGATIVE_INT),  # 0: unchunked
     ("data.eval_prompts_per_domain", NON_NEGATIVE_INT),  # 0: off
     ("data.eval_max_new", POSITIVE_INT),
     ("data.eval_samples", POSITIVE_INT),
@@ -122,4 +124,6 @@ RL_RANGES: tuple[tuple[str, Range], ...] = (
     ("rl.dual_clip", Range(lambda v: v == 0 or (math.isfinite(v) and v > 1), "0 (off) or finite and > 1")),
     ("rl.entropy_coef", NON_NEGATIVE),
     ("rl.uncertainty_coef", NON_NEGATIVE),
+    ("rl.mixture_coef", UNIT),  # 0: the comparison is the policy's own sample; 1: the reference's
+    ("rl.lambda_lr", NON_NEGATIVE),  # 0: multipliers fixed at their lambda_init
 )

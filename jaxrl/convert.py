@@ -62,9 +62,14 @@ def _override_keys(overrides: Sequence[str] | Mapping[str, Any]) -> list[str]:
     return [k.strip().replace("__", ".") for k in items]
 
 
-def hf_to_run(hf_dir: str | Path, out_dir: str | Path, *, mesh_cfg: MeshConfig | None = None,
-              overrides: Sequence[str] | Mapping[str, Any] = (),
-              hf_overrides: Mapping[str, Any] | None = None) -> Path:
+def hf_to_run(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    mesh_cfg: MeshConfig | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    hf_overrides: Mapping[str, Any] | None = None,
+) -> Path:
     """Writes a finished jaxrl run directory (config.json, final/params, tokenizer files, generation config
     and hf.json) from an HF checkpoint, usable as train.init_from or train.reference_from.
 
@@ -87,22 +92,27 @@ def hf_to_run(hf_dir: str | Path, out_dir: str | Path, *, mesh_cfg: MeshConfig |
     if changed:
         raise ConfigError(f"{', '.join(changed)}: the architecture comes from the checkpoint, not --set")
     if model_init.stage_model_config(cfg).head != head:
-        raise ConfigError(f"stage={cfg.stage} needs a {model_init.stage_model_config(cfg).head} head; "
-                          f"{hf.architecture_of(hf_config)} has a {head} head")
+        raise ConfigError(
+            f"stage={cfg.stage} needs a {model_init.stage_model_config(cfg).head} head; "
+            f"{hf.architecture_of(hf_config)} has a {head} head"
+        )
     bad = sorted(set(hf_overrides or {}) - set(SPECIAL_TOKEN_KEYS))
     if bad:
         raise ConfigError(f"--hf-set {bad}: an import keeps only {list(SPECIAL_TOKEN_KEYS)}")
     mesh = sharding.make_mesh(cfg.mesh)
-    _, params = hf.load_hf(hf_dir, mesh=mesh, preset=cfg.mesh.preset, dtype=cfg.model.dtype,
-                           param_dtype=cfg.model.param_dtype)
+    _, params = hf.load_hf(
+        hf_dir, mesh=mesh, preset=cfg.mesh.preset, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.save_params(checkpoint.final_params_dir(out_dir), params)
     for name in (*TOKENIZER_FILES, GENERATION_FILE):
         if (hf_dir / name).is_file():
             shutil.copy(hf_dir / name, out_dir / name)
-    kept = {"architecture": hf.architecture_of(hf_config),
-            **{k: hf_config[k] for k in SPECIAL_TOKEN_KEYS if hf_config.get(k) is not None},
-            **(hf_overrides or {})}
+    kept = {
+        "architecture": hf.architecture_of(hf_config),
+        **{k: hf_config[k] for k in SPECIAL_TOKEN_KEYS if hf_config.get(k) is not None},
+        **(hf_overrides or {}),
+    }
     (out_dir / HF_FILE).write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
     summary = {"converted_from": str(hf_dir.absolute()), "stage": cfg.stage}
     (out_dir / "final" / "summary.json").write_text(json.dumps(summary) + "\n")
@@ -144,9 +154,15 @@ def _export_architecture(name: str | None, head: str) -> str | None:
     return f"{family}For{'SequenceClassification' if head == 'scalar' else 'CausalLM'}"
 
 
-def run_to_hf(run_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
-              mesh_cfg: MeshConfig | None = None, overrides: Sequence[str] | Mapping[str, Any] = (),
-              hf_overrides: Mapping[str, Any] | None = None) -> Path:
+def run_to_hf(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    mesh_cfg: MeshConfig | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] = (),
+    hf_overrides: Mapping[str, Any] | None = None,
+) -> Path:
     """Writes an HF checkpoint from a finished jaxrl run: policies as *ForCausalLM, reward models as
     *ForSequenceClassification, with the architecture family, token ids and generation config of the
     checkpoint the run descends from (`hf_origin`), if any.
@@ -160,23 +176,41 @@ def run_to_hf(run_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str | 
     keys = _override_keys(overrides)
     bad = [k for k in keys if k not in EXPORT_KEYS and not k.startswith("mesh.")]
     if bad:
-        raise ConfigError(f"--set {bad}: an export takes only mesh.* and {', '.join(EXPORT_KEYS)} "
-                          f"(config.json entries: --hf-set)")
+        raise ConfigError(
+            f"--set {bad}: an export takes only mesh.* and {', '.join(EXPORT_KEYS)} "
+            f"(config.json entries: --hf-set)"
+        )
     cfg = config_lib.validate(config_lib.override(Config(mesh=mesh_cfg or MeshConfig()), overrides))
     mesh = sharding.make_mesh(cfg.mesh)
     params, model_cfg = model_init.load_run_params(run_dir, mesh, cfg.mesh.preset)
     origin = hf_origin(run_dir)
     origin_dir, kept = origin if origin is not None else (None, {})
     if tokenizer_dir is None:
-        tokenizer_dir = next((d for d in (Path(run_dir), origin_dir)
-                              if d is not None and (d / "tokenizer_config.json").exists()), None)
+        tokenizer_dir = next(
+            (
+                d
+                for d in (Path(run_dir), origin_dir)
+                if d is not None and (d / "tokenizer_config.json").exists()
+            ),
+            None,
+        )
     architecture = _export_architecture(kept.get("architecture"), model_cfg.head)
     ids = {k: v for k, v in kept.items() if k in SPECIAL_TOKEN_KEYS}
-    out = hf.save_hf(out_dir, model_cfg, params, architecture=architecture, tokenizer_dir=tokenizer_dir,
-                     save_dtype=cfg.model.param_dtype if "model.param_dtype" in keys else None,
-                     config_overrides={**ids, **(hf_overrides or {})})
+    out = hf.save_hf(
+        out_dir,
+        model_cfg,
+        params,
+        architecture=architecture,
+        tokenizer_dir=tokenizer_dir,
+        save_dtype=cfg.model.param_dtype if "model.param_dtype" in keys else None,
+        config_overrides={**ids, **(hf_overrides or {})},
+    )
     given = Path(tokenizer_dir) / GENERATION_FILE if tokenizer_dir is not None else None
-    if (model_cfg.head == "lm" and origin_dir is not None and (origin_dir / GENERATION_FILE).is_file()
-            and not (given is not None and given.is_file())):
+    if (
+        model_cfg.head == "lm"
+        and origin_dir is not None
+        and (origin_dir / GENERATION_FILE).is_file()
+        and not (given is not None and given.is_file())
+    ):
         shutil.copyfile(origin_dir / GENERATION_FILE, Path(out) / GENERATION_FILE)
     return out

@@ -9,12 +9,30 @@ prompt by prompt (`paired_difference`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl import sampling
+
+
+def _placement(params):
+    """Where the evaluation puts its host arrays: replicated over the devices of `params` (what jit would do
+    with them, done explicitly so that no hidden copy happens), else where `params` live (None: the default
+    device, for host parameters)."""
+    leaf_sharding = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    if isinstance(leaf_sharding, NamedSharding):
+        return NamedSharding(leaf_sharding.mesh, PartitionSpec())
+    return leaf_sharding
+
+
+@jax.jit
+def _fold_key(seed_and_data):
+    """fold_in(PRNGKey(seed), data) of a device pair [2] int32 (built on device: no host-made key)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed_and_data[0]), seed_and_data[1])
 
 
 def _generate(
@@ -22,28 +40,48 @@ def _generate(
 ):
     """Responses (token ids, per-token log-probs, masks) for every prompt record, in batches."""
     out = []
+    placement = _placement(params)
+    temperature_d = jax.device_put(np.float32(temperature), placement)
     batch_size = min(batch_size, len(prompts))
     width = max(len(tok.encode_prompt(r.prompt)) for r in prompts)
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start: start + batch_size]
+        chunk = prompts[start : start + batch_size]
         # Every batch has the same shape (the last one is filled with repeats, dropped below): one compile.
         encoded = [tok.encode_prompt(r.prompt) for r in chunk]
         encoded += [encoded[-1]] * (batch_size - len(chunk))
         ids, mask = sampling.left_pad(encoded, tok.pad_id, width=width)
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), start)
-        tokens, logps, resp_mask = jax.device_get(sampling.sample(
-            graphdef, params, ids, mask, key, np.float32(temperature), max_new=max_new, eos_id=tok.eos_id,
-            pad_id=tok.pad_id))
+        key = _fold_key(jax.device_put(np.asarray([seed, start], np.int32), placement))
+        tokens, logps, resp_mask = jax.device_get(
+            sampling.sample(
+                graphdef,
+                params,
+                *jax.device_put((ids, mask), placement),
+                key,
+                temperature_d,
+                max_new=max_new,
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+            )
+        )
         out.append((ids, mask, np.asarray(tokens), np.asarray(logps), np.asarray(resp_mask), len(chunk)))
     return out
 
 
-def sample_texts(graphdef, params, tok, prompts, *, temperature: float, max_new: int, seed: int,
-                 batch_size: int = 256) -> list[str]:
+def sample_texts(
+    graphdef, params, tok, prompts, *, temperature: float, max_new: int, seed: int, batch_size: int = 256
+) -> list[str]:
     """One sampled response text per prompt record."""
     texts = []
-    for _, _, tokens, _, resp_mask, n in _generate(graphdef, params, tok, prompts, temperature=temperature,
-                                                   max_new=max_new, seed=seed, batch_size=batch_size):
+    for _, _, tokens, _, resp_mask, n in _generate(
+        graphdef,
+        params,
+        tok,
+        prompts,
+        temperature=temperature,
+        max_new=max_new,
+        seed=seed,
+        batch_size=batch_size,
+    ):
         texts += [tok.decode(tokens[row, : int(resp_mask[row].sum())].tolist()) for row in range(n)]
     return texts
 
@@ -60,14 +98,18 @@ def score_samples(
     max_new: int,
     seed: int = 0,
     batch_size: int = 256,
+    reward_model=None,
 ) -> dict[str, np.ndarray]:
     """Per prompt and sample [P, S]: gold reward, log-ratio to the reference (teacher-forced on both sides
     under the distributions sampled from, both at `temperature`, so its mean is KL(policy_T || reference_T)
-    per response; zeros without a reference), length in tokens and whether the response ended with EOS."""
+    per response; zeros without a reference), length in tokens and whether the response ended with EOS; with
+    `reward_model` (graphdef, params) of a scalar-head model, its score of each response as "rm"."""
     from jaxrl.synthetic import gold_reward
 
     expanded = [record for record in prompts for _ in range(samples)]
-    gold, kl, length, eos = [], [], [], []
+    placement = _placement(params)
+    logp_temperature = jax.device_put(np.float32(temperature or 1.0), placement)
+    gold, kl, length, eos, rm = [], [], [], [], []
     index = 0
     for ids, mask, tokens, _, resp_mask, n in _generate(
         graphdef,
@@ -80,12 +122,25 @@ def score_samples(
         batch_size=batch_size,
     ):
         if ref_params is not None:
-            policy, ref = (np.asarray(jax.device_get(sampling.response_logps(
-                graphdef, p, ids, mask, tokens, resp_mask, temperature=np.float32(temperature or 1.0))))
-                for p in (params, ref_params))
+            arrays = jax.device_put((ids, mask, tokens, resp_mask), placement)
+            policy, ref = (
+                np.asarray(
+                    jax.device_get(
+                        sampling.response_logps(graphdef, p, *arrays, temperature=logp_temperature)
+                    )
+                )
+                for p in (params, ref_params)
+            )
             kl += list(np.sum((policy - ref) * resp_mask, axis=1)[:n])
         else:
             kl += [0.0] * n
+        if reward_model is not None:
+            from jaxrl.rewards import score_responses
+
+            rm_graphdef, rm_params = reward_model
+            arrays = jax.device_put((ids, mask, tokens, resp_mask), _placement(rm_params))
+            scored = _score_jit(rm_graphdef, score_responses)(rm_params, *arrays)
+            rm += list(np.asarray(jax.device_get(scored))[:n])
         for row in range(n):
             size = int(resp_mask[row].sum())
             gold.append(gold_reward(expanded[index], tok.decode(tokens[row, :size].tolist())))
@@ -93,8 +148,21 @@ def score_samples(
             eos.append(bool(size and tokens[row, size - 1] == tok.eos_id))
             index += 1
     shape = (len(prompts), samples)
-    return {"gold": np.reshape(gold, shape), "kl": np.reshape(kl, shape), "length": np.reshape(length, shape),
-            "eos": np.reshape(eos, shape).astype(np.float64)}
+    out = {
+        "gold": np.reshape(gold, shape),
+        "kl": np.reshape(kl, shape),
+        "length": np.reshape(length, shape),
+        "eos": np.reshape(eos, shape).astype(np.float64),
+    }
+    if reward_model is not None:
+        out["rm"] = np.reshape(rm, shape)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _score_jit(graphdef, score_fn):
+    """One jitted reward-model scorer per model (graphdef): built once, not per batch."""
+    return jax.jit(functools.partial(score_fn, graphdef))
 
 
 def domain_mean(values_P: np.ndarray, domains: list[str]) -> tuple[float, float]:
@@ -107,14 +175,62 @@ def domain_mean(values_P: np.ndarray, domains: list[str]) -> tuple[float, float]
     return mean, math.sqrt(variance)
 
 
-def expected_best_of(gold_PS: np.ndarray, n: int) -> np.ndarray:
+def expected_best_of(gold_PS: np.ndarray, n: int, by_PS: np.ndarray | None = None) -> np.ndarray:
     """Per prompt, the expected gold of the best of n responses drawn without replacement from the S sampled
-    (the unbiased order-statistics estimator of best-of-n on gold) [P]."""
+    (the unbiased order-statistics estimator of best-of-n) [P]; "best" by gold, or with `by_PS` by that score
+    (a reward model's: best-of-n against a proxy, whose gold is what the proxy's pick is worth)."""
     S = gold_PS.shape[1]
     ranks = np.arange(1, S + 1)
     # P(the i-th smallest of S is the max of a random n-subset) = C(i-1, n-1) / C(S, n).
     weights = np.array([math.comb(i - 1, n - 1) for i in ranks], np.float64) / math.comb(S, n)
-    return np.sort(gold_PS, axis=1) @ weights
+    if by_PS is None:
+        return np.sort(gold_PS, axis=1) @ weights
+    order_PS = np.argsort(by_PS, axis=1, kind="stable")
+    return np.take_along_axis(gold_PS, order_PS, axis=1) @ weights
+
+
+def sample_ranking_accuracy(gold_PS: np.ndarray, by_PS: np.ndarray) -> float:
+    """The fraction of same-prompt sample pairs with different gold that `by` (a reward model's scores) orders
+    as gold does: the proxy's accuracy on the policy's own samples."""
+    agree = total = 0
+    for gold_S, by_S in zip(gold_PS, by_PS, strict=True):
+        dg = gold_S[:, None] - gold_S[None, :]
+        db = by_S[:, None] - by_S[None, :]
+        untied = np.abs(dg) > 1e-9
+        agree += int(np.sum(untied & (np.sign(dg) == np.sign(db))))
+        total += int(np.sum(untied))
+    return agree / total if total else float("nan")
+
+
+def proxy_best_of(
+    cfg, policy_graphdef, policy_params, rm_graphdef, rm_params, tok, *, split: str = "test"
+) -> dict[str, float]:
+    """A reward model judged by the use a study makes of it: best-of-N on `policy` samples picked by the RM,
+    scored by gold (proxy_best_of_<n>, beside the policy's gold best-of-N ceilings: the same draws, the SFT
+    base's seed), and the RM's accuracy on those samples' pairs. N runs to data.eval_best_of."""
+    d = cfg.data
+    prompts = eval_prompts(cfg, split)
+    domains = [r.source for r in prompts]
+    many = score_samples(
+        policy_graphdef,
+        policy_params,
+        None,
+        tok,
+        prompts,
+        samples=d.eval_best_of,
+        temperature=d.eval_temperature,
+        max_new=d.eval_max_new,
+        seed=1,
+        reward_model=(rm_graphdef, rm_params),
+    )
+    metrics = {"sample_ranking_accuracy": sample_ranking_accuracy(many["gold"], many["rm"])}
+    for n in (1, 4, 16, 64, 256):
+        if n <= d.eval_best_of:
+            metrics[f"proxy_best_of_{n}"], metrics[f"proxy_best_of_{n}_se"] = domain_mean(
+                expected_best_of(many["gold"], n, by_PS=many["rm"]), domains
+            )
+            metrics[f"best_of_{n}"] = domain_mean(expected_best_of(many["gold"], n), domains)[0]
+    return metrics
 
 
 def summarize(scores: dict[str, np.ndarray], domains: list[str], *, best_of=()) -> dict[str, float]:
@@ -131,15 +247,25 @@ def summarize(scores: dict[str, np.ndarray], domains: list[str], *, best_of=()) 
     for n in best_of:
         if n <= scores["gold"].shape[1]:
             metrics[f"best_of_{n}"], metrics[f"best_of_{n}_se"] = domain_mean(
-                expected_best_of(scores["gold"], n), domains)
+                expected_best_of(scores["gold"], n), domains
+            )
             metrics[f"best_of_{n}_kl_bound"] = math.log(n) - (n - 1) / n
     return metrics
 
 
 def greedy_gold(graphdef, params, tok, prompts, *, max_new: int, batch_size: int = 256) -> dict[str, float]:
     """gold_reward_greedy (+ per domain) of greedy responses."""
-    scores = score_samples(graphdef, params, None, tok, prompts, samples=1, temperature=0.0, max_new=max_new,
-                           batch_size=batch_size)
+    scores = score_samples(
+        graphdef,
+        params,
+        None,
+        tok,
+        prompts,
+        samples=1,
+        temperature=0.0,
+        max_new=max_new,
+        batch_size=batch_size,
+    )
     domains = [r.source for r in prompts]
     gold_P = scores["gold"][:, 0]
     metrics = {"gold_reward_greedy": domain_mean(gold_P, domains)[0]}
@@ -164,33 +290,37 @@ def ranking_accuracy(
     the higher summed log-probability (`ranking_accuracy`) and the higher mean per-token log-probability
     (`ranking_accuracy_norm`). `pairs` are encode_pairs arrays ("tokens", "loss_mask" [N, 2, T]); a last
     partial batch is filled with repeats and the repeats dropped, so every batch compiles once."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from jaxrl import steps
-
-    @jax.jit
-    def logps(params, tokens_BT, mask_BT):
-        return steps.sequence_logps(nnx.merge(graphdef, params), tokens_BT, mask_BT)
-
     tokens, mask = pairs["tokens"], pairs["loss_mask"]
     n = tokens.shape[0]
     if n == 0:
         return {}
     batch_size = min(batch_size, n)
     summed, lengths = [], []
+    placement = _placement(params)
     for start in range(0, n, batch_size):
         index = np.minimum(np.arange(start, start + batch_size), n - 1)
         T = tokens.shape[-1]
-        lp, ln = jax.device_get(logps(params, jnp.asarray(tokens[index].reshape(-1, T)),
-                                      jnp.asarray(mask[index].reshape(-1, T))))
+        arrays = jax.device_put((tokens[index].reshape(-1, T), mask[index].reshape(-1, T)), placement)
+        lp, ln = jax.device_get(_sequence_logps(graphdef, params, *arrays))
         keep = min(batch_size, n - start)
         summed.append(np.asarray(lp).reshape(-1, 2)[:keep])
         lengths.append(np.asarray(ln).reshape(-1, 2)[:keep])
     summed, lengths = np.concatenate(summed), np.concatenate(lengths)
     mean = summed / np.maximum(lengths, 1.0)
-    return {"ranking_accuracy": float(np.mean(summed[:, 0] > summed[:, 1])),
-            "ranking_accuracy_norm": float(np.mean(mean[:, 0] > mean[:, 1]))}
+    return {
+        "ranking_accuracy": float(np.mean(summed[:, 0] > summed[:, 1])),
+        "ranking_accuracy_norm": float(np.mean(mean[:, 0] > mean[:, 1])),
+    }
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _sequence_logps(graphdef, params, tokens_BT, mask_BT):
+    """Summed completion log-probs and lengths [B] of rows of pairs (jitted once, per model)."""
+    from flax import nnx
+
+    from jaxrl import steps
+
+    return steps.sequence_logps(nnx.merge(graphdef, params), tokens_BT, mask_BT)
 
 
 def gold_pair_arrays(cfg, tok) -> dict[str, np.ndarray]:
@@ -201,8 +331,9 @@ def gold_pair_arrays(cfg, tok) -> dict[str, np.ndarray]:
 
     d = cfg.data
     pairs = synthetic.make_gold_pairs(d.num_eval, seed=cfg.seed + 10_000)
-    arrays, _ = tokenize.encode_pairs(pairs, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len,
-                                      truncation=d.truncation)
+    arrays, _ = tokenize.encode_pairs(
+        pairs, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len, truncation=d.truncation
+    )
     return arrays
 
 
@@ -214,8 +345,9 @@ def eval_prompts(cfg, split: str) -> list:
     return synthetic.make_eval_prompts(n, seed=12345, split=split)
 
 
-def synthetic_eval(cfg, graphdef, params, ref_params, tok, *, split: str = "test",
-                   best_of: bool = False) -> tuple[dict[str, float], dict]:
+def synthetic_eval(
+    cfg, graphdef, params, ref_params, tok, *, split: str = "test", best_of: bool = False
+) -> tuple[dict[str, float], dict]:
     """A policy's evaluation on a split of the synthetic world: (metrics, per-prompt record). Sampled gold
     over data.eval_samples responses per prompt at data.eval_temperature is the primary metric; greedy beside
     it; on test, the ranking accuracy on held-out gold pairs, and with `best_of` the best-of-N ceilings from
@@ -223,17 +355,37 @@ def synthetic_eval(cfg, graphdef, params, ref_params, tok, *, split: str = "test
     d = cfg.data
     prompts = eval_prompts(cfg, split)
     domains = [r.source for r in prompts]
-    scores = score_samples(graphdef, params, ref_params, tok, prompts, samples=d.eval_samples,
-                           temperature=d.eval_temperature, max_new=d.eval_max_new)
+    scores = score_samples(
+        graphdef,
+        params,
+        ref_params,
+        tok,
+        prompts,
+        samples=d.eval_samples,
+        temperature=d.eval_temperature,
+        max_new=d.eval_max_new,
+    )
     metrics = summarize(scores, domains) | greedy_gold(graphdef, params, tok, prompts, max_new=d.eval_max_new)
     if best_of and d.eval_best_of:
         # Drawn apart from the primary samples, so those stay the same draws for every run.
-        many = score_samples(graphdef, params, None, tok, prompts, samples=d.eval_best_of,
-                             temperature=d.eval_temperature, max_new=d.eval_max_new, seed=1)
+        many = score_samples(
+            graphdef,
+            params,
+            None,
+            tok,
+            prompts,
+            samples=d.eval_best_of,
+            temperature=d.eval_temperature,
+            max_new=d.eval_max_new,
+            seed=1,
+        )
         ns = tuple(n for n in (1, 4, 16, 64, 256) if n <= d.eval_best_of)
         metrics |= {k: v for k, v in summarize(many, domains, best_of=ns).items() if k.startswith("best_of")}
     if split == "test":
         metrics |= ranking_accuracy(graphdef, params, gold_pair_arrays(cfg, tok))
-    per_prompt = {"domain": domains, "gold": scores["gold"].mean(axis=1).round(6).tolist(),
-                  "kl": scores["kl"].mean(axis=1).round(6).tolist()}
+    per_prompt = {
+        "domain": domains,
+        "gold": scores["gold"].mean(axis=1).round(6).tolist(),
+        "kl": scores["kl"].mean(axis=1).round(6).tolist(),
+    }
     return metrics, per_prompt

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl import config as config_lib
-from jaxrl import distributed, losses, sharding, steps
+from jaxrl import distributed, listwise, losses, sharding, steps
 from jaxrl import workdir as workdir_lib
 from jaxrl.config import Config
 
@@ -35,8 +35,19 @@ GROUPED_STAGES = ("sft", "rm", "dpo")
 MEMBER_KEYS = ("seed", "optim.lr", "train.init_from", "train.reference_from", "train.cache_dir")
 MEMBER_PREFIXES = ("data.",)
 HPARAM_KEYS = tuple(f"loss.{f.name}" for f in dataclasses.fields(losses.LossHParams))
+MODES = ("auto", "on", "off")
 # Of the group's budget (device memory, or half the host's on CPU) one program may use.
 MEMORY_FRACTION = 0.8
+
+
+def grouping(mode: str) -> bool:
+    """Whether a sweep groups runs: "on", "off", or "auto": on accelerators only. On a CPU a step of even a
+    tiny model is compute-bound, and a group of K costs about K solo steps (bench/results/sweep_groups.md), so
+    grouping saves only compiles and dispatches there; a GPU or TPU step of a small model is launch-bound,
+    and a group's K members share its launches."""
+    if mode == "auto":
+        return jax.default_backend() != "cpu"
+    return mode == "on"
 
 
 def group_key(cfg: Config) -> str | None:
@@ -49,7 +60,11 @@ def group_key(cfg: Config) -> str | None:
     kept = {k: v for k, v in flat.items() if k not in variable and not k.startswith(MEMBER_PREFIXES)}
     kept["data.padding"] = cfg.data.padding
     if cfg.stage == "dpo":
-        kept["needs_reference"] = losses.get_preference_loss(cfg.loss.name).needs_reference
+        kept["needs_reference"] = listwise.offline_loss(cfg.loss.name).needs_reference
+        spec = listwise.offline_loss(cfg.loss.name)
+        if listwise.is_listwise(cfg.loss.name) or getattr(spec, "running_shift", False):
+            # Not a branch of a pairwise group's switch: a listwise loss, or one with a carried shift.
+            kept["loss.name"] = cfg.loss.name
     return json.dumps(kept, sort_keys=True, default=str)
 
 
@@ -89,8 +104,16 @@ class GroupProgram:
         def member_step(state, batch, hp, lr, index):
             tx, schedule = steps.make_optimizer(cfg.optim, t.steps, lr=lr)
             obj = functools.partial(objective, loss_index=index) if multi else objective
-            return steps.train_step(state, batch, hp, objective=obj, totals_fn=m0.totals_fn, tx=tx,
-                                    schedule=schedule, grad_accum=t.grad_accum)
+            return steps.train_step(
+                state,
+                batch,
+                hp,
+                objective=obj,
+                totals_fn=m0.totals_fn,
+                tx=tx,
+                schedule=schedule,
+                grad_accum=t.grad_accum,
+            )
 
         mesh, preset = m0.mesh, cfg.mesh.preset
         self.state_shardings = jax.tree.map(_stacked_sharding, m0.state_shardings)
@@ -100,14 +123,20 @@ class GroupProgram:
             with sharding.use_mesh(mesh, preset):
                 return jax.vmap(member_step)(state, batch, hp, lr, index)
 
-        self._step = jax.jit(traced, in_shardings=(self.state_shardings, batch_sharding, None, None, None),
-                             out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        self._step = jax.jit(
+            traced,
+            in_shardings=(self.state_shardings, batch_sharding, None, None, None),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=(0,),
+        )
         self.batch_sharding = batch_sharding
         self.state = jax.device_put(stack([m.state for m in members]), self.state_shardings)
         for m in members:
             m.state = None  # the stack holds them now
-        example = {k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype)
-                   for k, v in m0.train_arrays.items()}
+        example = {
+            k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype)
+            for k, v in m0.train_arrays.items()
+        }
         abstract = jax.eval_shape(lambda: jax.tree.map(lambda x: x[0], self.state))
         # Each member logs the metrics its own loss logs alone (a group of losses computes their union).
         self.keys = [set(jax.eval_shape(m.train_step, abstract, example, m.hp)[1]) for m in members]
@@ -117,9 +146,12 @@ class GroupProgram:
         """The group's step compiled ahead of time (once: the memory guard reads it, the loop calls it)."""
         if self._executable is None:
             t = self.members[0].cfg.train
-            example = {k: jax.ShapeDtypeStruct((len(self.members), t.batch_size) + v.shape[1:], v.dtype,
-                                               sharding=self.batch_sharding)
-                       for k, v in self.members[0].train_arrays.items()}
+            example = {
+                k: jax.ShapeDtypeStruct(
+                    (len(self.members), t.batch_size) + v.shape[1:], v.dtype, sharding=self.batch_sharding
+                )
+                for k, v in self.members[0].train_arrays.items()
+            }
             self._executable = self._step.lower(self.state, example, self.hp, self.lr, self.index).compile()
         return self._executable
 
@@ -129,8 +161,12 @@ class GroupProgram:
         analysis = compiled.memory_analysis()
         if analysis is None:
             return 0
-        return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                   + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+        return int(
+            analysis.argument_size_in_bytes
+            + analysis.output_size_in_bytes
+            + analysis.temp_size_in_bytes
+            - analysis.alias_size_in_bytes
+        )
 
     def step(self, batches: list) -> dict:
         batch = jax.device_put(stack(batches), self.batch_sharding)
@@ -185,8 +221,14 @@ def fitting_programs(members: list, budget: int, log) -> list:
     return fitting_programs(members[:half], budget, log) + fitting_programs(members[half:], budget, log)
 
 
-def run_group(cfgs: list[Config], workdirs: list[str | Path], *, log=print, stop_after: int | None = None,
-              budget: int | None = None) -> list:
+def run_group(
+    cfgs: list[Config],
+    workdirs: list[str | Path],
+    *,
+    log=print,
+    stop_after: int | None = None,
+    budget: int | None = None,
+) -> list:
     """Trains the runs `cfgs` (one group key) in `workdirs` together; per run, its summary, or the exception
     it ended with (RunFailed, WorkdirLocked: another process holds it). A finished run is answered from its
     summary, resumed runs continue from their own checkpoints (runs at different steps train in separate

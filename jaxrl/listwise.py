@@ -55,6 +55,18 @@ def get_listwise_loss(name: str) -> LossSpec:
     return LISTWISE_LOSSES[name]
 
 
+def is_listwise(name: str) -> bool:
+    """Whether loss.name names a listwise loss (stage dpo then trains on ranked lists, not pairs)."""
+    return name in LISTWISE_LOSSES
+
+
+def offline_loss(name: str) -> LossSpec:
+    """The LossSpec of stage dpo's loss.name: a listwise loss or a pairwise one (jaxrl.losses)."""
+    from jaxrl.losses import get_preference_loss
+
+    return LISTWISE_LOSSES[name] if name in LISTWISE_LOSSES else get_preference_loss(name)
+
+
 def scores_from_ranks(ranks_BK, mask_BK) -> jax.Array:
     """Scores in [0, 1] [B, K] from ranks (1 is best, ties share a rank): (n - rank)/(n - 1) over the n
     responses of each list, so the best is 1 and rank n is 0 (a list of one scores 1); 0 where masked."""

@@ -459,8 +459,9 @@ def _segment_totals(values_BT: jax.Array, segment_ids_BT: jax.Array) -> jax.Arra
     return jax.ops.segment_sum(values_BT.reshape(-1), ids, num_segments=B * T)
 
 
-def sft_denominator(mask_BT: jax.Array, aggregation: str,
-                    segment_ids_BT: jax.Array | None = None) -> jax.Array:
+def sft_denominator(
+    mask_BT: jax.Array, aggregation: str, segment_ids_BT: jax.Array | None = None
+) -> jax.Array:
     """Whole-batch denominator []: target tokens, or sequences with a target (segments of packed rows, given
     their segment ids); at least 1."""
     mask_BT = jnp.asarray(mask_BT, jnp.float32)
@@ -478,8 +479,14 @@ def sft_denominator(mask_BT: jax.Array, aggregation: str,
     return jnp.maximum(count, 1.0)
 
 
-def sft_token_loss(logp_BT: jax.Array, mask_BT: jax.Array, *, aggregation: str, denominator,
-                   segment_ids_BT: jax.Array | None = None) -> jax.Array:
+def sft_token_loss(
+    logp_BT: jax.Array,
+    mask_BT: jax.Array,
+    *,
+    aggregation: str,
+    denominator,
+    segment_ids_BT: jax.Array | None = None,
+) -> jax.Array:
     """Summed NLL contribution of this (micro)batch divided by a global denominator []. With segment ids
     (packed rows), "sequence_mean" averages within each packed sequence."""
     mask_BT = jnp.asarray(mask_BT, jnp.float32)

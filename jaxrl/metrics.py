@@ -93,7 +93,7 @@ def last_logged(workdir: str | Path, prefix: str = "train/") -> dict:
     rows = [r for r in read_metrics(workdir) if not any(k.startswith(("eval/", "val/")) for k in r)]
     if not rows:
         return {}
-    return {k[len(prefix):]: v for k, v in rows[-1].items() if k != "step" and k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in rows[-1].items() if k != "step" and k.startswith(prefix)}
 
 
 def truncate_after(workdir: str | Path, step: int, *, final: bool = False) -> int:
@@ -116,8 +116,11 @@ def truncate_after(workdir: str | Path, step: int, *, final: bool = False) -> in
         if not line.strip():
             continue
         row = _parse_row(line)
-        if row is not None and row.get("step", 0) <= step and not (
-                final and row.get("step") == step and any(k.startswith(("eval/", "val/")) for k in row)):
+        if (
+            row is not None
+            and row.get("step", 0) <= step
+            and not (final and row.get("step") == step and any(k.startswith(("eval/", "val/")) for k in row))
+        ):
             kept.append(line)
         else:
             dropped += 1

@@ -11,6 +11,9 @@ Parts, each chosen by name from a registry:
   verifiable      gold (the synthetic world's gold reward of the decoded text) and exact_match (the text
                   against PromptRecord.ground_truth); added to the reward-model score, untransformed
   shaping         batch normalisation, a missing-EOS penalty (added) and a per-token length penalty
+  constraints     rl.constraints: further rewards (reward models, ensembled and transformed as above, or a
+                  verifiable reward), each a component "constraint/<name>" [B] beside the objective's "score";
+                  `jaxrl.rl.constraints` weighs them in with their Lagrange multipliers
 
 A reward model must share the policy's tokenizer: scoring re-reads the policy's token ids (re-tokenising text
 for a different tokenizer is not supported, as in TRL).
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -129,12 +133,87 @@ NEEDS_REFERENCE_SCORES = ("log_sigmoid_centered",)
 
 
 def check_config(rl: config_lib.RLConfig) -> None:
-    """rl.ensemble, rl.reward_transform and rl.verifiable name registered ones (ConfigError otherwise)."""
-    config_lib.check_choices({
-        "rl.ensemble": (rl.ensemble, tuple(ENSEMBLES)),
-        "rl.reward_transform": (rl.reward_transform, tuple(TRANSFORMS)),
-        "rl.verifiable": (rl.verifiable, ("",) + tuple(VERIFIABLE_REWARDS)),
-    })
+    """rl.ensemble, rl.reward_transform and rl.verifiable name registered ones, rl.constraints parses
+    (ConfigError otherwise)."""
+    config_lib.check_choices(
+        {
+            "rl.ensemble": (rl.ensemble, tuple(ENSEMBLES)),
+            "rl.reward_transform": (rl.reward_transform, tuple(TRANSFORMS)),
+            "rl.verifiable": (rl.verifiable, ("",) + tuple(VERIFIABLE_REWARDS)),
+        }
+    )
+    parse_constraints(rl.constraints)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstraintSpec:
+    """One entry of rl.constraints: the constraint E[reward] >= threshold on a reward (reward-model run dirs,
+    several joined by "," an ensemble under rl.ensemble, or a verifiable reward), its multiplier's start."""
+
+    name: str
+    threshold: float
+    reward_model: str = ""
+    verifiable: str = ""
+    lambda_init: float = 0.0
+
+
+CONSTRAINT_KEYS = ("name", "reward_model", "verifiable", "threshold", "lambda_init")
+_CONSTRAINT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def parse_constraints(text: str) -> list[ConstraintSpec]:
+    """rl.constraints parsed: a JSON list of {"reward_model" | "verifiable", "threshold", "name",
+    "lambda_init"}; "" is no constraint. ConfigError names the entry and key at fault."""
+    if not text.strip():
+        return []
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"rl.constraints must be a JSON list of constraints: {e}") from None
+    if not isinstance(entries, list):
+        raise ConfigError("rl.constraints must be a JSON list of constraints")
+    specs = []
+    for index, entry in enumerate(entries):
+        where = f"rl.constraints[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(
+                f"{where} must be an object with a 'reward_model' or 'verifiable' and a 'threshold'"
+            )
+        if unknown := sorted(set(entry) - set(CONSTRAINT_KEYS)):
+            raise ConfigError(f"{where} has unknown keys {unknown}; valid keys are {list(CONSTRAINT_KEYS)}")
+        reward_model, verifiable = entry.get("reward_model", ""), entry.get("verifiable", "")
+        if not isinstance(reward_model, str) or not isinstance(verifiable, str):
+            raise ConfigError(f"{where}: 'reward_model' and 'verifiable' are strings")
+        if bool(reward_model) == bool(verifiable):
+            raise ConfigError(f"{where} needs one reward: a 'reward_model' or a 'verifiable', not both")
+        if verifiable and verifiable not in VERIFIABLE_REWARDS:
+            raise ConfigError(
+                f"{where}.verifiable must be one of {tuple(VERIFIABLE_REWARDS)}, got {verifiable!r}"
+            )
+        if not _finite_number(entry.get("threshold")):
+            raise ConfigError(f"{where}.threshold must be a finite number, got {entry.get('threshold')!r}")
+        lambda_init = entry.get("lambda_init", 0.0)
+        if not _finite_number(lambda_init) or lambda_init < 0:
+            raise ConfigError(f"{where}.lambda_init must be finite and >= 0, got {lambda_init!r}")
+        name = entry.get("name", verifiable or f"c{index}")
+        if not isinstance(name, str) or not _CONSTRAINT_NAME.match(name):
+            raise ConfigError(f"{where}.name must be letters, digits, '_', '.' or '-', got {name!r}")
+        if name in {spec.name for spec in specs}:
+            raise ConfigError(f"{where}.name {name!r} is used twice; give each constraint its own name")
+        specs.append(
+            ConstraintSpec(name, float(entry["threshold"]), reward_model, verifiable, float(lambda_init))
+        )
+    return specs
+
+
+def constraint_reward_model_sources(rl: config_lib.RLConfig) -> list[str]:
+    """The reward-model dirs of rl.constraints, in order (after the objective's rl.reward_model ones)."""
+    specs = parse_constraints(rl.constraints)
+    return [s for spec in specs for s in config_lib.reward_model_sources(spec.reward_model)]
 
 
 def missing_eos(tokens_BN: np.ndarray, mask_BN: np.ndarray, eos_id: int) -> np.ndarray:
@@ -194,10 +273,22 @@ class RewardModel:
 ReferenceResponder = Callable[[PromptBatch], tuple[np.ndarray, np.ndarray, list[str]]]
 
 
+@dataclasses.dataclass
+class ConstraintReward:
+    """A constraint's reward: its reward models (ensembled and transformed as the objective's) or a verifiable
+    reward; `spec` holds its name, threshold and initial multiplier."""
+
+    spec: ConstraintSpec
+    models: Sequence[RewardFn] = ()
+    # Greedy reference responses' scores by prompt, for centred transforms (as CompositeReward's own cache).
+    reference_cache: dict = dataclasses.field(default_factory=dict)
+
+
 class CompositeReward:
     """Reward models (ensembled, transformed) + verifiable rewards + shaping, as one RewardFn.
 
-    `components()` returns every named part (for logging as rewards/<name>); calling it returns the total."""
+    `components()` returns every named part (for logging as rewards/<name>); calling it returns the total.
+    Constraint rewards are components "constraint/<name>" that the total leaves out."""
 
     def __init__(
         self,
@@ -212,6 +303,7 @@ class CompositeReward:
         length_penalty: float = 0.0,
         eos_id: int = 2,
         reference_responder: ReferenceResponder | None = None,
+        constraints: Sequence[ConstraintReward] = (),
     ):
         if not models and not verifiable:
             raise ConfigError(
@@ -219,7 +311,13 @@ class CompositeReward:
             )
         if transform in NEEDS_REFERENCE_SCORES and (not models or reference_responder is None):
             raise ConfigError(f"reward transform {transform!r} needs reward models and reference responses")
+        for constraint in constraints:
+            if bool(constraint.models) == bool(constraint.spec.verifiable):
+                raise ConfigError(
+                    f"constraint {constraint.spec.name!r} needs reward models or a verifiable reward"
+                )
         self.models = list(models)
+        self.constraints = list(constraints)
         self.verifiable = VERIFIABLE_REWARDS[verifiable] if verifiable else None
         self.verifiable_name = verifiable
         self.ensemble, self.uncertainty_coef = ENSEMBLES[ensemble], uncertainty_coef
@@ -234,14 +332,47 @@ class CompositeReward:
         # Greedy reference responses are deterministic: score each prompt's once, keyed by its token ids.
         self._reference_cache: dict[bytes, np.ndarray] = {}
 
-    def _reference_scores(self, prompts: PromptBatch) -> np.ndarray:
+    @property
+    def all_models(self) -> list[RewardFn]:
+        """The objective's reward models, then each constraint's (the order of the run's reward programs)."""
+        return self.models + [m for c in self.constraints for m in c.models]
+
+    def _reference_scores(self, prompts: PromptBatch, models=None, cache=None) -> np.ndarray:
+        models = self.models if models is None else models
+        cache = self._reference_cache if cache is None else cache
         keys = [prompts.ids_BP[i][prompts.mask_BP[i] > 0].tobytes() for i in range(len(prompts.records))]
-        if any(k not in self._reference_cache for k in keys):
+        if any(k not in cache for k in keys):
             tokens, mask, texts = self.reference_responder(prompts)
-            scores_KB = np.stack([m(prompts, tokens, mask, texts) for m in self.models])
+            scores_KB = np.stack([m(prompts, tokens, mask, texts) for m in models])
             for i, k in enumerate(keys):
-                self._reference_cache[k] = scores_KB[:, i]
-        return np.stack([self._reference_cache[k] for k in keys], axis=1)
+                cache[k] = scores_KB[:, i]
+        return np.stack([cache[k] for k in keys], axis=1)
+
+    def _model_reward(self, raw_KB: np.ndarray, prompts: PromptBatch, models, cache) -> np.ndarray:
+        """Reward models' raw scores [K, B] transformed (per model) and ensembled [B]."""
+        reference_KB = (
+            self._reference_scores(prompts, models, cache)
+            if self.transform_name in NEEDS_REFERENCE_SCORES
+            else None
+        )
+        transformed_KB = np.stack(
+            [
+                self.transform(raw_KB[k], None if reference_KB is None else reference_KB[k])
+                for k in range(len(raw_KB))
+            ]
+        )
+        return self.ensemble(transformed_KB, self.uncertainty_coef)
+
+    def _constraint_components(self, prompts: PromptBatch, tokens_BN, mask_BN, texts) -> dict:
+        out = {}
+        for c in self.constraints:
+            if c.models:
+                raw_KB = np.stack([m(prompts, tokens_BN, mask_BN, texts) for m in c.models])
+                value_B = self._model_reward(raw_KB, prompts, c.models, c.reference_cache)
+            else:
+                value_B = VERIFIABLE_REWARDS[c.spec.verifiable](prompts, tokens_BN, mask_BN, texts)
+            out[f"constraint/{c.spec.name}"] = np.asarray(value_B, np.float32)
+        return out
 
     def components(
         self, prompts: PromptBatch, tokens_BN, mask_BN, texts: Sequence[str]
@@ -253,16 +384,7 @@ class CompositeReward:
             raw_KB = np.stack([m(prompts, tokens_BN, mask_BN, texts) for m in self.models])
             for k, raw_B in enumerate(raw_KB):
                 out[f"rm{k}" if len(self.models) > 1 else "rm"] = raw_B
-            reference_KB = (
-                self._reference_scores(prompts) if self.transform_name in NEEDS_REFERENCE_SCORES else None
-            )
-            transformed_KB = np.stack(
-                [
-                    self.transform(raw_KB[k], None if reference_KB is None else reference_KB[k])
-                    for k in range(len(raw_KB))
-                ]
-            )
-            score_B = score_B + self.ensemble(transformed_KB, self.uncertainty_coef)
+            score_B = score_B + self._model_reward(raw_KB, prompts, self.models, self._reference_cache)
         if self.verifiable is not None:
             out[self.verifiable_name] = self.verifiable(prompts, tokens_BN, mask_BN, texts)
             score_B = score_B + out[self.verifiable_name]
@@ -272,7 +394,7 @@ class CompositeReward:
         out["missing_eos_penalty"] = np.where(eos_missing_B, self.missing_eos_penalty, 0.0).astype(np.float32)
         out["length_penalty"] = -self.length_penalty * np.sum(np.asarray(mask_BN, np.float32), axis=-1)
         out["score"] = (score_B + out["missing_eos_penalty"] + out["length_penalty"]).astype(np.float32)
-        return out
+        return out | self._constraint_components(prompts, tokens_BN, mask_BN, texts)
 
     def __call__(self, prompts: PromptBatch, tokens_BN, mask_BN, texts: Sequence[str]) -> np.ndarray:
         return self.components(prompts, tokens_BN, mask_BN, texts)["score"]
@@ -281,11 +403,18 @@ class CompositeReward:
 def make_reward_fn(
     rl_cfg, *, tokenizer, mesh, preset: str, reference_responder: ReferenceResponder | None = None
 ) -> CompositeReward:
-    """The configured reward (cfg.rl): reward models from `rl.reward_model` (comma-separated run dirs)."""
-    sources = config_lib.reward_model_sources(rl_cfg.reward_model)
-    models = [
-        RewardModel(s, mesh=mesh, preset=preset, tokenizer=tokenizer, offload=rl_cfg.offload_frozen)
-        for s in sources
+    """The configured reward (cfg.rl): reward models from `rl.reward_model` (comma-separated run dirs), and
+    the constraint rewards of `rl.constraints`."""
+
+    def load(value: str) -> list[RewardModel]:
+        return [
+            RewardModel(s, mesh=mesh, preset=preset, tokenizer=tokenizer, offload=rl_cfg.offload_frozen)
+            for s in config_lib.reward_model_sources(value)
+        ]
+
+    models = load(rl_cfg.reward_model)
+    constraints = [
+        ConstraintReward(spec, load(spec.reward_model)) for spec in parse_constraints(rl_cfg.constraints)
     ]
     return CompositeReward(
         models=models,
@@ -298,4 +427,5 @@ def make_reward_fn(
         length_penalty=rl_cfg.length_penalty,
         eos_id=tokenizer.eos_id,
         reference_responder=reference_responder,
+        constraints=constraints,
     )

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl import sharding
+from jaxrl.models import attention
 from jaxrl.models.transformer import (
     attention_output,
     project_qkv,
@@ -154,27 +155,20 @@ def _compute_params(params, L, dtype):
 
 def _prefill(model, layer_params, prompt_BP, prompt_mask_BP, max_new, cfg, inv_freq):
     """One forward over the prompts [B, P]: last-position logits [B, V] and per-layer caches
-    [B, K, P + max_new, Dh]."""
+    [B, K, P + max_new, Dh]. Attention by `model.attention` (`attention.attend`: XLA, cuDNN or splash)."""
     dtype = jnp.dtype(cfg.dtype)
     # Pads form segment 0 and never attend to or from real tokens; positions count real tokens only.
     positions_BP = jnp.maximum(jnp.cumsum(prompt_mask_BP, axis=1) - 1, 0)
-    mask_B1PP = prompt_mask_BP[:, None, :, None] == prompt_mask_BP[:, None, None, :]
-    impl = None if cfg.attention == "auto" else cfg.attention
     x_BPD = jnp.take(model.embed.embedding[...], prompt_BP, axis=0).astype(dtype)
     x_BPD = constrain(x_BPD, ("batch", None, "embed"))
     k_cache, v_cache = [], []
-    index_P = jnp.arange(prompt_BP.shape[1])
     for p, windowed in zip(layer_params, windowed_layers(cfg), strict=True):
-        # Slots of real tokens are contiguous (pads are on the left), so slot distance is position distance.
-        layer_mask = mask_B1PP
-        if windowed:
-            layer_mask = mask_B1PP & window_mask(index_P, index_P, cfg.sliding_window)[None, None]
+        # Slots of real tokens are contiguous (pads are on the left), so slot distance is position distance:
+        # the window over slots is the window over positions. `windowed` is a Python bool per layer here.
 
-        def attend(h_BPD, p=p, layer_mask=layer_mask):
+        def attend(h_BPD, p=p, windowed=bool(windowed)):
             q_BPNH, k_BPKH, v_BPKH = project_qkv(h_BPD, p["attn"], positions_BP, cfg, inv_freq)
-            out_BPNH = jax.nn.dot_product_attention(
-                q_BPNH, k_BPKH, v_BPKH, mask=layer_mask, is_causal=True, implementation=impl
-            )
+            out_BPNH = attention.attend(q_BPNH, k_BPKH, v_BPKH, prompt_mask_BP, cfg, windowed)
             return attention_output(out_BPNH, p["attn"], dtype), (k_BPKH, v_BPKH)
 
         x_BPD, (k_BPKH, v_BPKH) = residual_block(x_BPD, p, cfg, attend)
@@ -333,8 +327,11 @@ def sample_reference(
 
         def body(i, carry):
             tokens_BT, logp_BN, done_B, mask_BN = carry
-            logits_BTV = model.logits(model.hidden(tokens_BT, positions_BT, segments_BT))
-            logits_BV = jax.lax.dynamic_index_in_dim(logits_BTV, P + i - 1, axis=1, keepdims=False)
+            # Only the position that predicts token i is projected: the same dot products as its row of the
+            # full [B, T, V] logits, which are never made.
+            h_BTD = model.hidden(tokens_BT, positions_BT, segments_BT)
+            h_B1D = jax.lax.dynamic_slice_in_dim(h_BTD, P + i - 1, 1, axis=1)
+            logits_BV = model.logits(h_B1D)[:, 0]
             sampled_B, picked_B = _choose(logits_BV, key, i, temperature, top_k, top_p)
             token_B = jnp.where(done_B, pad_id, sampled_B).astype(tokens_BT.dtype)
             tokens_BT = jax.lax.dynamic_update_index_in_dim(tokens_BT, token_B, P + i, axis=1)
@@ -367,16 +364,17 @@ def response_logps(
     top_p: float = 1.0,
 ):
     """Per-token log-probs [B, N] of given responses after left-padded prompts [B, P], under the processed
-    distribution (logits / temperature, top-k, top-p) the samplers report; defaults give plain log-probs."""
+    distribution (logits / temperature, top-k, top-p) the samplers report; defaults give plain log-probs.
+    Over chunks of `model.logprob_chunk` positions when set (`Transformer.token_logps`: no [B, N, V]
+    array)."""
     model = nnx.merge(graphdef, params)
     P = prompt_BP.shape[1]
     tokens_BT = jnp.concatenate([prompt_BP, response_BN], axis=1)
     ones_BN = jnp.ones_like(response_mask_BN, prompt_mask_BP.dtype)
     valid_BT = jnp.concatenate([prompt_mask_BP, ones_BN], axis=1)
     positions_BT = jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0)
-    logits_BTV = model.logits(model.hidden(tokens_BT, positions_BT, valid_BT))[:, P - 1 : -1]
+    h_BND = model.hidden(tokens_BT, positions_BT, valid_BT)[:, P - 1 : -1]
     temperature = jnp.asarray(temperature, jnp.float32)
-    processed_BTV = process_logits(logits_BTV, temperature, top_k=top_k, top_p=top_p)
-    logp_BNV = jax.nn.log_softmax(processed_BTV, axis=-1)
-    picked_BN = jnp.take_along_axis(logp_BNV, response_BN[..., None], axis=-1)[..., 0]
+    process = lambda logits_BCV: process_logits(logits_BCV, temperature, top_k=top_k, top_p=top_p)
+    picked_BN, _ = model.token_logps(h_BND, response_BN, process=process)
     return jnp.where(response_mask_BN, picked_BN, 0.0)

@@ -70,9 +70,30 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
         raise ConfigError(f"mesh {named} needs {math.prod(sizes)} devices, have {len(devices)}")
     if cfg.preset not in PRESETS:
         raise ConfigError(f"mesh.preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
+    slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if len(slices) > 1:
+        return _hybrid_mesh(devices, sizes, len(slices))
     # Process-major device order keeps the data axis across hosts and fsdp/tensor within one.
     devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+
+
+def _hybrid_mesh(devices, sizes: list[int], slices: int) -> Mesh:
+    """Devices of several TPU slices (multi-slice): the data axis spans the slices (its gradients' all-reduce
+    crosses the data-centre network once per step) and every other axis stays within a slice (ICI)."""
+    from jax.experimental import mesh_utils
+
+    if sizes[0] % slices:
+        named = dict(zip(MESH_AXES, sizes, strict=True))
+        raise ConfigError(
+            f"mesh {named} over {slices} slices: mesh.data must be a multiple of the slice "
+            "count (data parallelism crosses slices; fsdp and tensor stay within one)"
+        )
+    per_slice = (sizes[0] // slices, sizes[1], sizes[2])
+    grid = mesh_utils.create_hybrid_device_mesh(
+        per_slice, (slices, 1, 1), devices, allow_split_physical_axes=True
+    )
+    return Mesh(grid, MESH_AXES)
 
 
 def path_str(path) -> str:

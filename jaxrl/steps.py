@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ from flax import nnx
 
 from jaxrl import losses, sharding
 from jaxrl.config import Config, OptimConfig
+from jaxrl.models import logprobs
 
 Batch = dict[str, jax.Array]
 Totals = dict[str, jax.Array]
@@ -27,12 +29,34 @@ class TrainState:
     rng: jax.Array  # raw uint32 key of the run's seed; no step reads it yet (it is in every checkpoint)
     skipped: jax.Array  # int32 scalar: updates skipped because the loss or gradient was not finite
     ref_params: Any = None  # frozen reference for on-the-fly DPO log-probs (no optimiser state)
+    # A loss's state carried across steps: the running mean of implicit rewards (bco_pair's shift δ), or None.
+    loss_state: Any = None
 
 
-def new_train_state(params, tx: optax.GradientTransformation, seed: int, ref_params=None) -> TrainState:
-    """The state before the first update: `tx`'s fresh moments for `params`; a frozen `ref_params` or None."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(seed), skipped=jnp.zeros((), jnp.int32), ref_params=ref_params)
+def new_train_state(
+    params, tx: optax.GradientTransformation, seed: int, ref_params=None, loss_state=None
+) -> TrainState:
+    """The state before the first update: `tx`'s fresh moments for `params`; a frozen `ref_params` or None;
+    the loss's carried state (losses.RunningMean for a running-shift loss) or None."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(seed),
+        skipped=jnp.zeros((), jnp.int32),
+        ref_params=ref_params,
+        loss_state=loss_state,
+    )
+
+
+def initial_loss_state(cfg: Config):
+    """The carried loss state a run starts with: an empty running mean for a running-shift loss (bco_pair),
+    else None."""
+    from jaxrl import listwise
+
+    if cfg.stage == "dpo" and listwise.offline_loss(cfg.loss.name).running_shift:
+        return losses.RunningMean.create()
+    return None
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int, lr=None) -> optax.Schedule:
@@ -62,23 +86,25 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, lr=None) -> tuple[optax.GradientTransformation,
-                                                                        optax.Schedule]:
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, lr=None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping and the configured schedule (`lr`: see learning_rate_schedule)."""
     schedule = learning_rate_schedule(cfg, total_steps, lr)
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             mask=_decay_mask))
+    parts.append(
+        optax.adamw(
+            schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask
+        )
+    )
     return optax.chain(*parts), schedule
 
 
 def token_logps(model, tokens_BT, positions_BT=None, segment_ids_BT=None):
-    """log p(tokens[t] | tokens[<t]) [B, T] in fp32; position 0 (nothing predicts it) is 0."""
-    logits_BTV = model.logits(model.hidden(tokens_BT, positions_BT, segment_ids_BT))[:, :-1]
-    targets_BT = tokens_BT[:, 1:]
-    picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    logp_BT = picked_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
-    return jnp.pad(logp_BT, ((0, 0), (1, 0)))
+    """log p(tokens[t] | tokens[<t]) [B, T] in fp32; position 0 (nothing predicts it) is 0. Over sequence
+    chunks of model.logprob_chunk positions when set (no [B, T, V] logits; see jaxrl.models.logprobs)."""
+    h_BTD = model.hidden(tokens_BT, positions_BT, segment_ids_BT)
+    return logprobs.next_token_logps(h_BTD, model.lm_kernel(), tokens_BT, chunk=model.cfg.logprob_chunk)[0]
 
 
 def sequence_logps(model, tokens_BT, mask_BT):
@@ -100,14 +126,18 @@ def _flatten_pairs(x_BPT):
 
 def sft_totals(batch: Batch, aggregation: str) -> Totals:
     """Whole-batch denominators for SFT, so accumulation count does not change the loss."""
-    return {"denominator": losses.sft_denominator(batch["loss_mask"], aggregation, batch.get("segment_ids")),
-            "tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
+    return {
+        "denominator": losses.sft_denominator(batch["loss_mask"], aggregation, batch.get("segment_ids")),
+        "tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
+    }
 
 
 def pair_totals(batch: Batch) -> Totals:
     """Whole-batch example count for paired stages."""
-    return {"examples": jnp.asarray(batch["tokens"].shape[0], jnp.float32),
-            "tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32))}
+    return {
+        "examples": jnp.asarray(batch["tokens"].shape[0], jnp.float32),
+        "tokens": jnp.sum(batch["loss_mask"].astype(jnp.float32)),
+    }
 
 
 def sft_objective(params, batch: Batch, hp, totals: Totals, *, graphdef, aggregation: str):
@@ -116,8 +146,13 @@ def sft_objective(params, batch: Batch, hp, totals: Totals, *, graphdef, aggrega
     # Packed rows carry segment ids and per-segment positions: attention stays within a conversation.
     segment_ids_BT = batch.get("segment_ids")
     logp_BT = token_logps(model, batch["tokens"], batch.get("positions"), segment_ids_BT)
-    loss = losses.sft_token_loss(logp_BT, batch["loss_mask"], aggregation=aggregation,
-                                 denominator=totals["denominator"], segment_ids_BT=segment_ids_BT)
+    loss = losses.sft_token_loss(
+        logp_BT,
+        batch["loss_mask"],
+        aggregation=aggregation,
+        denominator=totals["denominator"],
+        segment_ids_BT=segment_ids_BT,
+    )
     mask_BT = batch["loss_mask"].astype(jnp.float32)
     token_nll = -jnp.sum(logp_BT * mask_BT) / totals["tokens"]
     return loss, {"nll_per_token": token_nll, "num_tokens": jnp.sum(mask_BT)}
@@ -140,17 +175,46 @@ def rm_objective(params, batch: Batch, hp, totals: Totals, *, graphdef, use_marg
 
 
 def policy_seq_logps(model, batch: Batch):
-    """Summed log-probs and lengths [B, 2] for both rows of each pair."""
+    """Summed log-probs and lengths [B, K] of every row of each example: both rows of a pair (K = 2), or the
+    K responses of a ranked list."""
+    K = batch["tokens"].shape[1]
     logp_N, len_N = sequence_logps(model, _flatten_pairs(batch["tokens"]), _flatten_pairs(batch["loss_mask"]))
-    return logp_N.reshape(-1, 2), len_N.reshape(-1, 2)
+    return logp_N.reshape(-1, K), len_N.reshape(-1, K)
+
+
+def listwise_objective(
+    params, batch: Batch, hp, totals: Totals, *, graphdef, loss_name: str, ref_params=None
+):
+    """A listwise loss (jaxrl.listwise) of a (micro)batch of ranked lists [B, K]; masked responses (shorter
+    lists) change nothing; reference log-probs come cached in the batch or from ref_params."""
+    from jaxrl import listwise
+
+    spec = listwise.get_listwise_loss(loss_name)
+    logp_BK, len_BK = policy_seq_logps(nnx.merge(graphdef, params), batch)
+    if not spec.needs_reference:
+        ref_BK = jnp.zeros_like(logp_BK)
+    elif ref_params is not None:
+        ref_BK = jax.lax.stop_gradient(policy_seq_logps(nnx.merge(graphdef, ref_params), batch)[0])
+    else:
+        ref_BK = batch["ref_logps"]
+    mask_BK = batch["list_mask"]
+    lists = listwise.ListLogps(
+        logps=logp_BK, ref_logps=ref_BK, scores=batch["scores"], mask=mask_BK, lengths=len_BK
+    )
+    loss_B, metrics = spec.fn(lists, hp)
+    n = totals["examples"]
+    out = {k: jnp.sum(v) / n for k, v in metrics.items()}
+    out["num_tokens"] = jnp.sum(len_BK * mask_BK)
+    return jnp.sum(loss_B) / n, out
 
 
 def _switched_loss(names: tuple[str, ...], index, seq: losses.SeqLogps, hp):
     """The loss `names[index]` on the same log-probs (`index` may be traced: one member of a vmapped group per
     loss); its metrics under the union of the names' metric keys, the ones it does not log set to zero."""
     specs = [losses.get_preference_loss(n) for n in names]
-    no_ref = seq.replace(ref_chosen=jnp.zeros_like(seq.ref_chosen),
-                         ref_rejected=jnp.zeros_like(seq.ref_rejected))
+    no_ref = seq.replace(
+        ref_chosen=jnp.zeros_like(seq.ref_chosen), ref_rejected=jnp.zeros_like(seq.ref_rejected)
+    )
     inputs = [seq if spec.needs_reference else no_ref for spec in specs]  # as each loss sees them alone
     proto = {}
     for spec, x in zip(specs, inputs, strict=True):
@@ -160,16 +224,28 @@ def _switched_loss(names: tuple[str, ...], index, seq: losses.SeqLogps, hp):
     def branch(i):
         def run(hp):
             loss_B, metrics = specs[i].fn(inputs[i], hp)
-            return loss_B, {k: metrics[k] if k in metrics else jnp.zeros(v.shape, v.dtype)
-                            for k, v in sorted(proto.items())}
+            return loss_B, {
+                k: metrics[k] if k in metrics else jnp.zeros(v.shape, v.dtype)
+                for k, v in sorted(proto.items())
+            }
 
         return run
 
     return jax.lax.switch(index, [branch(i) for i in range(len(specs))], hp)
 
 
-def preference_objective(params, batch: Batch, hp, totals: Totals, *, graphdef, loss_name: str | tuple,
-                         ref_params=None, loss_index=None):
+def preference_objective(
+    params,
+    batch: Batch,
+    hp,
+    totals: Totals,
+    *,
+    graphdef,
+    loss_name: str | tuple,
+    ref_params=None,
+    loss_index=None,
+    delta=None,
+):
     """A DPO-family loss of a (micro)batch of pairs; reference log-probs come cached in the batch or from
     ref_params. A tuple of names with a `loss_index` selects one of them (see _switched_loss)."""
     names = loss_name if isinstance(loss_name, tuple) else (loss_name,)
@@ -182,11 +258,19 @@ def preference_objective(params, batch: Batch, hp, totals: Totals, *, graphdef, 
         ref_B2 = jax.lax.stop_gradient(ref_B2)
     else:
         ref_B2 = batch["ref_logps"]
-    seq = losses.SeqLogps(chosen=logp_B2[:, 0], rejected=logp_B2[:, 1], ref_chosen=ref_B2[:, 0],
-                          ref_rejected=ref_B2[:, 1], chosen_len=len_B2[:, 0], rejected_len=len_B2[:, 1],
-                          desirable=batch.get("desirable"))
+    seq = losses.SeqLogps(
+        chosen=logp_B2[:, 0],
+        rejected=logp_B2[:, 1],
+        ref_chosen=ref_B2[:, 0],
+        ref_rejected=ref_B2[:, 1],
+        chosen_len=len_B2[:, 0],
+        rejected_len=len_B2[:, 1],
+        desirable=batch.get("desirable"),
+    )
     if isinstance(loss_name, tuple):
         loss_B, metrics = _switched_loss(names, loss_index, seq, hp)
+    elif delta is not None:  # a running-shift loss (bco_pair): the shift carried in the state
+        loss_B, metrics = specs[0].fn(seq, hp, delta=delta)
     else:
         loss_B, metrics = specs[0].fn(seq, hp)
     n = totals["examples"]
@@ -198,25 +282,24 @@ def preference_objective(params, batch: Batch, hp, totals: Totals, *, graphdef, 
 def stage_objective(cfg: Config, graphdef):
     """(objective, totals_fn) of an offline stage (sft, rm, dpo), its static settings bound."""
     if cfg.stage == "sft":
-        return (functools.partial(sft_objective, graphdef=graphdef, aggregation=cfg.loss.sft_aggregation),
-                functools.partial(sft_totals, aggregation=cfg.loss.sft_aggregation))
+        return (
+            functools.partial(sft_objective, graphdef=graphdef, aggregation=cfg.loss.sft_aggregation),
+            functools.partial(sft_totals, aggregation=cfg.loss.sft_aggregation),
+        )
     if cfg.stage == "rm":
         return functools.partial(rm_objective, graphdef=graphdef, use_margin=cfg.loss.rm_margin), pair_totals
+    from jaxrl import listwise
+
+    if listwise.is_listwise(cfg.loss.name):
+        return functools.partial(listwise_objective, graphdef=graphdef, loss_name=cfg.loss.name), pair_totals
     return (functools.partial(preference_objective, graphdef=graphdef, loss_name=cfg.loss.name), pair_totals)
 
 
 def loss_hparams(cfg: Config) -> losses.LossHParams:
-    """The loss hyperparameters as an array pytree (a new value never recompiles)."""
-    l = cfg.loss
-    return losses.LossHParams.create(
-        beta=l.beta,
-        label_smoothing=l.label_smoothing,
-        gamma=l.gamma,
-        nll_alpha=l.nll_alpha,
-        rm_center=l.rm_center,
-        desirable_weight=l.desirable_weight,
-        undesirable_weight=l.undesirable_weight,
-    )
+    """The loss hyperparameters as an array pytree (a new value never recompiles): every LossHParams field is
+    the loss config's field of the same name, so the defaults live once, in LossConfig."""
+    names = [f.name for f in dataclasses.fields(losses.LossHParams)]
+    return losses.LossHParams.create(**{name: getattr(cfg.loss, name) for name in names})
 
 
 def _microbatches(batch: Batch, grad_accum: int) -> Batch:
@@ -248,12 +331,23 @@ def accumulate(objective: Callable, params, batch: Batch, hp, totals: Totals, gr
     return loss, metrics, grads
 
 
-def train_step(state: TrainState, batch: Batch, hp, *, objective: Callable, totals_fn: Callable,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int = 1):
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    hp,
+    *,
+    objective: Callable,
+    totals_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum: int = 1,
+):
     """One optimiser update; a non-finite loss, gradient, update or result leaves params and moments untouched
     and is counted."""
     if state.ref_params is not None:
         objective = functools.partial(objective, ref_params=state.ref_params)
+    if state.loss_state is not None:
+        objective = functools.partial(objective, delta=state.loss_state.mean)
     totals = totals_fn(batch)
     loss, metrics, grads = accumulate(objective, state.params, batch, hp, totals, grad_accum)
     grad_norm = optax.tree.norm(grads)
@@ -261,24 +355,44 @@ def train_step(state: TrainState, batch: Batch, hp, *, objective: Callable, tota
     params = optax.apply_updates(state.params, updates)
     # A finite gradient can still give an update that overflows (optim.lr=1e30): its norm, and the new
     # params' norm, overflow too, so the update is refused before it ruins the weights.
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
-              & jnp.isfinite(optax.tree.norm(params)))
+    finite = (
+        jnp.isfinite(loss)
+        & jnp.isfinite(grad_norm)
+        & jnp.isfinite(optax.tree.norm(updates))
+        & jnp.isfinite(optax.tree.norm(params))
+    )
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    loss_state = state.loss_state
+    if loss_state is not None:  # the step's mean implicit reward, chosen and rejected alike (bco_pair's δ)
+        reward = 0.5 * (metrics["rewards/chosen"] + metrics["rewards/rejected"])
+        loss_state = keep(losses.update_running_mean(loss_state, reward), loss_state)
     new_state = state.replace(
         step=state.step + finite.astype(jnp.int32),
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         skipped=state.skipped + (~finite).astype(jnp.int32),
+        loss_state=loss_state,
     )
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
-                   skipped_steps=new_state.skipped)
+    metrics = dict(
+        metrics,
+        loss=loss,
+        grad_norm=grad_norm,
+        learning_rate=schedule(state.step),
+        skipped_steps=new_state.skipped,
+    )
+    if loss_state is not None:
+        metrics["reward_shift"] = loss_state.mean
     return new_state, metrics
 
 
-def eval_step(params, batch: Batch, hp, *, objective: Callable, totals_fn: Callable, ref_params=None):
-    """Loss and metrics of a batch without an update."""
+def eval_step(
+    params, batch: Batch, hp, *, objective: Callable, totals_fn: Callable, ref_params=None, delta=None
+):
+    """Loss and metrics of a batch without an update (`delta`: a running-shift loss's carried shift)."""
     if ref_params is not None:
         objective = functools.partial(objective, ref_params=ref_params)
+    if delta is not None:
+        objective = functools.partial(objective, delta=delta)
     loss, metrics = objective(params, batch, hp, totals_fn(batch))
     return dict(metrics, loss=loss)
 
@@ -287,8 +401,9 @@ def bind_step(objective: Callable, totals_fn: Callable, optimizer: tuple, grad_a
     """train_step with its objective, whole-batch totals and (tx, schedule) bound: (state, batch, hp) ->
     (state, metrics), what make_step jits."""
     tx, schedule = optimizer
-    return functools.partial(train_step, objective=objective, totals_fn=totals_fn, tx=tx, schedule=schedule,
-                             grad_accum=grad_accum)
+    return functools.partial(
+        train_step, objective=objective, totals_fn=totals_fn, tx=tx, schedule=schedule, grad_accum=grad_accum
+    )
 
 
 def make_step(step_fn: Callable, abstract_state, abstract_batch, mesh, preset: str, *, donate: bool = True):
@@ -300,8 +415,12 @@ def make_step(step_fn: Callable, abstract_state, abstract_batch, mesh, preset: s
         with sharding.use_mesh(mesh, preset):
             return step_fn(state, batch, hp)
 
-    return jax.jit(traced, in_shardings=(state_shardings, batch_shardings, None),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,) if donate else ())
+    return jax.jit(
+        traced,
+        in_shardings=(state_shardings, batch_shardings, None),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,) if donate else (),
+    )
 
 
 def make_eval_step(eval_fn: Callable, abstract_params, abstract_batch, mesh, preset: str):

@@ -72,8 +72,13 @@ def expand(module, workdir: str | Path, overrides=(), points: list[dict] | None 
     workdir = Path(workdir).absolute()
     base = config_lib.override(module.get_config(), overrides)
     if points is None:
-        points = search_points(module) if hasattr(module, "search") else list(module.sweep()) \
-            if hasattr(module, "sweep") else [{}]
+        points = (
+            search_points(module)
+            if hasattr(module, "search")
+            else list(module.sweep())
+            if hasattr(module, "sweep")
+            else [{}]
+        )
     shared = {"train.cache_dir": str(workdir / "cache")}
     runs: dict[str, Run] = {}
 
@@ -119,14 +124,40 @@ def expand(module, workdir: str | Path, overrides=(), points: list[dict] | None 
     return list(runs.values())  # insertion order: every run comes after the runs it depends on
 
 
+def has_full(module) -> bool:
+    """Whether a study has a full variant: its sweep() takes `full` (sweep(full=True) is the full grid)."""
+    import inspect
+
+    return hasattr(module, "sweep") and "full" in inspect.signature(module.sweep).parameters
+
+
+def variant(module, *, full: bool, label: str = "the study"):
+    """The study with sweep() giving its full grid when `full` (the one place a variant is chosen); the module
+    itself otherwise. A study without a full variant refuses `full`."""
+    if not full:
+        return module
+    if not has_full(module):
+        raise config_lib.ConfigError(
+            f"{label}: sweep() takes no `full` argument (the study has no full grid)"
+        )
+    import types
+
+    view = types.ModuleType(module.__name__, module.__doc__)
+    view.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("__")})
+    view.sweep = lambda: module.sweep(full=True)
+    return view
+
+
 def selection(module) -> dict:
     """A search study's selection settings: the seed the grid is searched on, the fresh seeds the selected
     recipe is rerun with, and the validation metric that selects (higher is better)."""
     settings = {"search_seed": 0, "seeds": [1, 2, 3], "metric": "val/gold_reward"}
     settings |= dict(module.selection()) if hasattr(module, "selection") else {}
     if not str(settings["metric"]).startswith("val/"):
-        raise config_lib.ConfigError(f"selection metric {settings['metric']!r}: recipes are selected on the "
-                                     f"validation split only (a val/ metric)")
+        raise config_lib.ConfigError(
+            f"selection metric {settings['metric']!r}: recipes are selected on the "
+            f"validation split only (a val/ metric)"
+        )
     return settings
 
 
@@ -214,8 +245,9 @@ def check_stale(runs: list[Run], workdir: Path) -> None:
         raise config_lib.ConfigError(problems[0] + more)
 
 
-def run_sweep(module, workdir: str | Path, overrides=(), *, log=print, poll_s: float = 1.0,
-              group: str = "auto") -> list[dict]:
+def run_sweep(
+    module, workdir: str | Path, overrides=(), *, log=print, poll_s: float = 1.0, group: str = "auto"
+) -> list[dict]:
     """Runs every unfinished run (finished ones are skipped, interrupted ones resume); returns result rows.
 
     Several sweeps may share one workdir: each run is locked by the process training it, and the others go on
@@ -225,10 +257,11 @@ def run_sweep(module, workdir: str | Path, overrides=(), *, log=print, poll_s: f
     the setting and checkpoint with the best validation score (`selection`) rerun with fresh seeds; the rows
     returned are those of the fresh-seed runs (and their bases), each with its selected `recipe`.
 
-    `group`: "auto" trains runs that share shapes as one vmapped program (jaxrl.group), "off" one at a time;
-    the results are the same either way (each member is a run of its own)."""
-    if group not in ("auto", "off"):
-        raise config_lib.ConfigError(f"--group {group!r}: expected auto or off")
+    `group`: "on" trains runs that share shapes as one vmapped program (jaxrl.group), "off" one at a time,
+    "auto" groups where that is faster (jaxrl.group.grouping); the results are the same either way (each
+    member is a run of its own)."""
+    if group not in group_lib.MODES:
+        raise config_lib.ConfigError(f"--group {group!r}: expected one of {', '.join(group_lib.MODES)}")
     workdir = Path(workdir).absolute()
     # Every stage's runner is imported now, not at the sweep's first online run: a sweep that runs for hours
     # must not combine modules loaded at its start with ones edited in the checkout since.
@@ -260,9 +293,9 @@ def _recipe_label(recipe: dict) -> str:
 
 
 def _run_all(runs: list[Run], workdir: Path, log, poll_s: float, group: str = "auto") -> list[Run]:
-    """Trains every unfinished run of `runs` (see run_sweep); returns `runs`. With group "auto", runs whose
-    programs share shapes and whose dependencies are finished train together as one vmapped program
-    (jaxrl.group); "off" trains one run at a time."""
+    """Trains every unfinished run of `runs` (see run_sweep); returns `runs`. When grouping (see run_sweep),
+    runs whose programs share shapes and whose dependencies are finished train together as one vmapped
+    program (jaxrl.group); otherwise one run at a time."""
     from tqdm import tqdm
 
     from jaxrl import train
@@ -302,16 +335,27 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float, group: str = "a
                 continue  # its base or reward model is still being trained (here or by another sweep)
             bar.set_postfix_str(r.id[:60])
             start = time.perf_counter()
-            key = group_lib.group_key(r.cfg) if group == "auto" else None
-            mates = [o for o in todo if o is not r and key is not None and group_lib.group_key(o.cfg) == key
-                     and all(status(by_id[d]) == "finished" for d in o.deps)]
+            key = group_lib.group_key(r.cfg) if group_lib.grouping(group) else None
+            mates = [
+                o
+                for o in todo
+                if o is not r
+                and key is not None
+                and group_lib.group_key(o.cfg) == key
+                and all(status(by_id[d]) == "finished" for d in o.deps)
+            ]
             if mates:
                 members = [r, *mates]
                 results = group_lib.run_group(
                     [config_lib.override(m.cfg, {"train.progress": False}) for m in members],
-                    [workdir / "runs" / m.id for m in members], log=quiet)
-                ran = [(m, x) for m, x in zip(members, results, strict=True)
-                       if not isinstance(x, workdir_lib.WorkdirLocked)]
+                    [workdir / "runs" / m.id for m in members],
+                    log=quiet,
+                )
+                ran = [
+                    (m, x)
+                    for m, x in zip(members, results, strict=True)
+                    if not isinstance(x, workdir_lib.WorkdirLocked)
+                ]
                 elapsed = time.perf_counter() - start
                 for m, x in ran:
                     if isinstance(x, workdir_lib.RunFailed):
@@ -445,8 +489,11 @@ def aggregate(rows: list[dict], metrics: list[str], group_keys: list[str]) -> li
         agg["skipped"] = sum(int(r.get("skipped_steps") or 0) for r in members)
         agg["failed"] = sum(r.get("status", "finished") != "finished" for r in members)
         for m in metrics:
-            values = [r[m] for r in members
-                      if r.get("status", "finished") == "finished" and isinstance(r.get(m), (int, float))]
+            values = [
+                r[m]
+                for r in members
+                if r.get("status", "finished") == "finished" and isinstance(r.get(m), (int, float))
+            ]
             agg[m] = float(np.mean(values)) if values else None
             agg[f"{m} std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
             errors = [
@@ -472,8 +519,9 @@ def _fmt(value) -> str:
 
 def write_results(rows: list[dict], metrics: list[str], workdir: Path) -> tuple[Path, Path, str]:
     """results.md and results.csv (mean ± std over seeds per arm); returns their paths and the Markdown."""
-    point_keys = sorted({k for r in rows for k in r
-                         if "/" not in k and k not in ("run", "kind", "stage", "seed") + RUN_FACTS})
+    point_keys = sorted(
+        {k for r in rows for k in r if "/" not in k and k not in ("run", "kind", "stage", "seed") + RUN_FACTS}
+    )
     group_keys = ["stage"] + point_keys
     table = aggregate(rows, metrics, group_keys)
     table.sort(key=lambda r: tuple(str(r.get(k, "")) for k in group_keys))
@@ -544,6 +592,7 @@ def write_plots(rows: list[dict], workdir: Path) -> list[Path]:
     arms: dict[str, list[dict]] = {}
     for r in policy_rows:
         arms.setdefault(_arm_label(r), []).append(r)
+
     def mean(arm: str, key: str) -> float:
         values = [r[key] for r in arms[arm] if isinstance(r.get(key), (int, float))]
         return float(np.mean(values)) if values else float("nan")
@@ -553,9 +602,14 @@ def write_plots(rows: list[dict], workdir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(8, max(3.0, 0.28 * len(labels) + 1.2)))
     y = np.arange(len(labels))
-    spread = [interval([r["eval/gold_reward"] for r in arms[a]],
-                       [r["eval/gold_reward_se"] for r in arms[a] if "eval/gold_reward_se" in r]) or 0.0
-              for a in labels]
+    spread = [
+        interval(
+            [r["eval/gold_reward"] for r in arms[a]],
+            [r["eval/gold_reward_se"] for r in arms[a] if "eval/gold_reward_se" in r],
+        )
+        or 0.0
+        for a in labels
+    ]
     ax.barh(y, [mean(a, "eval/gold_reward") for a in labels], xerr=spread, color="0.8", label="all domains")
     markers = "os^Dv<>p"
     for i, d in enumerate(domains):
@@ -599,8 +653,11 @@ def _curves_plot(plt, arms: dict[str, list[dict]], labels: list[str], workdir: P
     bases = [
         arms[a][0] for a in labels if arms[a][0].get("kind") == "base" and arms[a][0].get("stage") == "sft"
     ]
-    start = [(0, 0.0, bases[0]["val/gold_reward"])] if bases and isinstance(bases[0].get("val/gold_reward"),
-                                                                            float) else []
+    start = (
+        [(0, 0.0, bases[0]["val/gold_reward"])]
+        if bases and isinstance(bases[0].get("val/gold_reward"), float)
+        else []
+    )
     for arm in labels:
         first = arms[arm][0]
         if first.get("kind") == "base":
@@ -608,8 +665,15 @@ def _curves_plot(plt, arms: dict[str, list[dict]], labels: list[str], workdir: P
         curve = validation_curve(workdir / "runs" / first["run"])  # the arm's first seed
         if curve:
             curve = start + curve  # every arm starts at its SFT base (the first base: seeds share a grid)
-            ax.plot([kl for _, kl, _ in curve], [g for _, _, g in curve], "-o", markersize=2.5, linewidth=1,
-                    color=colours(algorithms.index(_algorithm(first))), alpha=0.8)
+            ax.plot(
+                [kl for _, kl, _ in curve],
+                [g for _, _, g in curve],
+                "-o",
+                markersize=2.5,
+                linewidth=1,
+                color=colours(algorithms.index(_algorithm(first))),
+                alpha=0.8,
+            )
             ax.annotate(arm, (curve[-1][1], curve[-1][2]), fontsize=5, alpha=0.8)
     for alg in algorithms:
         if alg != "sft":
@@ -623,8 +687,13 @@ def _curves_plot(plt, arms: dict[str, list[dict]], labels: list[str], workdir: P
                 if re.fullmatch(rf"{prefix}best_of_\d+", k) and f"{k}_kl_bound" in base
             )
         if frontier:
-            ax.plot([kl for kl, _ in frontier], [g for _, g in frontier], "k--", linewidth=1.2,
-                    label="best-of-N on gold from the SFT base")
+            ax.plot(
+                [kl for kl, _ in frontier],
+                [g for _, g in frontier],
+                "k--",
+                linewidth=1.2,
+                label="best-of-N on gold from the SFT base",
+            )
         if isinstance(base.get("val/gold_reward"), float):
             ax.scatter([0.0], [base["val/gold_reward"]], color="black", zorder=4, s=18, label="SFT base")
     ax.set_xlabel("KL(policy || SFT base), nats per response (validation samples)")
@@ -643,8 +712,13 @@ def compare(rows: list[dict], a: dict, b: dict, metric: str = "eval/gold_reward"
     the two runs' own standard errors. None when either arm has no finished run."""
 
     def pick(match: dict) -> dict[int, dict]:
-        return {int(r.get("seed", 0)): r for r in rows if r.get("status", "finished") == "finished"
-                and isinstance(r.get(metric), (int, float)) and all(r.get(k) == v for k, v in match.items())}
+        return {
+            int(r.get("seed", 0)): r
+            for r in rows
+            if r.get("status", "finished") == "finished"
+            and isinstance(r.get(metric), (int, float))
+            and all(r.get(k) == v for k, v in match.items())
+        }
 
     runs_a, runs_b = pick(a), pick(b)
     seeds = sorted(set(runs_a) & set(runs_b))
@@ -660,7 +734,7 @@ def compare(rows: list[dict], a: dict, b: dict, metric: str = "eval/gold_reward"
 
 
 def verdict(result: dict | None, expected_sign: int = 1) -> str:
-    """"agrees" when the 95% interval excludes zero on the expected side, "disagrees" on the other side, else
+    """ "agrees" when the 95% interval excludes zero on the expected side, "disagrees" on the other side, else
     "cannot tell" (also without a measurement)."""
     if result is None or result["ci95"] is None:
         return "cannot tell"

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrl import checkpoint, distributed, losses, reference, sharding, steps
+from jaxrl import checkpoint, distributed, listwise, reference, sharding, steps
 from jaxrl import config as config_lib
 from jaxrl import metrics as metrics_lib
 from jaxrl import validate as validate_lib
@@ -20,6 +20,7 @@ from jaxrl import workdir as workdir_lib
 from jaxrl.config import Config
 from jaxrl.data import pipeline
 from jaxrl.metrics import MetricWriter
+from jaxrl.models import attention
 from jaxrl.models import init as model_init
 from jaxrl.models.transformer import flops_per_token
 
@@ -30,8 +31,11 @@ def _mean_metrics(parts: list[dict]) -> dict:
     return {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
 
 
-def evaluate(eval_fn, params, arrays, hp, batch_size: int, mesh, preset: str, ref_params=None) -> dict:
-    """Mean eval metrics over whole batches of the held-out set (the remainder is left out)."""
+def evaluate(
+    eval_fn, params, arrays, hp, batch_size: int, mesh, preset: str, ref_params=None, delta=None
+) -> dict:
+    """Mean eval metrics over whole batches of the held-out set (the remainder is left out); `delta`: a
+    running-shift loss's carried shift."""
     n = arrays["tokens"].shape[0]
     divisor = sharding.batch_divisor(mesh, preset)
     batch_size = max(divisor, batch_size // divisor * divisor)
@@ -40,8 +44,8 @@ def evaluate(eval_fn, params, arrays, hp, batch_size: int, mesh, preset: str, re
     batch_sharding = sharding.batch_sharding(mesh, preset)
     parts = []
     for start in range(0, n - batch_size + 1, batch_size):
-        batch = jax.device_put({k: v[start: start + batch_size] for k, v in arrays.items()}, batch_sharding)
-        parts.append(eval_fn(params, batch, hp, ref_params))
+        batch = jax.device_put({k: v[start : start + batch_size] for k, v in arrays.items()}, batch_sharding)
+        parts.append(eval_fn(params, batch, hp, ref_params, delta))
     return _mean_metrics(jax.device_get(parts)) | {"examples": (n // batch_size) * batch_size}
 
 
@@ -106,6 +110,7 @@ class Member:
     train_step: Any  # the solo program (jitted, donating); a vmapped group has its own
     eval_step: Any
     world_eval: Any
+    final_eval: Any = None  # params -> final-evaluation metrics only (a reward model's proxy best-of-N)
     has_ref: bool = False  # a frozen reference in the state (its forward pass is in every step's cost)
     start: int = 0
     last: dict = dataclasses.field(default_factory=dict)
@@ -121,6 +126,7 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
         log(line)
 
     model_cfg = model_init.stage_model_config(cfg)
+    log(attention.describe(model_cfg, platform=mesh.devices.flat[0].platform))
     graphdef, abstract_params = model_init.abstract_model(model_cfg)
     params = model_init.init_params(model_cfg, cfg.seed, mesh, preset)
     if t.init_from:
@@ -130,26 +136,37 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
 
     ref_params = ref = None
     train_arrays, eval_arrays = dict(data.train), dict(data.eval)
-    needs_ref = cfg.stage == "dpo" and losses.get_preference_loss(cfg.loss.name).needs_reference
+    needs_ref = cfg.stage == "dpo" and listwise.offline_loss(cfg.loss.name).needs_reference
     if needs_ref:
         source = t.reference_from or t.init_from
         ref = model_init.load_run_params(source, mesh, preset)[0] if source else params
         if not source:
-            log("warning: no train.init_from or train.reference_from: "
-                "the reference is the random initialisation")
+            log(
+                "warning: no train.init_from or train.reference_from: "
+                "the reference is the random initialisation"
+            )
         if t.reference == "cache":
             cache_dir = Path(t.cache_dir) if t.cache_dir else workdir / "cache"
             micro = t.batch_size // t.grad_accum
             for arrays in (train_arrays, eval_arrays):
                 if arrays["tokens"].shape[0]:
                     arrays["ref_logps"], _, _ = reference.cached_reference_logps(
-                        cache_dir, graphdef, ref, arrays, batch_size=micro, mesh=mesh, preset=preset, log=log,
-                        bucket_multiple=cfg.data.bucket_multiple if cfg.data.padding == "bucket" else None)
+                        cache_dir,
+                        graphdef,
+                        ref,
+                        arrays,
+                        batch_size=micro,
+                        mesh=mesh,
+                        preset=preset,
+                        log=log,
+                        bucket_multiple=cfg.data.bucket_multiple if cfg.data.padding == "bucket" else None,
+                    )
         else:
             ref_params = ref
 
     tx, schedule = steps.make_optimizer(cfg.optim, t.steps)
-    make_state = lambda p, r: steps.new_train_state(p, tx, cfg.seed, r)
+    loss_state = steps.initial_loss_state(cfg)
+    make_state = lambda p, r: steps.new_train_state(p, tx, cfg.seed, r, loss_state)
     # The frozen reference (on-the-fly mode) is placed by the same rules as the policy.
     state_shardings = sharding.tree_shardings(jax.eval_shape(make_state, params, ref_params), preset, mesh)
     state = jax.jit(make_state, out_shardings=state_shardings)(params, ref_params)
@@ -161,8 +178,8 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
         k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype) for k, v in train_arrays.items()
     }
     train_step = steps.make_step(step_fn, jax.eval_shape(lambda: state), example, mesh, preset)
-    eval_fn = lambda p, b, h, r: steps.eval_step(
-        p, b, h, objective=objective, totals_fn=totals_fn, ref_params=r
+    eval_fn = lambda p, b, h, r, d: steps.eval_step(
+        p, b, h, objective=objective, totals_fn=totals_fn, ref_params=r, delta=d
     )
     eval_step = jax.jit(_with_mesh(eval_fn, mesh, preset))
 
@@ -180,11 +197,39 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
         world_eval = lambda params, split, final=False: synthetic_eval(
             cfg, graphdef, params, eval_ref, data.tokenizer, split=split, best_of=cfg.stage == "sft" and final
         )
-    return Member(cfg=cfg, workdir=workdir, mesh=mesh, data=data, train_arrays=train_arrays,
-                  eval_arrays=eval_arrays, model_cfg=model_cfg, graphdef=graphdef, hp=hp, state=state,
-                  state_shardings=state_shardings, objective=objective, totals_fn=totals_fn,
-                  train_step=train_step, eval_step=eval_step, world_eval=world_eval,
-                  has_ref=ref_params is not None)
+    final_eval = None
+    d = cfg.data
+    sampled_eval = d.source == "synthetic" and d.eval_prompts_per_domain and d.eval_best_of
+    if cfg.stage == "rm" and t.init_from and sampled_eval:
+        from jaxrl.evaluate import proxy_best_of
+
+        # The policy the reward model will judge: its init_from run (the SFT base), sampled as the base's
+        # own best-of-N ceilings are (same prompts, same draws).
+        policy_params, source_model = model_init.load_run_params(t.init_from, mesh, preset)
+        policy_graphdef, _ = model_init.abstract_model(dataclasses.replace(source_model, head="lm"))
+        final_eval = lambda params: proxy_best_of(
+            cfg, policy_graphdef, policy_params, graphdef, params, data.tokenizer
+        )
+    return Member(
+        cfg=cfg,
+        workdir=workdir,
+        mesh=mesh,
+        data=data,
+        train_arrays=train_arrays,
+        eval_arrays=eval_arrays,
+        model_cfg=model_cfg,
+        graphdef=graphdef,
+        hp=hp,
+        state=state,
+        state_shardings=state_shardings,
+        objective=objective,
+        totals_fn=totals_fn,
+        train_step=train_step,
+        eval_step=eval_step,
+        world_eval=world_eval,
+        final_eval=final_eval,
+        has_ref=ref_params is not None,
+    )
 
 
 def restore(m: Member, log) -> None:
@@ -195,7 +240,8 @@ def restore(m: Member, log) -> None:
     m.ckpt = checkpoint.Checkpointer(m.workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
     saved = jax.eval_shape(lambda: _saveable(m.state))
     restored = m.ckpt.restore_latest(
-        checkpoint.abstract_with_shardings(saved, sharding.tree_shardings(saved, preset, m.mesh)), log=log)
+        checkpoint.abstract_with_shardings(saved, sharding.tree_shardings(saved, preset, m.mesh)), log=log
+    )
     if restored is not None:
         latest, restored_state, meta = restored
         m.state = restored_state.replace(ref_params=m.state.ref_params)
@@ -236,18 +282,24 @@ class _MemberLoop:
         enabled = t.progress and jax.process_index() == 0
         self.progress = workdir_lib.progress(m.start, t.steps, enabled=enabled)
         bucket = m.cfg.data.padding == "bucket"
-        self.lengths = (pipeline.example_lengths(m.train_arrays)
-                        if bucket or m.cfg.data.group_by_length else None)
-        self.order = pipeline.BatchOrder(m.train_arrays["tokens"].shape[0], t.batch_size, m.cfg.seed,
-                                         self.lengths if m.cfg.data.group_by_length else None)
+        self.lengths = (
+            pipeline.example_lengths(m.train_arrays) if bucket or m.cfg.data.group_by_length else None
+        )
+        self.order = pipeline.BatchOrder(
+            m.train_arrays["tokens"].shape[0],
+            t.batch_size,
+            m.cfg.seed,
+            self.lengths if m.cfg.data.group_by_length else None,
+        )
         self.seq_len = m.train_arrays["tokens"].shape[-1]
         self.rows_per_example = 2 if m.train_arrays["tokens"].ndim == 3 else 1
 
     def width(self, step: int) -> int | None:
         if self.m.cfg.data.padding != "bucket":
             return None
-        return pipeline.bucket_width(self.lengths, self.order.indices(step), self.m.cfg.data.bucket_multiple,
-                                     self.seq_len)
+        return pipeline.bucket_width(
+            self.lengths, self.order.indices(step), self.m.cfg.data.bucket_multiple, self.seq_len
+        )
 
     def host_batch(self, step: int, width: int | None) -> dict:
         return pipeline.host_batch(self.m.train_arrays, self.order.indices(step), width)
@@ -263,8 +315,9 @@ class _MemberLoop:
 
     def log_pending(self, values_of) -> None:
         step, metrics = self.pending
-        self.last = _log_metrics(self.writer, (step, values_of(metrics)), self.window_start, self.window,
-                                 self.progress)
+        self.last = _log_metrics(
+            self.writer, (step, values_of(metrics)), self.window_start, self.window, self.progress
+        )
         self.window_start, self.window, self.pending = time.perf_counter(), [], None
 
 
@@ -328,8 +381,10 @@ def train_members(members: list[Member], program, log, stop_after: int | None) -
             if (step + 1) % m.ckpt.every == 0:
                 m.ckpt.save(step + 1, _saveable(program.member_state(i)), {"step": step + 1})
             lp.progress.update(1)
-    return [_finish(m, lp, program, i, log, stop_after, end, values)
-            for i, (m, lp) in enumerate(zip(members, loops, strict=True))]
+    return [
+        _finish(m, lp, program, i, log, stop_after, end, values)
+        for i, (m, lp) in enumerate(zip(members, loops, strict=True))
+    ]
 
 
 def _fail(m: Member, lp: _MemberLoop, program, i: int, log) -> dict:
@@ -339,12 +394,17 @@ def _fail(m: Member, lp: _MemberLoop, program, i: int, log) -> dict:
     state = program.member_state(i)
     skipped = program.skipped()[i]
     # Counted again with the step dispatched after the one that decided it, so both agree.
-    failure = workdir_lib.skip_verdict(skipped, int(jax.device_get(state.step)) + skipped, t.steps,
-                                       t.max_skipped_fraction) or lp.failure
+    failure = (
+        workdir_lib.skip_verdict(
+            skipped, int(jax.device_get(state.step)) + skipped, t.steps, t.max_skipped_fraction
+        )
+        or lp.failure
+    )
     m.ckpt.close()
     lp.writer.close()
-    return workdir_lib.fail(m.workdir, m.cfg, failure, log=log, steps=t.steps, skipped_steps=skipped,
-                            train=lp.last).summary
+    return workdir_lib.fail(
+        m.workdir, m.cfg, failure, log=log, steps=t.steps, skipped_steps=skipped, train=lp.last
+    ).summary
 
 
 def _finish(m: Member, lp: _MemberLoop, program, i: int, log, stop_after, end: int, values) -> dict:
@@ -355,8 +415,12 @@ def _finish(m: Member, lp: _MemberLoop, program, i: int, log, stop_after, end: i
         return lp.failed
     if lp.previous_skipped is not None:
         prev_step, prev_metrics = lp.previous_skipped
-        lp.failure = workdir_lib.skip_verdict(int(values(prev_step, prev_metrics, i)["skipped_steps"]),
-                                              prev_step, t.steps, t.max_skipped_fraction)
+        lp.failure = workdir_lib.skip_verdict(
+            int(values(prev_step, prev_metrics, i)["skipped_steps"]),
+            prev_step,
+            t.steps,
+            t.max_skipped_fraction,
+        )
         if lp.failure:
             return _fail(m, lp, program, i, log)
     if lp.pending is not None:
@@ -373,8 +437,17 @@ def _finish(m: Member, lp: _MemberLoop, program, i: int, log, stop_after, end: i
 
     m.ckpt.save(t.steps, _saveable(state), {"step": t.steps}, force=True)
     m.ckpt.close()
-    eval_metrics = evaluate(m.eval_step, state.params, m.eval_arrays, m.hp, t.batch_size // t.grad_accum,
-                            m.mesh, preset, state.ref_params)
+    eval_metrics = evaluate(
+        m.eval_step,
+        state.params,
+        m.eval_arrays,
+        m.hp,
+        t.batch_size // t.grad_accum,
+        m.mesh,
+        preset,
+        state.ref_params,
+        None if state.loss_state is None else state.loss_state.mean,
+    )
     val_metrics, per_prompt = {}, None
     if m.world_eval:
         val_metrics = (
@@ -382,16 +455,35 @@ def _finish(m: Member, lp: _MemberLoop, program, i: int, log, stop_after, end: i
         )
         test_metrics, per_prompt = m.world_eval(state.params, "test", True)
         eval_metrics |= test_metrics
-    lp.writer.write(t.steps, {f"val/{k}": v for k, v in val_metrics.items()}
-                    | {f"eval/{k}": v for k, v in eval_metrics.items()})
+    if m.final_eval:
+        eval_metrics |= m.final_eval(state.params)
+    lp.writer.write(
+        t.steps,
+        {f"val/{k}": v for k, v in val_metrics.items()} | {f"eval/{k}": v for k, v in eval_metrics.items()},
+    )
     lp.writer.close()
     if bad := workdir_lib.nonfinite_eval(eval_metrics):
-        return workdir_lib.fail(m.workdir, m.cfg, f"the final evaluation is not finite: {', '.join(bad)}",
-                                log=log, steps=t.steps, skipped_steps=skipped, train=lp.last,
-                                eval=eval_metrics).summary
+        return workdir_lib.fail(
+            m.workdir,
+            m.cfg,
+            f"the final evaluation is not finite: {', '.join(bad)}",
+            log=log,
+            steps=t.steps,
+            skipped_steps=skipped,
+            train=lp.last,
+            eval=eval_metrics,
+        ).summary
     checkpoint.save_params(checkpoint.final_params_dir(m.workdir), state.params)
-    summary = {"stage": m.cfg.stage, "status": "finished", "steps": t.steps, "skipped_steps": skipped,
-               "train": lp.last, "eval": eval_metrics, "val": val_metrics, "data": m.data.report}
+    summary = {
+        "stage": m.cfg.stage,
+        "status": "finished",
+        "steps": t.steps,
+        "skipped_steps": skipped,
+        "train": lp.last,
+        "eval": eval_metrics,
+        "val": val_metrics,
+        "data": m.data.report,
+    }
     if per_prompt is not None:
         summary["eval_per_prompt"] = per_prompt
     workdir_lib.write_summary(m.workdir, summary)
@@ -414,8 +506,9 @@ def _on_policy_responder(cfg: Config, mesh, preset: str):
     params, source_model = model_init.load_run_params(cfg.train.init_from, mesh, preset)
     graphdef, _ = model_init.abstract_model(dataclasses.replace(source_model, head="lm"))
     tok = SyntheticTokenizer()
-    return lambda prompts, seed: sample_texts(graphdef, params, tok, prompts, temperature=1.0,
-                                              max_new=cfg.data.eval_max_new, seed=seed)
+    return lambda prompts, seed: sample_texts(
+        graphdef, params, tok, prompts, temperature=1.0, max_new=cfg.data.eval_max_new, seed=seed
+    )
 
 
 def _saveable(state: steps.TrainState) -> steps.TrainState:

@@ -8,7 +8,7 @@ from jaxrl import config as config_lib
 from jaxrl import losses, rewards
 from jaxrl.config import Config, ConfigError
 from jaxrl.data import pipeline
-from jaxrl.rl import advantages, kl
+from jaxrl.rl import advantages, algorithms, kl
 
 
 def validate(cfg: Config) -> Config:
@@ -21,14 +21,24 @@ def validate(cfg: Config) -> Config:
         kl.check_config(cfg.rl)
         advantages.check_config(cfg)
         rewards.check_config(cfg.rl)
+        algorithms.check_config(cfg)  # the algorithm's own rules (rl.algorithms.ALGORITHMS)
     return cfg
 
 
 def _check_preference_loss(cfg: Config) -> None:
-    """loss.name is a registered preference loss (a paired one for online_dpo)."""
+    """loss.name is a registered preference loss, pairwise or (stage dpo) listwise (whether an algorithm needs
+    a paired one is its rule)."""
+    from jaxrl import listwise
+
+    if cfg.stage == "dpo" and listwise.is_listwise(cfg.loss.name):
+        if cfg.data.source == "synthetic" and cfg.data.list_size < 2:
+            raise ConfigError(
+                f"loss.name={cfg.loss.name!r} is listwise: set data.list_size >= 2 (the "
+                "synthetic world's ranked lists of that many responses per prompt)"
+            )
+        return
     try:
-        spec = losses.get_preference_loss(cfg.loss.name)
+        losses.get_preference_loss(cfg.loss.name)
     except KeyError as e:
-        raise ConfigError(f"loss.name: {e.args[0]}") from None
-    if cfg.stage == "online_dpo" and not spec.paired:
-        raise ConfigError(f"online_dpo needs a paired preference loss, not {cfg.loss.name!r}")
+        known = sorted(listwise.LISTWISE_LOSSES)
+        raise ConfigError(f"loss.name: {e.args[0]}; listwise (stage dpo): {known}") from None

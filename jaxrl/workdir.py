@@ -82,8 +82,11 @@ def hold(workdir: str | Path, *, log=print):
                     f"{workdir} is in use by {_holder(path)}; wait for it or stop it"
                 ) from None
             _check_recorded_holder(path, workdir, log)  # no flock here (some network filesystems)
-        record = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         try:
@@ -107,8 +110,10 @@ def _check_recorded_holder(path: Path, workdir: Path, log) -> None:
             raise WorkdirLocked(f"{workdir} is in use by {_holder(path)}; wait for it or stop it")
         log(f"warning: {path} was left by pid {info['pid']}, which is gone; taking it over")
         return
-    raise WorkdirLocked(f"{workdir} is in use by {_holder(path)} (this filesystem has no locks: if that "
-                        f"process is gone, delete {path})")
+    raise WorkdirLocked(
+        f"{workdir} is in use by {_holder(path)} (this filesystem has no locks: if that "
+        f"process is gone, delete {path})"
+    )
 
 
 def config_differences(old: Config, new: Config) -> list[str]:
@@ -142,8 +147,10 @@ def check_config(workdir: str | Path, cfg: Config) -> None:
             for k in diff[:6]
         )
         more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
-        raise ConfigError(f"{workdir} holds a run made with a different config: {shown}{more}; use a new "
-                          f"workdir or delete this one to rerun it")
+        raise ConfigError(
+            f"{workdir} holds a run made with a different config: {shown}{more}; use a new "
+            f"workdir or delete this one to rerun it"
+        )
 
 
 def _short(value) -> str:
@@ -201,8 +208,9 @@ def skip_verdict(skipped: int, attempted: int, planned: int, max_fraction: float
 
 def nonfinite_eval(eval_metrics: dict) -> list[str]:
     """Names of evaluation metrics that are not finite numbers."""
-    return sorted(k for k, v in eval_metrics.items()
-                  if isinstance(v, (int, float)) and not math.isfinite(float(v)))
+    return sorted(
+        k for k, v in eval_metrics.items() if isinstance(v, (int, float)) and not math.isfinite(float(v))
+    )
 
 
 def fail(workdir: Path, cfg: Config, reason: str, *, log, **facts) -> RunFailed:
@@ -227,7 +235,6 @@ def run_in(workdir: str | Path, cfg: Config, body, *, log=print) -> dict:
             log(f"{workdir}: already finished")
             return summary
         return body(lambda: commit_config(workdir, cfg))
-
 
 
 class _NoProgress:

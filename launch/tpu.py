@@ -31,6 +31,7 @@ class TpuOptions:
     spot: bool = False
     reserved: bool = False
     keep: bool = False  # leave the queued resource running after the jobs
+    slices: int = 1  # multi-slice: a queued resource of this many slices, nodes <name>-0, <name>-1, ...
     python: str = ""  # interpreter that builds the bundle; "" is this one (sys.executable)
 
 
@@ -42,18 +43,38 @@ def _where(options: TpuOptions) -> list[str]:
     return [f"--zone={options.zone}"] + ([f"--project={options.project}"] if options.project else [])
 
 
+def nodes(options: TpuOptions) -> list[str]:
+    """The TPU VMs of the job: the one node, or each slice's node of a multi-slice queued resource."""
+    return [options.name] if options.slices == 1 else [f"{options.name}-{i}" for i in range(options.slices)]
+
+
+def _on_every_node(commands: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """One command, or (multi-slice) a shell that runs one per node at once and fails if any fails: the
+    slices' workers must all join one job."""
+    if len(commands) == 1:
+        return commands[0]
+    starts = " ".join(f"{shlex.join(c)} & p{i}=$!;" for i, c in enumerate(commands))
+    waits = " ".join(f"wait $p{i} || failed=1;" for i in range(len(commands)))
+    return ("bash", "-c", f"failed=0; {starts} {waits} exit $failed")
+
+
 def ssh(options: TpuOptions, script: str) -> tuple[str, ...]:
-    """`gcloud ... tpu-vm ssh` running a bash script on every worker."""
-    return (
-        "gcloud",
-        "compute",
-        "tpus",
-        "tpu-vm",
-        "ssh",
-        options.name,
-        *_where(options),
-        "--worker=all",
-        f"--command=bash -c {shlex.quote(script)}",
+    """`gcloud ... tpu-vm ssh` running a bash script on every worker (of every slice)."""
+    return _on_every_node(
+        [
+            (
+                "gcloud",
+                "compute",
+                "tpus",
+                "tpu-vm",
+                "ssh",
+                node,
+                *_where(options),
+                "--worker=all",
+                f"--command=bash -c {shlex.quote(script)}",
+            )
+            for node in nodes(options)
+        ]
     )
 
 
@@ -70,7 +91,11 @@ def create_steps(options: TpuOptions) -> list[Step]:
         "queued-resources",
         "create",
         options.name,
-        f"--node-id={options.name}",
+        *(
+            [f"--node-id={options.name}"]
+            if options.slices == 1
+            else [f"--node-count={options.slices}", f"--node-prefix={options.name}"]
+        ),
         *_where(options),
         f"--accelerator-type={topology.accelerator_type}",
         f"--runtime-version={runtime}",
@@ -88,7 +113,11 @@ def create_steps(options: TpuOptions) -> list[Step]:
         "--format=value(state.state)",
     )
     return [
-        Step(tuple(create), note=f"request {topology.name} ({topology.chips} chips)"),
+        Step(
+            tuple(create),
+            note=f"request {'' if options.slices == 1 else f'{options.slices} x '}"
+            f"{topology.name} ({topology.chips * options.slices} chips)",
+        ),
         Step(describe, kind="poll", until="ACTIVE"),
     ]
 
@@ -110,16 +139,21 @@ def install_steps(options: TpuOptions, jobs: Sequence[Job]) -> list[Step]:
     configs = _configs(jobs)
     bundle.study_files(configs)  # each exists, no two ship under one name: refused before anything runs
     pack = bundle.command(configs, tarball, options.python or None)
-    copy = (
-        "gcloud",
-        "compute",
-        "tpus",
-        "tpu-vm",
-        "scp",
-        tarball,
-        f"{options.name}:{REMOTE_TARBALL}",
-        *_where(options),
-        "--worker=all",
+    copy = _on_every_node(
+        [
+            (
+                "gcloud",
+                "compute",
+                "tpus",
+                "tpu-vm",
+                "scp",
+                tarball,
+                f"{node}:{REMOTE_TARBALL}",
+                *_where(options),
+                "--worker=all",
+            )
+            for node in nodes(options)
+        ]
     )
     install = (
         f"set -e; rm -rf {REMOTE_DIR}; mkdir -p {REMOTE_DIR} {REMOTE_LOGS}; "

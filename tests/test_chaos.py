@@ -16,7 +16,7 @@ from jaxrl.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
-STUDY = textwrap.dedent('''
+STUDY = textwrap.dedent("""
     from jaxrl.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, override
 
     def get_config():
@@ -37,7 +37,7 @@ STUDY = textwrap.dedent('''
 
     def metrics():
         return ["eval/loss", "eval/rewards/accuracies", "eval/gold_reward", "train/loss"]
-''')
+""")
 
 
 def start_sweep(study: Path, workdir: Path) -> subprocess.Popen:

@@ -19,8 +19,10 @@ ABSTRACT = {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32), "n": jax.ShapeDtypeS
 
 
 def tree(step: int) -> dict:
-    return {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3) * step + 0.5,
-            "n": jnp.full((4,), step, jnp.int32)}
+    return {
+        "w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3) * step + 0.5,
+        "n": jnp.full((4,), step, jnp.int32),
+    }
 
 
 def saved_run(workdir: Path, steps=(1, 2, 3)) -> None:
@@ -82,8 +84,18 @@ def truncate_array_data(step_dir: Path):
         os.truncate(f, f.stat().st_size // 2)
 
 
-DAMAGE = [truncate_half, empty_files, delete_state_item, delete_meta_item, garble_checkpoint_metadata,
-          delete_state_metadata, garble_meta_json, delete_all_metadata, clear_step_dir, truncate_array_data]
+DAMAGE = [
+    truncate_half,
+    empty_files,
+    delete_state_item,
+    delete_meta_item,
+    garble_checkpoint_metadata,
+    delete_state_metadata,
+    garble_meta_json,
+    delete_all_metadata,
+    clear_step_dir,
+    truncate_array_data,
+]
 
 
 def assert_tree_equal(got, want):
@@ -197,8 +209,10 @@ def test_an_in_flight_tmp_dir_is_left_alone(tmp_path):
 def ref_case(tmp_path, monkeypatch):
     """Calls cached_reference_logps on 5 pairs with a counting stand-in for the reference forward pass."""
     n = 5
-    arrays = {"tokens": np.arange(n * 2 * 6, dtype=np.int32).reshape(n, 2, 6),
-              "loss_mask": np.ones((n, 2, 6), np.float32)}
+    arrays = {
+        "tokens": np.arange(n * 2 * 6, dtype=np.int32).reshape(n, 2, 6),
+        "loss_mask": np.ones((n, 2, 6), np.float32),
+    }
     params = {"w": jnp.ones((3,), jnp.float32)}
     want = -np.arange(n * 2, dtype=np.float32).reshape(n, 2) - 1.0
     calls = []
@@ -211,8 +225,9 @@ def ref_case(tmp_path, monkeypatch):
 
     def call():
         lines = []
-        logps, path, hit = reference.cached_reference_logps(tmp_path, None, params, arrays, batch_size=2,
-                                                            mesh=None, preset="dp", log=lines.append)
+        logps, path, hit = reference.cached_reference_logps(
+            tmp_path, None, params, arrays, batch_size=2, mesh=None, preset="dp", log=lines.append
+        )
         return logps, path, hit, lines
 
     return call, calls, want
@@ -229,8 +244,10 @@ CACHE_DAMAGE = {
     "garbage": (lambda p, g: p.write_bytes(b"not an npy file at all"), "unreadable"),
     "wrong_shape": (lambda p, g: np.save(p, g[:3]), "shape"),
     "wrong_dtype": (lambda p, g: np.save(p, g.astype(np.float64)), "dtype"),
-    "non_finite": (lambda p, g: np.save(p, np.where(np.arange(g.size).reshape(g.shape) == 3, np.nan, g)),
-                   "non-finite"),
+    "non_finite": (
+        lambda p, g: np.save(p, np.where(np.arange(g.size).reshape(g.shape) == 3, np.nan, g)),
+        "non-finite",
+    ),
 }
 
 
@@ -293,8 +310,9 @@ def test_metric_rows_are_strict_json(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tensorboardX, "SummaryWriter", FakeTB)
     writer = metrics.MetricWriter(tmp_path)
-    writer.write(3, {"a": float("nan"), "b": float("inf"), "c": -np.inf, "d": np.float32(2.5),
-                     "e": jnp.array(1.0)})
+    writer.write(
+        3, {"a": float("nan"), "b": float("inf"), "c": -np.inf, "d": np.float32(2.5), "e": jnp.array(1.0)}
+    )
     writer.close()
     line = (tmp_path / "metrics.jsonl").read_text()
     assert "NaN" not in line and "Infinity" not in line
@@ -304,10 +322,24 @@ def test_metric_rows_are_strict_json(tmp_path, monkeypatch):
 
 
 def test_strict_json_converts_nested_non_finite_floats():
-    obj = {"eval": {"loss": float("nan"), "acc": [1.0, float("inf"), {"x": -math.inf}]}, "n": 3,
-           "ok": True, "name": "sft", "none": None, "np": np.float32(np.nan), "t": (0.5, np.float64(2.0))}
+    obj = {
+        "eval": {"loss": float("nan"), "acc": [1.0, float("inf"), {"x": -math.inf}]},
+        "n": 3,
+        "ok": True,
+        "name": "sft",
+        "none": None,
+        "np": np.float32(np.nan),
+        "t": (0.5, np.float64(2.0)),
+    }
     out = metrics.strict_json(obj)
-    assert out == {"eval": {"loss": None, "acc": [1.0, None, {"x": None}]}, "n": 3, "ok": True, "name": "sft",
-                   "none": None, "np": None, "t": [0.5, 2.0]}
+    assert out == {
+        "eval": {"loss": None, "acc": [1.0, None, {"x": None}]},
+        "n": 3,
+        "ok": True,
+        "name": "sft",
+        "none": None,
+        "np": None,
+        "t": [0.5, 2.0],
+    }
     json.dumps(out, allow_nan=False)
     assert obj["eval"]["loss"] != obj["eval"]["loss"]  # the input is not modified

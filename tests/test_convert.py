@@ -14,9 +14,15 @@ from jaxrl.models import init  # noqa: E402
 
 
 def _tiny_llama(path, vocab=256):
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=128)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     return path
@@ -44,8 +50,15 @@ def _read(path):
 
 def _checkpoint(path, config_cls, model_cls, seed=0, generation=None, **kwargs):
     """A tiny transformers checkpoint of any architecture (and a custom generation config)."""
-    base = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    base = dict(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**base, **kwargs}))
     if generation is not None:
@@ -55,11 +68,26 @@ def _checkpoint(path, config_cls, model_cls, seed=0, generation=None, **kwargs):
 
 
 def test_round_trip_keeps_token_ids_generation_config_and_architecture(tmp_path):
-    generation = dict(bos_token_id=1, eos_token_id=[2, 7], pad_token_id=0, do_sample=True, temperature=0.6,
-                      top_p=0.9, max_new_tokens=33)
+    generation = dict(
+        bos_token_id=1,
+        eos_token_id=[2, 7],
+        pad_token_id=0,
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.9,
+        max_new_tokens=33,
+    )
     # A Mistral with a window shorter than the test sequences: it must stay a windowed Mistral.
-    hf_dir = _checkpoint(tmp_path / "hf", "MistralConfig", "MistralForCausalLM", generation=generation,
-                         sliding_window=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hf_dir = _checkpoint(
+        tmp_path / "hf",
+        "MistralConfig",
+        "MistralForCausalLM",
+        generation=generation,
+        sliding_window=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     assert cli.main(["convert", str(hf_dir), str(tmp_path / "run")]) == 0
     run = tmp_path / "run"
     ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
@@ -79,8 +107,14 @@ def test_round_trip_keeps_token_ids_generation_config_and_architecture(tmp_path)
 
 
 def test_reward_model_round_trip_keeps_its_pad_id(tmp_path):
-    hf_dir = _checkpoint(tmp_path / "hf", "Qwen2Config", "Qwen2ForSequenceClassification", num_labels=1,
-                         pad_token_id=3, eos_token_id=5)
+    hf_dir = _checkpoint(
+        tmp_path / "hf",
+        "Qwen2Config",
+        "Qwen2ForSequenceClassification",
+        num_labels=1,
+        pad_token_id=3,
+        eos_token_id=5,
+    )
     assert cli.main(["convert", str(hf_dir), str(tmp_path / "run")]) == 0
     assert _read(tmp_path / "run" / "config.json")["stage"] == "rm"
     assert cli.main(["convert", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
@@ -100,8 +134,17 @@ def test_reward_model_round_trip_keeps_its_pad_id(tmp_path):
 def test_convert_overrides_both_ways(tmp_path):
     hf_dir = _tiny_llama(tmp_path / "hf")
     run = tmp_path / "run"
-    argv = ["convert", str(hf_dir), str(run), "--set", "model.dtype=float32",
-            "--set", "model.param_dtype=bfloat16", "--hf-set", "pad_token_id=0"]
+    argv = [
+        "convert",
+        str(hf_dir),
+        str(run),
+        "--set",
+        "model.dtype=float32",
+        "--set",
+        "model.param_dtype=bfloat16",
+        "--hf-set",
+        "pad_token_id=0",
+    ]
     assert cli.main(argv) == 0
     model = _read(run / "config.json")["model"]
     assert (model["dtype"], model["param_dtype"]) == ("float32", "bfloat16")
@@ -178,10 +221,29 @@ def test_convert_refuses_to_overwrite_a_run(tmp_path):
 def test_sft_starts_from_an_hf_checkpoint_and_exports_back(tmp_path):
     hf_dir = _tiny_llama(tmp_path / "hf")
     workdir = tmp_path / "sft"
-    argv = ["train", "--config", "experiments/tiny_pipeline.py", "--workdir", str(workdir),
-            "--set", f"train.init_from={hf_dir}", "--set", "train.steps=6", "--set", "train.progress=false",
-            "--set", "train.log_every=1", "--set", "data.num_train=64", "--set", "data.num_eval=32",
-            "--set", "data.eval_prompts_per_domain=0", "--set", "model.dtype=float32"]
+    argv = [
+        "train",
+        "--config",
+        "experiments/tiny_pipeline.py",
+        "--workdir",
+        str(workdir),
+        "--set",
+        f"train.init_from={hf_dir}",
+        "--set",
+        "train.steps=6",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "data.num_train=64",
+        "--set",
+        "data.num_eval=32",
+        "--set",
+        "data.eval_prompts_per_domain=0",
+        "--set",
+        "model.dtype=float32",
+    ]
     assert cli.main(argv) == 0
     resolved = json.loads((workdir / "config.json").read_text())["model"]
     assert (resolved["hidden"], resolved["layers"], resolved["mlp"]) == (32, 2, 64)  # from the checkpoint

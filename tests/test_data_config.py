@@ -140,8 +140,14 @@ def test_kto_from_rated_data_and_min_margin_from_the_config(run_config, sources)
     base = {"data.source": str(sources["uf"]), "data.format": "ultrafeedback", "data.binarize": "all_pairs"}
     kto = validate(run_config("dpo", **base, **{"loss.name": "kto"}))
     read = lambda cfg, policy, min_margin=0.0: pipeline.source_records(  # noqa: E731
-        cfg, str(sources["uf"]), "ultrafeedback", policy=policy, aspect_weights="", min_margin=min_margin,
-        on_error="raise")
+        cfg,
+        str(sources["uf"]),
+        "ultrafeedback",
+        policy=policy,
+        aspect_weights="",
+        min_margin=min_margin,
+        on_error="raise",
+    )
     records, summary = read(kto, "all_pairs")
     assert len(records) == 40 and all(isinstance(r, UnpairedExample) for r in records)
     assert [r.desirable for r in records[:2]] == [True, False] and "KTO examples" in summary

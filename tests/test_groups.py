@@ -53,8 +53,9 @@ def solo_and_group(tmp_path: Path, cfgs: list, **kw) -> list:
 
 
 def short(stage: str, **overrides):
-    return tiny_run_config(stage, **{"train.steps": 8, "train.log_every": 2, "train.checkpoint_every": 4,
-                                     **overrides})
+    return tiny_run_config(
+        stage, **{"train.steps": 8, "train.log_every": 2, "train.checkpoint_every": 4, **overrides}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,11 @@ def base(tmp_path_factory):
 
 
 def test_sft_group_over_seeds_and_learning_rates_matches_solo(tmp_path):
-    cfgs = [short("sft", seed=0), short("sft", seed=3, **{"optim.lr": 3e-4}),
-            short("sft", seed=5, **{"optim.schedule": "cosine", "optim.warmup_ratio": 0.25})]
+    cfgs = [
+        short("sft", seed=0),
+        short("sft", seed=3, **{"optim.lr": 3e-4}),
+        short("sft", seed=5, **{"optim.schedule": "cosine", "optim.warmup_ratio": 0.25}),
+    ]
     keys = {group.group_key(c) for c in cfgs[:2]}
     assert len(keys) == 1 and group.group_key(cfgs[2]) not in keys  # the schedule's shape is in the key
     results = solo_and_group(tmp_path, cfgs[:2])
@@ -76,23 +80,27 @@ def test_sft_group_over_seeds_and_learning_rates_matches_solo(tmp_path):
 
 
 def test_rm_group_over_datasets_matches_solo(tmp_path, base):
-    cfgs = [short("rm", **{"data.synthetic_kind": kind, "train.init_from": base, "optim.lr": lr})
-            for kind, lr in (("clean", 1e-3), ("noisy", 5e-4))]
+    cfgs = [
+        short("rm", **{"data.synthetic_kind": kind, "train.init_from": base, "optim.lr": lr})
+        for kind, lr in (("clean", 1e-3), ("noisy", 5e-4))
+    ]
     solo_and_group(tmp_path, cfgs)
     for i in range(2):
         assert_same_run(tmp_path / f"solo{i}", tmp_path / f"member{i}")
 
 
-PAIRED_WITH_REFERENCE = sorted(n for n, s in losses.PREFERENCE_LOSSES.items()
-                               if s.needs_reference and n != "kto")
+PAIRED_WITH_REFERENCE = sorted(
+    n for n, s in losses.PREFERENCE_LOSSES.items() if s.needs_reference and n != "kto"
+)
 
 
 def test_every_dpo_family_loss_in_one_group_matches_solo(tmp_path, base):
     """One vmapped program for every paired loss with a reference: each member selects its own loss by index
     and logs exactly its own metrics."""
-    cfgs = [short("dpo", **{"loss.name": name, "loss.beta": 0.1 + 0.05 * i, "seed": i,
-                            "train.init_from": base})
-            for i, name in enumerate(PAIRED_WITH_REFERENCE)]
+    cfgs = [
+        short("dpo", **{"loss.name": name, "loss.beta": 0.1 + 0.05 * i, "seed": i, "train.init_from": base})
+        for i, name in enumerate(PAIRED_WITH_REFERENCE)
+    ]
     assert len({group.group_key(c) for c in cfgs}) == 1
     solo_and_group(tmp_path, cfgs)
     for i in range(len(cfgs)):
@@ -100,8 +108,10 @@ def test_every_dpo_family_loss_in_one_group_matches_solo(tmp_path, base):
 
 
 def test_reference_free_losses_and_on_the_fly_reference(tmp_path, base):
-    free = [short("dpo", **{"loss.name": n, "loss.beta": b, "train.init_from": base})
-            for n, b in (("simpo", 2.0), ("orpo", 0.1))]
+    free = [
+        short("dpo", **{"loss.name": n, "loss.beta": b, "train.init_from": base})
+        for n, b in (("simpo", 2.0), ("orpo", 0.1))
+    ]
     on_the_fly = short("dpo", **{"train.init_from": base, "train.reference": "on_the_fly"})
     assert group.group_key(free[0]) == group.group_key(free[1])
     assert group.group_key(on_the_fly) != group.group_key(free[0])  # one holds a reference, one does not
@@ -116,8 +126,13 @@ def test_reference_free_losses_and_on_the_fly_reference(tmp_path, base):
 
 def test_world_evaluation_of_members_matches_solo(tmp_path, base):
     """Validation curves during training and the final sampled evaluation, per member."""
-    world = {"data.eval_prompts_per_domain": 4, "data.val_prompts_per_domain": 2, "data.eval_samples": 2,
-             "train.eval_every": 4, "train.init_from": base}
+    world = {
+        "data.eval_prompts_per_domain": 4,
+        "data.val_prompts_per_domain": 2,
+        "data.eval_samples": 2,
+        "train.eval_every": 4,
+        "train.init_from": base,
+    }
     cfgs = [short("dpo", **world), short("dpo", **world, **{"data.synthetic_kind": "noisy", "seed": 1})]
     solo_and_group(tmp_path, cfgs)
     for i in range(2):
@@ -126,8 +141,10 @@ def test_world_evaluation_of_members_matches_solo(tmp_path, base):
 
 
 def test_kill_and_rerun_resumes_every_member_exactly(tmp_path, base):
-    cfgs = [short("dpo", **{"train.init_from": base, "seed": s, "loss.name": n})
-            for s, n in ((0, "dpo"), (1, "ipo"))]
+    cfgs = [
+        short("dpo", **{"train.init_from": base, "seed": s, "loss.name": n})
+        for s, n in ((0, "dpo"), (1, "ipo"))
+    ]
     for i, cfg in enumerate(cfgs):
         train.run(cfg, tmp_path / f"solo{i}", log=QUIET)
     dirs = [tmp_path / f"member{i}" for i in range(2)]
@@ -174,6 +191,11 @@ def test_memory_guard_splits_a_group_that_does_not_fit(tmp_path, base):
     assert any("split in two" in line for line in lines)
 
 
+def test_auto_groups_on_accelerators_only():
+    assert group.grouping("on") and not group.grouping("off")
+    assert not group.grouping("auto")  # the tests run on CPU
+
+
 def test_keys_split_what_cannot_share_a_program():
     dpo = short("dpo")
     assert group.group_key(dpo) == group.group_key(config_lib.override(dpo, {"loss.name": "ipo", "seed": 3}))
@@ -183,7 +205,7 @@ def test_keys_split_what_cannot_share_a_program():
     assert group.group_key(short("ppo")) is None
 
 
-STUDY = textwrap.dedent('''
+STUDY = textwrap.dedent("""
     from jaxrl.config import Config, DataConfig, ModelConfig, TrainConfig, override
 
     def get_config():
@@ -203,7 +225,7 @@ STUDY = textwrap.dedent('''
 
     def metrics():
         return ["eval/loss"]
-''')
+""")
 
 
 def test_sweep_groups_match_one_at_a_time(tmp_path, capfd):
@@ -213,7 +235,7 @@ def test_sweep_groups_match_one_at_a_time(tmp_path, capfd):
     lines = []
     off = sweep.run_sweep(module, tmp_path / "off", group="off", log=QUIET)
     capfd.readouterr()
-    auto = sweep.run_sweep(module, tmp_path / "auto", group="auto", log=lines.append)
+    auto = sweep.run_sweep(module, tmp_path / "auto", group="on", log=lines.append)
     assert "(a group of 3" in capfd.readouterr().out
     points = lambda rows: {r["run"]: r for r in rows if r["kind"] == "point"}  # noqa: E731
     assert len(points(off)) == 3 and points(off).keys() == points(auto).keys()

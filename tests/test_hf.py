@@ -268,7 +268,6 @@ def test_load_model_calls_lm_and_rm(checkpoints):
     np.testing.assert_allclose(np.asarray(rm(padded, mask)), hf_out(rm_ref, padded, mask)[:, 0], atol=TOL)
 
 
-
 def left_padded(seed=2, lengths=(12, 7, 3, 10)):
     """A batch with rows of different lengths, left-padded with PAD (as prompts are), and its real mask."""
     ids = tokens(seed, B=len(lengths), T=max(lengths))

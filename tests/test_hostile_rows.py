@@ -27,8 +27,16 @@ CORPUS = [
     "What is 2 + 2? The answer is 4.",
     "<|user|>\n<|assistant|>\n<|system|>\n",
 ]
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-            "<|eot_id|>"]
+SPECIALS = [
+    "<pad>",
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 # Llama 3 Instruct's format (trims each content), as in tests/test_chat.py.
 LLAMA3 = (
     "{% for message in messages %}"
@@ -46,8 +54,12 @@ def _bpe(template=None):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS * 5, trainer)
     bos = "<|begin_of_text|>" if template else "<s>"
     specials = {"bos_token": bos, "eos_token": "</s>", "pad_token": "<pad>"}
@@ -62,8 +74,12 @@ def _wordlevel():
     return HFChatTokenizer(tok, special_tokens={"eos_token": "</s>", "pad_token": "<pad>"})
 
 
-TOKENIZERS = {"synthetic": SyntheticTokenizer, "bpe": _bpe, "bpe_llama3": lambda: _bpe(LLAMA3),
-              "wordlevel": _wordlevel}
+TOKENIZERS = {
+    "synthetic": SyntheticTokenizer,
+    "bpe": _bpe,
+    "bpe_llama3": lambda: _bpe(LLAMA3),
+    "wordlevel": _wordlevel,
+}
 
 
 @pytest.fixture(scope="module", params=list(TOKENIZERS))
@@ -87,8 +103,9 @@ def _text(tok, n, seed):
 
 def _pair(prompt, chosen, rejected="short answer", system=None):
     turns = (("system", system),) if system is not None else ()
-    return PreferencePair(messages(*turns, ("user", prompt)), messages(("assistant", chosen)),
-                          messages(("assistant", rejected)))
+    return PreferencePair(
+        messages(*turns, ("user", prompt)), messages(("assistant", chosen)), messages(("assistant", rejected))
+    )
 
 
 def _plain(monkeypatch):
@@ -100,11 +117,13 @@ def _plain(monkeypatch):
 
 def _encode(kind, records, tok, truncation):
     if kind == "pairs":
-        return tokenize.encode_pairs(records, tok, max_len=MAX_LEN, max_prompt_len=MAX_PROMPT_LEN,
-                                     truncation=truncation)
+        return tokenize.encode_pairs(
+            records, tok, max_len=MAX_LEN, max_prompt_len=MAX_PROMPT_LEN, truncation=truncation
+        )
     if kind == "unpaired":
-        return tokenize.encode_unpaired(records, tok, max_len=MAX_LEN, max_prompt_len=MAX_PROMPT_LEN,
-                                        truncation=truncation)
+        return tokenize.encode_unpaired(
+            records, tok, max_len=MAX_LEN, max_prompt_len=MAX_PROMPT_LEN, truncation=truncation
+        )
     return tokenize.encode_conversations(records, tok, max_len=MAX_LEN, truncation=truncation)
 
 
@@ -144,8 +163,9 @@ def _rows(tok, n):
         _pair(normal, normal, "no"),
     ]
     unpaired = [UnpairedExample(p.prompt, p.chosen, desirable=i % 2 == 0) for i, p in enumerate(pairs)]
-    conversations = [Conversation(p.prompt + p.chosen + messages(("user", "more?"), ("assistant", other)))
-                     for p in pairs]
+    conversations = [
+        Conversation(p.prompt + p.chosen + messages(("user", "more?"), ("assistant", other))) for p in pairs
+    ]
     return {"pairs": pairs, "unpaired": unpaired, "conversations": conversations}
 
 
@@ -195,8 +215,12 @@ def test_a_10mb_prompt_and_response_cost_a_bounded_multiple_of_their_size(tok, m
 def test_normal_rows_are_not_cut_and_unchanged(tok, monkeypatch, kind):
     short, prompt, response = _text(tok, 150, 6), _text(tok, 340, 7), _text(tok, 900, 8)
     # Texts of a few hundred characters, long in tokens (truncated or dropped) but within the bounds.
-    pairs = [_pair(prompt, response), _pair(short, response, prompt), _pair(prompt, short),
-             _pair("hi", "hello")]
+    pairs = [
+        _pair(prompt, response),
+        _pair(short, response, prompt),
+        _pair(prompt, short),
+        _pair("hi", "hello"),
+    ]
     conversations = [Conversation(messages(("user", short), ("assistant", response)))]
     conversations += [Conversation(p.prompt + p.chosen) for p in pairs]
     if isinstance(tok, SyntheticTokenizer):  # and the synthetic world's own data

@@ -387,12 +387,12 @@ def test_sweep_rl_jobs_wait_for_their_reward_model(tmp_path):
         assert last == f"rl.reward_model={study}/runs/{rm}"
 
 
-STUDY = '''from jaxrl.config import Config, TrainConfig
+STUDY = """from jaxrl.config import Config, TrainConfig
 
 
 def get_config():
     return Config(stage="sft", train=TrainConfig(steps=3))
-'''
+"""
 
 
 def _simulated_install(tmp_path):
@@ -416,15 +416,20 @@ def _simulated_install(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"}
     where = subprocess.run(
         [sys.executable, "-c", "import jaxrl, launch; print(jaxrl.__file__); print(launch.__file__)"],
-        cwd=elsewhere, env=env, check=True, capture_output=True, text=True,
+        cwd=elsewhere,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.split()
     assert where == [str(site / "jaxrl" / "__init__.py"), str(site / "launch" / "__init__.py")]
     return site, study, elsewhere, env
 
 
 def _cli(env, cwd, *argv):
-    result = subprocess.run([sys.executable, "-m", "jaxrl.cli", *argv], cwd=cwd, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxrl.cli", *argv], cwd=cwd, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -432,8 +437,21 @@ def _cli(env, cwd, *argv):
 def test_tpu_bundle_from_an_installed_jaxrl(tmp_path):
     site, study, elsewhere, env = _simulated_install(tmp_path)
     name = f"t{uuid.uuid4().hex[:10]}"
-    out = _cli(env, elsewhere, "launch", "tpu", "--config", str(study), "--workdir", "/mnt/w", "--name", name,
-               "--zone", "z", "--dry-run")
+    out = _cli(
+        env,
+        elsewhere,
+        "launch",
+        "tpu",
+        "--config",
+        str(study),
+        "--workdir",
+        "/mnt/w",
+        "--name",
+        name,
+        "--zone",
+        "z",
+        "--dry-run",
+    )
     lines = out.splitlines()
     tarball = Path(f"/tmp/jaxrl-bundle-{name}.tgz")
     pack = [sys.executable, "-m", "launch.bundle", "--config", str(study), "--out", str(tarball)]
@@ -464,10 +482,33 @@ def test_tpu_bundle_from_an_installed_jaxrl(tmp_path):
 
 def test_local_launch_from_an_installed_jaxrl(tmp_path):
     site, study, elsewhere, env = _simulated_install(tmp_path)
-    out = _cli(env, study.parent, "launch", "local", "--config", "my_study.py", "--workdir", "w",
-               "--processes", "2", "--port", "23456", "--cpu-devices", "1", "--dry-run")
-    train = [sys.executable, "-m", "jaxrl.cli", "train", "--config", str(study), "--workdir",
-             str(study.parent / "w")]
+    out = _cli(
+        env,
+        study.parent,
+        "launch",
+        "local",
+        "--config",
+        "my_study.py",
+        "--workdir",
+        "w",
+        "--processes",
+        "2",
+        "--port",
+        "23456",
+        "--cpu-devices",
+        "1",
+        "--dry-run",
+    )
+    train = [
+        sys.executable,
+        "-m",
+        "jaxrl.cli",
+        "train",
+        "--config",
+        str(study),
+        "--workdir",
+        str(study.parent / "w"),
+    ]
     env_vars = ["env", "JAX_COORDINATOR_ADDRESS=localhost:23456", "JAX_NUM_PROCESSES=2"]
     cpu = ["JAX_PLATFORMS=cpu", "XLA_FLAGS=--xla_force_host_platform_device_count=1"]
     assert out.splitlines() == [
@@ -508,8 +549,19 @@ def test_slurm_refuses_flags_that_would_add_script_lines(tmp_path, capsys):
         jobs[0], slurm.SlurmOptions(setup="module load cuda\nsource venv/bin/activate")
     )  # --setup is shell lines by design
 
-    code = cli.main(["launch", "slurm", "--config", CONFIG, "--workdir", str(tmp_path / "w"),
-                     "--partition", bad, "--dry-run"])
+    code = cli.main(
+        [
+            "launch",
+            "slurm",
+            "--config",
+            CONFIG,
+            "--workdir",
+            str(tmp_path / "w"),
+            "--partition",
+            bad,
+            "--dry-run",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--partition" in err
     assert not (tmp_path / "w").exists()
@@ -527,7 +579,7 @@ def test_slurm_set_value_arrives_intact_and_the_code_is_shipped(tmp_path, monkey
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    value = "name=it's a \"test\" $(touch pwned) `touch pwned2`; touch pwned3 # \\ $HOME"
+    value = 'name=it\'s a "test" $(touch pwned) `touch pwned2`; touch pwned3 # \\ $HOME'
     jobs = launch.jobs(CONFIG, str(tmp_path / "w"), [value])
     options = slurm.SlurmOptions(partition="gpu")
     lines = []
@@ -537,8 +589,16 @@ def test_slurm_set_value_arrives_intact_and_the_code_is_shipped(tmp_path, monkey
     bundled = slurm.bundle_dir(jobs[0], options)
     assert (bundled / "jaxrl" / "cli.py").is_file() and (bundled / "launch" / "bundle.py").is_file()
     assert (bundled / "study" / "tiny_pipeline.py").read_text() == (REPO / CONFIG).read_text()
-    expected = ["jaxrl", "train", "--config", str(bundled / "study" / "tiny_pipeline.py"),
-                "--workdir", str(tmp_path / "w"), "--set", value]
+    expected = [
+        "jaxrl",
+        "train",
+        "--config",
+        str(bundled / "study" / "tiny_pipeline.py"),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--set",
+        value,
+    ]
     text = slurm.script_path(jobs[0], options).read_text()
     words = shlex.split(text[text.index("\nsrun ") :].replace("\\\n", " "))
     assert words[words.index("jaxrl-task") + 1 :] == expected  # one quoted word per argument

@@ -1,7 +1,8 @@
 """The lm-eval backend "jaxrl" and `jaxrl eval`: per-request log-likelihoods against transformers' own on a
 tiny random Llama checkpoint written here (float32, < 1e-4), greedy generations identical to transformers'
-greedy generate, rolling log-likelihoods, chat templates, multi-process helpers, and `jaxrl eval` end to end
-on local task YAMLs over local JSONL files (nothing is downloaded)."""
+greedy generate, rolling log-likelihoods, chat templates, multi-process helpers, `jaxrl eval` end to end
+on local task YAMLs over local JSONL files (nothing is downloaded), and parity with lm-eval's own `hf` backend
+(HFLM) request for request and task for task, on one device and under an fsdp mesh."""
 
 import json
 import os
@@ -19,70 +20,18 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from lm_eval.api.instance import Instance  # noqa: E402
+from tiny_hf import CORPUS, write_llama, write_reward_model  # noqa: E402
 
 from jaxrl import cli  # noqa: E402
 
 TOL = 1e-4
-WORDS = (
-    "the cat sat on a mat and the dog ran to the red house ; one two three four five six seven eight nine "
-    "ten plus minus equals answer question : is what how many apples does tom have ?"
-).split()
-CORPUS = [" ".join(WORDS[i : i + 9]) for i in range(len(WORDS) - 9)] + ["1 + 2 = 3", "4 + 5 = 9", "Q: A:\n\n"]
-
-
-def _tokenizer(directory):
-    """A byte-level BPE tokenizer (GPT-2/Llama 3 style) trained here, BOS added by its post-processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
-    )
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    fast.save_pretrained(directory)
-    return fast, tok.get_vocab_size()
-
-
-def _randomize(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.3 * noise)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """(torch model, HF tokenizer, directory) of a tiny random Llama with its tokenizer."""
     directory = tmp_path_factory.mktemp("tiny_llama")
-    tok, vocab = _tokenizer(directory)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        attn_implementation="eager",
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    _randomize(model, seed=0)
-    model.save_pretrained(directory)
+    model, tok = write_llama(directory, seed=0)
     return model, tok, directory
 
 
@@ -141,6 +90,23 @@ def test_loglikelihood_matches_transformers(checkpoint, lm, mesh):
     np.testing.assert_allclose([o[0] for o in ours], [t[0] for t in theirs], atol=TOL, rtol=0)
     assert [o[1] for o in ours] == [t[1] for t in theirs]
     assert all(np.isfinite(o[0]) and o[0] < 0 for o in ours)
+
+
+def test_chunked_loglikelihood_matches_transformers(checkpoint, lm):
+    """logprob_chunk=2: log-likelihoods and is_greedy over sequence chunks (no [B, T, V] logits), as
+    unchunked within fp32 rounding of the sums (measured: 7.6e-6 on sums up to 173, 4e-8 relative) and as
+    transformers."""
+    model, tok, directory = checkpoint
+    ids = torch.tensor([tok.encode("the cat sat on")])
+    greedy = model.generate(ids, do_sample=False, max_new_tokens=3, pad_token_id=0)[0, ids.shape[1] :]
+    requests = REQUESTS + [("the cat sat on", tok.decode(greedy))]
+    ours = _lm(directory, batch_size=8, logprob_chunk=2).loglikelihood(_instances("loglikelihood", requests))
+    whole = lm.loglikelihood(_instances("loglikelihood", requests))
+    theirs = [_hf_loglikelihood(model, tok, c, x) for c, x in requests]
+    np.testing.assert_allclose([o[0] for o in ours], [t[0] for t in theirs], atol=TOL, rtol=0)
+    np.testing.assert_allclose([o[0] for o in ours], [w[0] for w in whole], atol=1e-6, rtol=1e-6)
+    assert [o[1] for o in ours] == [t[1] for t in theirs] == [w[1] for w in whole]
+    assert ours[-1][1]  # the greedy continuation (3 targets: over two chunks) is greedy
 
 
 def test_greedy_continuation_is_greedy(checkpoint, lm):
@@ -400,14 +366,7 @@ def test_jaxrl_eval_user_errors(checkpoint, tasks, reward_model, tmp_path, capsy
 def reward_model(tmp_path_factory, checkpoint):
     """A tiny random Llama reward model (sequence classification) with the same tokenizer."""
     directory = tmp_path_factory.mktemp("tiny_reward")
-    model, tok, _ = checkpoint
-    config = transformers.LlamaConfig(
-        **{**model.config.to_dict(), "num_labels": 1, "architectures": ["LlamaForSequenceClassification"]}
-    )
-    rm = transformers.LlamaForSequenceClassification(config).eval()
-    _randomize(rm, seed=1)
-    rm.save_pretrained(directory)
-    tok.save_pretrained(directory)
+    write_reward_model(directory, checkpoint[0], checkpoint[1], seed=1)
     return directory
 
 
@@ -471,3 +430,193 @@ def test_tulu25_suite_settings():
 
     known = set(TaskManager().all_tasks) | {"alpaca_eval_rm"}
     assert all(t.task in known for t in suites.TULU25)
+
+
+# Parity with lm-eval's own `hf` backend (HFLM over the same checkpoint directory, needs accelerate): the same
+# requests answered by both, request for request, and the same tasks scored by both through simple_evaluate.
+
+PARITY_MAX_LENGTH = 32  # short, so the longest requests are left-truncated and rolling texts take windows
+LONG_PROMPT = " ".join(CORPUS[:3])
+ROLLING_TEXTS = [" ".join(CORPUS[:6]), CORPUS[7], "1 + 2 = 3 4 + 5 = 9 " * 5]
+
+
+@pytest.fixture(scope="module")
+def hflm(checkpoint):
+    pytest.importorskip("accelerate")
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(
+        pretrained=str(checkpoint[2]),
+        device="cpu",
+        dtype="float32",
+        batch_size=4,
+        max_length=PARITY_MAX_LENGTH,
+    )
+
+
+def _parity_lm(directory, mesh):
+    mesh_args = {"mesh_preset": "fsdp", "mesh_data": 2, "mesh_fsdp": 4} if mesh == "fsdp" else {}
+    return _lm(directory, batch_size=4, max_length=PARITY_MAX_LENGTH, **mesh_args)
+
+
+def _mc_requests():
+    return [(row["question"], " " + c) for row in MC_ROWS for c in row["choices"]]
+
+
+def _task_results(lm_obj, tasks_dir):
+    from lm_eval.tasks import TaskManager
+
+    out = lm_eval.simple_evaluate(
+        model=lm_obj,
+        tasks=["tiny_mc", "tiny_gen", "tiny_ppl"],
+        task_manager=TaskManager(include_path=str(tasks_dir)),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+    responses = {
+        task: [(s["doc_id"], s["filtered_resps"]) for s in sorted(samples, key=lambda s: s["doc_id"])]
+        for task, samples in out["samples"].items()
+    }
+    return out["results"], responses
+
+
+@pytest.mark.parametrize("mesh", ["dp", "fsdp"])
+def test_parity_with_lm_eval_hf_backend(checkpoint, hflm, tasks, mesh):
+    """The jaxrl backend answers every request as lm-eval's `hf` backend does: per-request log-likelihoods
+    within 1e-4 and the same is_greedy (contexts longer than max_length left-truncated, the empty context
+    scored after the prefix token), rolling log-likelihoods over several windows, greedy generations identical
+    under two stop/max_gen_toks settings, and the local multiple-choice, generation and perplexity tasks score
+    the same through simple_evaluate (the same responses per document)."""
+    ours = _parity_lm(checkpoint[2], mesh)
+    requests = REQUESTS + _mc_requests()
+    assert max(len(ours.tok_encode(c + x)) for c, x in requests) > PARITY_MAX_LENGTH + 1
+    mine = ours.loglikelihood(_instances("loglikelihood", requests))
+    theirs = hflm.loglikelihood(_instances("loglikelihood", requests))
+    np.testing.assert_allclose([m[0] for m in mine], [t[0] for t in theirs], atol=TOL, rtol=0)
+    assert [m[1] for m in mine] == [t[1] for t in theirs]
+
+    rolling = _instances("loglikelihood_rolling", [(t,) for t in ROLLING_TEXTS])
+    assert len(hflm.tok_encode(ROLLING_TEXTS[0])) > 2 * PARITY_MAX_LENGTH
+    np.testing.assert_allclose(
+        ours.loglikelihood_rolling(rolling), hflm.loglikelihood_rolling(rolling), atol=10 * TOL, rtol=0
+    )
+
+    kwargs = [
+        {"until": ["\n"], "max_gen_toks": 12, "do_sample": False},
+        {"until": [" the", ";"], "max_gen_toks": 7},
+    ]
+    args = [(p, dict(k)) for p in PROMPTS + [LONG_PROMPT] for k in kwargs]
+    assert len(hflm.tok_encode(LONG_PROMPT)) > PARITY_MAX_LENGTH - 7  # left-truncated to fit max_gen_toks
+    generated = ours.generate_until(_instances("generate_until", args))
+    assert generated == hflm.generate_until(_instances("generate_until", args))
+    assert any(len(g) > 3 for g in generated)
+
+    mine_results, mine_responses = _task_results(ours, tasks[0])
+    theirs_results, theirs_responses = _task_results(hflm, tasks[0])
+    assert mine_responses["tiny_gen"] == theirs_responses["tiny_gen"]
+    for (doc, mc), (doc_theirs, mc_theirs) in zip(
+        mine_responses["tiny_mc"], theirs_responses["tiny_mc"], strict=True
+    ):
+        assert doc == doc_theirs and len(mc) == len(mc_theirs) == 3
+        np.testing.assert_allclose([r[0] for r in mc], [r[0] for r in mc_theirs], atol=TOL, rtol=0)
+    for task in ("tiny_mc", "tiny_gen", "tiny_ppl"):
+        metrics = {k: v for k, v in theirs_results[task].items() if k != "alias"}
+        assert metrics and set(metrics) == {k for k in mine_results[task] if k != "alias"}
+        for key, value in metrics.items():
+            if isinstance(value, float) and np.isfinite(value):
+                assert mine_results[task][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (task, key)
+            else:
+                assert mine_results[task][key] == value, (task, key)
+
+
+CHAT_TEMPLATES = {
+    "with_system": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ '<|system|>\\n' + m['content'] }}{% elif m['role'] == 'user' %}"
+        "{{ '<|user|>\\n' + m['content'] + '\\n' }}{% else %}"
+        "{{ '<|assistant|>\\n' + m['content'] + eos_token + '\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    ),
+    "no_system": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% elif m['role'] == 'user' %}"
+        "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+}
+
+
+@pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
+def test_chat_template_parity_with_lm_eval_hf_backend(checkpoint, tmp_path, template):
+    """With the checkpoint's own chat template (one that emits BOS), apply_chat_template renders what
+    lm-eval's `hf` backend renders: a multi-turn few-shot history with a generation prompt, without one (the
+    final message continued, as for a task's gen_prefix), and with a system turn the template rejects
+    (dropped, as lm-eval drops it); the rendered text tokenises to the same ids, BOS once."""
+    pytest.importorskip("accelerate")
+    import shutil
+
+    from lm_eval.models.huggingface import HFLM
+
+    directory = tmp_path / "chat_ckpt"
+    shutil.copytree(checkpoint[2], directory)
+    config_file = directory / "tokenizer_config.json"
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "chat_template": CHAT_TEMPLATES[template]})
+    )
+    ours = _lm(directory, batch_size=8)
+    theirs = HFLM(pretrained=str(directory), device="cpu", dtype="float32", batch_size=1)
+    history = [
+        {"role": "system", "content": "answer in words"},
+        {"role": "user", "content": "one two"},
+        {"role": "assistant", "content": "three"},
+        {"role": "user", "content": "the cat sat on"},
+    ]
+    cases = [(history, True), (history, False), (history + [{"role": "assistant", "content": "A:"}], False)]
+    for messages, add in cases:
+        rendered = ours.apply_chat_template(messages, add_generation_prompt=add)
+        assert rendered == theirs.apply_chat_template(messages, add_generation_prompt=add), (messages, add)
+        assert rendered.startswith("<s>") and ours.tok_encode(rendered) == theirs.tok_encode(rendered)
+        assert ours.tok_encode(rendered).count(checkpoint[1].bos_token_id) == 1
+    assert ours.apply_chat_template(cases[2][0], add_generation_prompt=False).endswith("A:")
+    assert ours.chat_template(True) == theirs.chat_template(True)
+
+
+@pytest.mark.parametrize("model_type", ["word_level", "bpe"])
+def test_decode_parity_with_lm_eval_hf_backend(checkpoint, tmp_path, model_type):
+    """Generated ids decode to the text lm-eval's `hf` backend decodes them to, for a tokenizer whose config
+    asks for clean_up_tokenization_spaces: transformers removes the space before punctuation and contractions
+    for a word-level tokenizer and ignores the setting for a BPE one; encoding agrees too."""
+    pytest.importorskip("accelerate")
+    import shutil
+
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    if model_type == "bpe" and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers < 5 cleans up BPE decodes too; the backend follows transformers >= 5")
+
+    directory = tmp_path / "ckpt"
+    shutil.copytree(checkpoint[2], directory)
+    if model_type == "word_level":
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (directory / name).unlink(missing_ok=True)
+        words = ["<pad>", "<s>", "</s>", "<unk>"] + "tom 's answer is 3 . n't it ? ,".split()
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        fast = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        )
+        fast.save_pretrained(directory)
+    config_file = directory / "tokenizer_config.json"
+    config_file.write_text(
+        json.dumps({**json.loads(config_file.read_text()), "clean_up_tokenization_spaces": True})
+    )
+    ours = _lm(directory, batch_size=8)
+    theirs = HFLM(pretrained=str(directory), device="cpu", dtype="float32", batch_size=1)
+    text = "tom 's answer is 3 . is n't it ? 3 , 3"
+    ids = theirs.tok_encode(text)
+    assert ours.tok_encode(text) == ids
+    decoded = ours.tok_decode(ids[1:] + [2, 0, 0])
+    assert decoded == theirs.tok_decode(ids[1:] + [2, 0, 0])
+    assert ("3." in decoded) == (model_type == "word_level")

@@ -157,8 +157,11 @@ def _losses(workdir: Path) -> tuple[list[float], list[float], dict]:
 @pytest.mark.parametrize("padding", ["max_len", "bucket"])
 def test_two_processes_match_one(tmp_path, padding):
     # With buckets every process must cut the same global batch to the same width (from the global indices).
-    extra = () if padding == "max_len" else ("data.padding=bucket", "data.bucket_multiple=8",
-                                               "data.group_by_length=true")
+    extra = (
+        ()
+        if padding == "max_len"
+        else ("data.padding=bucket", "data.bucket_multiple=8", "data.group_by_length=true")
+    )
     sys.path.insert(0, str(REPO))
     from launch.local import free_port
 

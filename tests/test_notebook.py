@@ -40,8 +40,14 @@ print("SUMMARY " + json.dumps(summary))
 def test_quickstart_notebook_runs_top_to_bottom():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on Colab
     env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(NOTEBOOK)], env=env, capture_output=True,
-                          text=True, timeout=600, cwd=NOTEBOOK.parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(NOTEBOOK)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=NOTEBOOK.parents[1],
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout.rsplit("SUMMARY ", 1)[1])
     assert summary["dpo_steps"] == 4 and summary["dropped"] == {"identical": 1}

@@ -25,7 +25,7 @@ def ragged_rows(lengths, T, *, seed=0, prompt=3, vocab=50):
     mask = np.zeros((len(lengths), T), np.int8)
     for i, n in enumerate(lengths):
         tokens[i, :n] = rng.integers(1, vocab, n)
-        mask[i, min(prompt, n - 1):n] = 1
+        mask[i, min(prompt, n - 1) : n] = 1
     return {"tokens": tokens, "loss_mask": mask}
 
 
@@ -92,8 +92,9 @@ def test_pack_keeps_every_conversation_once_and_apart():
 
 
 def _tiny_model(head="lm"):
-    cfg = config_lib.ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, mlp=64,
-                                 dtype="float32", head=head)
+    cfg = config_lib.ModelConfig(
+        vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, dtype="float32", head=head
+    )
     graphdef, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
     return graphdef, nnx.to_pure_dict(state)
 

@@ -1,6 +1,7 @@
 """Preflight: TPU slice names, an ahead-of-time compile for a small TPU topology (libtpu), the fake-CPU
 fallback, the memory report and the "does not fit" failure."""
 
+import dataclasses
 import json
 
 import pytest
@@ -118,6 +119,10 @@ def test_tpu_compile_of_a_tiny_dpo_config(run_config):
     assert "TPU compile (libtpu)" in text and "v5e:2x4" in text and "fits" in text
 
 
+# The runner's program list (jaxrl.rl.programs), in the loop's order, for a config with no reward model.
+RL_PROGRAMS = ("generate", "rollout_stats", "advantages", "prepare", "gather", "train_step")
+
+
 @needs_libtpu
 def test_tpu_compile_of_a_tiny_ppo_config(run_config):
     cfg = run_config(
@@ -134,7 +139,7 @@ def test_tpu_compile_of_a_tiny_ppo_config(run_config):
     )
     report = preflight.run(cfg, "v4-8", backend="tpu", log=lambda *_: None)
     assert report.topology.chips == 4 and report.backend == "tpu"
-    assert [p.name for p in report.programs] == ["generate", "rollout_stats", "train_step"]
+    assert [p.name for p in report.programs] == list(RL_PROGRAMS)
     names = {h.name for h in report.holdings}
     assert names == {
         "policy params",
@@ -152,6 +157,37 @@ def test_fake_cpu_fallback_is_labelled(run_config):
     assert report.backend == "cpu"
     assert "NOT A TPU COMPILE" in report.format()
     assert report.programs[0].name == "train_step" and report.programs[0].arguments > 0
+
+
+def test_online_rl_compiles_the_runner_programs(run_config, monkeypatch):
+    """Preflight lowers the very objects the RL loop calls (rl.programs), placed as the loop places them."""
+    from jaxrl.rl import programs as rl_programs
+
+    cfg = run_config(
+        "online_dpo",
+        **{
+            "mesh.data": 1,
+            "mesh.fsdp": -1,
+            "rl.verifiable": "gold",
+            "rl.rollout_batch": 8,
+            "rl.samples_per_prompt": 2,
+            "rl.minibatch": 16,
+            "rl.max_new_tokens": 8,
+        },
+    )
+    built = []
+    build = rl_programs.programs
+    monkeypatch.setattr(rl_programs, "programs", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    report = preflight.run(cfg, "v5e-8", backend="cpu", log=lambda *_: None)
+    assert [p.name for p in report.programs] == list(built[0].programs) == list(RL_PROGRAMS)
+    policy = ("policy params", "policy optimizer state")
+    assert {h.name for h in report.holdings} == {*policy, "reference params"}
+    train = report.programs[-1]
+    assert train.holdings == policy and train.aliased > 0  # the state is donated
+    # Pairs: the minibatch update takes rl.minibatch / 2 pairs of two responses.
+    minibatch = built[0]["train_step"].args[1]
+    assert minibatch["response"].shape == (8, 2, 8) and minibatch["weight"].shape == (8,)
+    assert report.fits
 
 
 def test_does_not_fit_fails_with_suggestions(tmp_path, capsys):
@@ -240,7 +276,7 @@ def test_auto_falls_back_to_fake_cpu_when_libtpu_cannot(monkeypatch, run_config)
     def no_libtpu(topology):
         raise RuntimeError("JAX TPU support not installed; cannot generate TPU topology")
 
-    monkeypatch.setattr(preflight, "tpu_devices", no_libtpu)
+    monkeypatch.setattr(preflight.topology, "tpu_devices", no_libtpu)  # where slice_devices looks it up
     devices, backend, note = preflight.slice_devices(preflight.parse_topology("v6e-8"), "auto")
     assert (
         backend == "cpu" and len(devices) == 8 and "libtpu unavailable: JAX TPU support not installed" in note
@@ -249,3 +285,50 @@ def test_auto_falls_back_to_fake_cpu_when_libtpu_cannot(monkeypatch, run_config)
         preflight.slice_devices(preflight.parse_topology("v6e-8"), "tpu")
     with pytest.raises(preflight.PreflightError, match="needs 16 CPU devices"):
         preflight.slice_devices(preflight.parse_topology("v6e-16"), "auto")
+
+
+@needs_libtpu
+def test_multi_slice_mesh_puts_the_data_axis_across_slices(run_config):
+    """Two v5e-4 slices from libtpu: the mesh's data axis spans the slices, fsdp stays within one, and the
+    DPO step compiles for them."""
+    from jaxrl import sharding
+    from jaxrl.config import ConfigError, MeshConfig
+    from jaxrl.preflight.topology import parse_topology, tpu_devices
+
+    topology = dataclasses.replace(parse_topology("v5e-4"), slices=2)
+    devices = tpu_devices(topology)
+    assert len(devices) == 8 and {d.slice_index for d in devices} == {0, 1}
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=-1), devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    for i in range(2):
+        assert {d.slice_index for d in mesh.devices[i].flat} == {i}
+    with pytest.raises(ConfigError, match="multiple of the slice count"):
+        sharding.make_mesh(MeshConfig(data=1, fsdp=-1), devices)
+    cfg = run_config("dpo", **{"mesh.data": 2, "mesh.fsdp": -1})
+    report = preflight.run(cfg, "v5e-4", backend="tpu", slices=2, log=lambda *_: None)
+    assert report.topology.devices == 8 and report.mesh_shape == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert "2 x v5e-4: 8 chips" in report.format() and report.to_dict()["topology"] == "2 x v5e-4"
+
+
+def test_multi_slice_launch_requests_one_queued_resource_and_reaches_every_slice():
+    from launch import tpu
+
+    options = tpu.TpuOptions(name="study", zone="us-east5-a", topology="v5p-128", slices=2)
+    create = tpu.create_steps(options)[0].argv
+    assert "--node-count=2" in create and "--node-prefix=study" in create
+    assert not any(a.startswith("--node-id") for a in create)
+    script = tpu.ssh(options, "hostname")
+    assert script[:2] == ("bash", "-c")
+    assert "ssh study-0" in script[2] and "ssh study-1" in script[2] and "exit $failed" in script[2]
+    single = tpu.TpuOptions(name="study", zone="us-east5-a", topology="v5p-128")
+    assert "--node-id=study" in tpu.create_steps(single)[0].argv and tpu.ssh(single, "x")[0] == "gcloud"
+
+
+@needs_libtpu
+def test_tpu_compile_of_a_listwise_dpo_step(run_config):
+    cfg = run_config(
+        "dpo", **{"loss.name": "lipo_lambda", "data.list_size": 4, "mesh.data": 1, "mesh.fsdp": -1}
+    )
+    report = preflight.run(cfg, "v5e-8", backend="tpu", log=lambda *_: None)
+    assert [p.name for p in report.programs] == ["train_step", "reference_logps"]
+    assert report.fits and report.programs[0].arguments > 0

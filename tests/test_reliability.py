@@ -34,14 +34,20 @@ def strict_rows(path: Path) -> list[dict]:
 
 def cli(*args, cwd=REPO, env=None, timeout=300):
     env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "jaxrl.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxrl.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # 1. Stale results.
 
 
-STUDY = textwrap.dedent('''
+STUDY = textwrap.dedent("""
     from jaxrl.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, override
 
     def get_config():
@@ -62,7 +68,7 @@ STUDY = textwrap.dedent('''
 
     def metrics():
         return ["eval/loss", "eval/rewards/accuracies", "train/loss"]
-''')
+""")
 
 
 @pytest.fixture
@@ -89,8 +95,15 @@ def test_sweep_refuses_results_made_under_another_config(study, tmp_path):
 @pytest.mark.slow
 def test_a_finished_rl_run_is_not_reused_for_another_config(sft_run, tmp_path, run_config):
     _, sft_dir = sft_run
-    rl = {"rl.verifiable": "gold", "rl.value_init": "policy", "rl.num_prompts": 32, "rl.rollout_batch": 16,
-          "rl.minibatch": 16, "train.steps": 2, "train.init_from": str(sft_dir)}
+    rl = {
+        "rl.verifiable": "gold",
+        "rl.value_init": "policy",
+        "rl.num_prompts": 32,
+        "rl.rollout_batch": 16,
+        "rl.minibatch": 16,
+        "train.steps": 2,
+        "train.init_from": str(sft_dir),
+    }
     train.run(run_config("ppo", **rl), tmp_path / "ppo", log=QUIET)
     with pytest.raises(ConfigError, match=r"rl\.kl_coef"):
         train.run(run_config("ppo", **rl, **{"rl.kl_coef": 0.5}), tmp_path / "ppo", log=QUIET)
@@ -108,13 +121,21 @@ def test_a_held_workdir_refuses_a_second_run(tmp_path, run_config):
 
 def lock_holder(workdir: Path) -> subprocess.Popen:
     """Another process that holds `workdir`'s lock (until killed); returns once it holds it."""
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f'''
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import time
         from jaxrl import workdir
         with workdir.hold({str(workdir)!r}):
             print("held", flush=True)
             time.sleep(600)
-    ''')], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     return holder
 
@@ -214,8 +235,9 @@ def test_a_failed_start_does_not_block_its_workdir(tmp_path, run_config):
 
 def test_validate_catches_ranges_before_anything_runs(tmp_path):
     for setting in ("train.batch_size=0", "train.grad_accum=0", "train.steps=-5", "loss.beta=0"):
-        result = cli("validate", "--config", "experiments/tiny_pipeline.py", "--set", setting,
-                     "--set", "stage=dpo")
+        result = cli(
+            "validate", "--config", "experiments/tiny_pipeline.py", "--set", setting, "--set", "stage=dpo"
+        )
         assert result.returncode == 2, (setting, result.stdout, result.stderr)
         assert setting.split("=")[0] in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

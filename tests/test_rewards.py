@@ -201,3 +201,51 @@ def test_reward_model_with_another_tokenizer_is_refused(tmp_path):
     )
     with pytest.raises(ConfigError, match="scalar-head"):
         rewards.RewardModel(not_rm, mesh=mesh1(), preset=PRESET)
+
+
+def test_constraint_rewards_compose_with_ensembles_and_transforms(tmp_path):
+    # The objective: one RM; a constraint: an ensemble of two RMs under the run's ensemble and transform
+    # (min of log σ(r − r_ref), each centred on its own reference scores); a second one: the gold reward.
+    objective, a, b = (make_rm_run(tmp_path / name, seed=s) for name, s in (("obj", 0), ("a", 1), ("b", 2)))
+    prompts, _ = prompt_batch()
+    tokens, mask = responses()
+    reference_tokens, reference_mask = responses(seed=7)
+    calls = []
+
+    def responder(batch):
+        calls.append(len(batch.records))
+        return reference_tokens, reference_mask, [""] * len(batch.records)
+
+    rl = config_lib.RLConfig(
+        reward_model=str(objective),
+        ensemble="min",
+        reward_transform="log_sigmoid_centered",
+        missing_eos_penalty=-1.0,
+        constraints=f'[{{"reward_model": "{a},{b}", "threshold": -0.7, "name": "ab"}}, '
+        f'{{"verifiable": "exact_match", "threshold": 0.5}}]',
+    )
+    reward = rewards.make_reward_fn(
+        rl,
+        tokenizer=_SmallTokenizer(SyntheticTokenizer()),
+        mesh=mesh1(),
+        preset=PRESET,
+        reference_responder=responder,
+    )
+    assert [m.source for m in reward.all_models] == [objective, a, b]  # the order of the reward programs
+    texts = ["answer 0", "no", "answer 2", "x"]
+    parts = reward.components(prompts, tokens, mask, texts)
+    single = {p: rewards.RewardModel(p, mesh=mesh1(), preset=PRESET) for p in (objective, a, b)}
+
+    def centred(path):
+        rm = single[path]
+        return rewards.log_sigmoid_centered(
+            rm(prompts, tokens, mask), rm(prompts, reference_tokens, reference_mask)
+        )
+
+    np.testing.assert_allclose(parts["constraint/ab"], np.minimum(centred(a), centred(b)), atol=1e-6)
+    np.testing.assert_array_equal(parts["constraint/exact_match"], [1.0, 0.0, 1.0, 0.0])
+    # The objective's score is its own: the constraints are components beside it, not in it.
+    eos_penalty = np.where(rewards.missing_eos(tokens, mask, EOS), -1.0, 0.0)
+    np.testing.assert_allclose(parts["score"], centred(objective) + eos_penalty, atol=1e-6)
+    reward.components(prompts, tokens, mask, texts)
+    assert calls == [4, 4]  # the objective's and the constraint's reference scores, each cached once

@@ -19,7 +19,7 @@ from jaxrl import config as config_lib
 from jaxrl.config import Config, ConfigError, MeshConfig, ModelConfig
 from jaxrl.metrics import read_metrics
 from jaxrl.models import init as model_init
-from jaxrl.rl import advantages, kl, runner
+from jaxrl.rl import advantages, algorithms, context, kl, objectives
 from jaxrl.rl.losses import RLHParams, ppo_policy_loss, token_rewards, value_loss
 from jaxrl.validate import validate
 
@@ -336,7 +336,7 @@ def rl_batch(seed=0, B=8, P=5, N=6):
 def objective(aggregation="grpo", recompute=False, kl_loss=""):
     graphdef, _ = tiny_params()
     return functools.partial(
-        runner.policy_objective,
+        objectives.policy_objective,
         graphdef=graphdef,
         aggregation=aggregation,
         kl_loss_estimator=kl_loss,
@@ -354,7 +354,7 @@ def test_positive_advantage_raises_the_token_log_prob_through_the_model():
     graphdef, params = tiny_params()
     batch = rl_batch()
     hp = RLHParams.create(temperature=0.7)
-    model_logps = lambda p: runner.policy_logps(nnx.merge(graphdef, p), batch, 0.7, top_k=0, top_p=1.0)[0]
+    model_logps = lambda p: objectives.policy_logps(nnx.merge(graphdef, p), batch, 0.7, top_k=0, top_p=1.0)[0]
     before = np.asarray(model_logps(params))
     for sign in (1.0, -1.0):
         signed = dict(batch, advantages=np.full_like(batch["advantages"], sign), old_logps=before)
@@ -395,7 +395,7 @@ def test_trainer_log_probs_match_the_samplers_processed_distribution():
     graphdef, params = tiny_params()
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(4, 64, n)) for n in (3, 5, 4, 5)]
-    ids, mask = runner.fixed_left_pad(prompts, 6, 0)
+    ids, mask = context.fixed_left_pad(prompts, 6, 0)
     stats_params = {"policy": params, "ref": params}
     for kw in ({}, {"top_k": 5}, {"top_p": 0.8}):
         tokens, logps, response_mask = sampling.sample(
@@ -411,7 +411,7 @@ def test_trainer_log_probs_match_the_samplers_processed_distribution():
             **kw,
         )
         batch = {"prompt": ids, "prompt_mask": mask, "response": tokens, "response_mask": response_mask}
-        stats = runner.rollout_stats(
+        stats = objectives.rollout_stats(
             stats_params,
             batch,
             RLHParams.create(temperature=0.7),
@@ -446,11 +446,9 @@ def test_rl_config_checks():
             validate(config_lib.override(ok, overrides))
     with pytest.raises(ConfigError, match="samples_per_prompt=2"):
         validate(config_lib.override(ok, {"stage": "online_dpo"}))
-    validate(
-        config_lib.override(ok, {"stage": "grpo", "rl.samples_per_prompt": 4, "rl.rollout_batch": 16})
-    )
-    assert runner.kl_in_loss(config_lib.override(ok, {"stage": "grpo"})) and not runner.kl_in_loss(ok)
-    assert runner.estimator_name(ok) == "gae"
+    validate(config_lib.override(ok, {"stage": "grpo", "rl.samples_per_prompt": 4, "rl.rollout_batch": 16}))
+    assert algorithms.kl_in_loss(config_lib.override(ok, {"stage": "grpo"})) and not algorithms.kl_in_loss(ok)
+    assert algorithms.estimator_name(ok) == "gae"
 
 
 def test_rl_stages_dispatch_from_train_run(tmp_path, run_config):

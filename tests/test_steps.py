@@ -348,3 +348,40 @@ def test_weight_decay_skips_norm_scales_and_biases_even_when_stacked():
         "layers/attn/q_norm/scale": False,
         "final_norm/scale": False,
     }
+
+
+def test_bco_pair_carries_its_reward_shift_across_steps_and_resume(tmp_path, sft_run):
+    """bco_pair's δ is the running mean of the steps' mean implicit rewards (chosen and rejected alike),
+    carried in the train state: logged as train/reward_shift, checkpointed, and resumed exactly."""
+    import json
+
+    from conftest import tiny_run_config
+
+    from jaxrl import train
+
+    _, base = sft_run
+    cfg = tiny_run_config(
+        "dpo",
+        **{
+            "loss.name": "bco_pair",
+            "train.init_from": str(base),
+            "train.steps": 6,
+            "optim.lr": 3e-3,
+            "loss.beta": 0.5,
+        },
+    )
+    quiet = lambda *a, **k: None  # noqa: E731
+    train.run(cfg, tmp_path / "whole", log=quiet)
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    means = [0.5 * (r["train/rewards/chosen"] + r["train/rewards/rejected"]) for r in train_rows]
+    expected = np.cumsum(means) / np.arange(1, len(means) + 1)
+    np.testing.assert_allclose([r["train/reward_shift"] for r in train_rows], expected, rtol=1e-5, atol=1e-7)
+    assert abs(expected[-1]) > 1e-4  # the shift moved, so the steps after the first used it
+    train.run(cfg, tmp_path / "resumed", log=quiet, stop_after=4)
+    train.run(cfg, tmp_path / "resumed", log=quiet)
+    again = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, again, strict=True):
+        for key in ("train/loss", "train/reward_shift", "eval/loss"):
+            if key in a:
+                assert a[key] == b[key], key

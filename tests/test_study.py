@@ -70,8 +70,10 @@ def test_intervals_over_seeds_and_over_prompts():
 def write_curve(run_dir, val, test):
     """A fake run's metrics.jsonl: validation and test scores at steps 10, 20, 30."""
     run_dir.mkdir(parents=True)
-    rows = [{"step": 10 * (i + 1), "val/gold_reward": v, "eval/gold_reward": t} for i, (v, t) in
-            enumerate(zip(val, test, strict=True))]
+    rows = [
+        {"step": 10 * (i + 1), "val/gold_reward": v, "eval/gold_reward": t}
+        for i, (v, t) in enumerate(zip(val, test, strict=True))
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run_dir
 
@@ -80,8 +82,9 @@ def test_selection_reads_validation_only_and_picks_setting_and_checkpoint(tmp_pa
     # Test scores rank the recipes the other way round: a selection that looked at them would pick "b".
     a = write_curve(tmp_path / "a", val=[0.40, 0.55, 0.50], test=[0.10, 0.10, 0.10])
     b = write_curve(tmp_path / "b", val=[0.30, 0.35, 0.45], test=[0.90, 0.95, 0.99])
-    setting, step, score = sweep.select_recipe([({"loss.beta": 1.0}, a), ({"loss.beta": 0.1}, b)],
-                                               "val/gold_reward")
+    setting, step, score = sweep.select_recipe(
+        [({"loss.beta": 1.0}, a), ({"loss.beta": 0.1}, b)], "val/gold_reward"
+    )
     assert (setting, step, score) == ({"loss.beta": 1.0}, 20, 0.55)
     assert sweep.validation_scores(b, "eval/gold_reward") == []  # test rows are invisible to selection
 
@@ -96,7 +99,7 @@ def test_selection_refuses_a_test_metric():
         sweep.selection(Study)
 
 
-SEARCH_STUDY = '''
+SEARCH_STUDY = """
 from jaxrl.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, override
 
 def get_config():
@@ -124,7 +127,7 @@ def selection():
 
 def metrics():
     return ["eval/gold_reward", "eval/gold_reward_delta", "eval/kl"]
-'''
+"""
 
 
 @pytest.mark.slow
@@ -143,8 +146,11 @@ def test_a_search_study_selects_on_validation_and_reruns_with_fresh_seeds(tmp_pa
     # The selection is the argmax of the search runs' validation curves.
     scores = {}
     for beta in (0.1, 1.0):
-        run_dir = workdir / "runs" / sweep.run_id(config_lib.Config(stage="dpo"),
-                                                  {"loss.name": "dpo", "loss.beta": beta, "seed": 0})
+        run_dir = (
+            workdir
+            / "runs"
+            / sweep.run_id(config_lib.Config(stage="dpo"), {"loss.name": "dpo", "loss.beta": beta, "seed": 0})
+        )
         scores[beta] = max(r["val/gold_reward"] for r in read_metrics(run_dir) if "val/gold_reward" in r)
     assert scores[recipe["loss.beta"]] == max(scores.values())
     (arm,) = [r for r in rows if r["kind"] == "point"]
@@ -167,8 +173,10 @@ def test_compare_pairs_arms_by_seed_and_verdicts_follow_the_interval():
     assert result["difference"] == pytest.approx(0.11) and result["seeds"] == 3
     assert result["ci95"] == pytest.approx(sweep.interval(diffs, []))
     assert sweep.verdict(result) == "agrees" and sweep.verdict(result, expected_sign=-1) == "disagrees"
-    one_seed = [{"stage": "ppo", "seed": 0, "eval/gold_reward": 0.52, "eval/gold_reward_se": 0.02},
-                {"stage": "dpo", "seed": 0, "eval/gold_reward": 0.50, "eval/gold_reward_se": 0.02}]
+    one_seed = [
+        {"stage": "ppo", "seed": 0, "eval/gold_reward": 0.52, "eval/gold_reward_se": 0.02},
+        {"stage": "dpo", "seed": 0, "eval/gold_reward": 0.50, "eval/gold_reward_se": 0.02},
+    ]
     result = sweep.compare(one_seed, {"stage": "ppo"}, {"stage": "dpo"})
     assert result["ci95"] == pytest.approx(1.96 * math.hypot(0.02, 0.02))
     assert sweep.verdict(result) == "cannot tell"

@@ -11,7 +11,7 @@ from jaxrl import config as config_lib
 from jaxrl import steps, sweep, train
 from jaxrl.models import init as model_init
 
-TINY_STUDY = textwrap.dedent('''
+TINY_STUDY = textwrap.dedent("""
     from jaxrl.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, override
 
     def get_config():
@@ -32,7 +32,7 @@ TINY_STUDY = textwrap.dedent('''
 
     def metrics():
         return ["eval/rewards/accuracies", "eval/gold_reward", "eval/kl"]
-''')
+""")
 
 
 @pytest.fixture
@@ -46,8 +46,12 @@ def test_expand_ids_from_overrides_and_shared_bases(study, tmp_path):
     runs = sweep.expand(study, tmp_path / "w")
     points = [r for r in runs if r.kind == "point"]
     bases = [r for r in runs if r.kind == "base"]
-    assert [r.id for r in points] == ["dpo,loss.name=dpo,seed=0", "dpo,loss.name=dpo,seed=1",
-                                      "dpo,loss.name=ipo,seed=0", "dpo,loss.name=ipo,seed=1"]
+    assert [r.id for r in points] == [
+        "dpo,loss.name=dpo,seed=0",
+        "dpo,loss.name=dpo,seed=1",
+        "dpo,loss.name=ipo,seed=0",
+        "dpo,loss.name=ipo,seed=1",
+    ]
     assert len(bases) == 2  # one SFT base per seed, shared by both losses
     assert runs.index(bases[0]) < runs.index(points[0])  # bases run first
     for r in points:
@@ -107,7 +111,9 @@ def test_sweep_is_idempotent_and_resumes_after_a_kill(study, tmp_path, monkeypat
         assert json.loads((workdir / "runs" / row["run"] / "config.json").read_text())["seed"] in (0, 1)
 
 
-RL_STUDY = TINY_STUDY.replace("def sweep():", textwrap.dedent("""\
+RL_STUDY = TINY_STUDY.replace(
+    "def sweep():",
+    textwrap.dedent("""\
     def stage_defaults(stage):
         if stage == "ppo":
             return {"rl.rollout_batch": 8, "rl.minibatch": 8, "rl.max_new_tokens": 4, "rl.num_prompts": 32,
@@ -123,7 +129,8 @@ RL_STUDY = TINY_STUDY.replace("def sweep():", textwrap.dedent("""\
                 for d in ("clean", "noisy") for p in ("in_domain", "mixed")] + [
                {"stage": "rm", "data.synthetic_kind": "clean", "seed": 0}]
 
-    def unused_sweep():"""))
+    def unused_sweep():"""),
+)
 
 
 @pytest.fixture
@@ -141,8 +148,10 @@ def test_reward_models_are_shared_dependencies_of_the_rl_points(rl_study, tmp_pa
     ppo = [r for r in runs if r.cfg.stage == "ppo"]
     (sft,) = [r for r in runs if r.kind == "base"]
     # One reward model per dataset, the listed rm point and clean's dependency being one run.
-    assert sorted(r.id for r in rms) == ["rm,data.synthetic_kind=clean,seed=0,stage=rm",
-                                         "rm,data.synthetic_kind=noisy,seed=0,stage=rm"]
+    assert sorted(r.id for r in rms) == [
+        "rm,data.synthetic_kind=clean,seed=0,stage=rm",
+        "rm,data.synthetic_kind=noisy,seed=0,stage=rm",
+    ]
     assert len(ppo) == 4
     for r in ppo:
         data = r.point["rl.reward_model"]
@@ -192,7 +201,7 @@ def test_sweep_trains_the_reward_model_before_the_ppo_points_that_use_it(rl_stud
 def test_aggregate_mean_and_spread():
     rows = [{"stage": "dpo", "loss.name": "dpo", "seed": s, "eval/x": v} for s, v in ((0, 1.0), (1, 3.0))]
     (agg,) = sweep.aggregate(rows, ["eval/x"], ["stage", "loss.name"])
-    assert agg["eval/x"] == 2.0 and agg["eval/x std"] == pytest.approx(2 ** 0.5) and agg["seeds"] == 2
+    assert agg["eval/x"] == 2.0 and agg["eval/x std"] == pytest.approx(2**0.5) and agg["seeds"] == 2
 
 
 def _abstract_state(cfg):
@@ -202,8 +211,10 @@ def _abstract_state(cfg):
     return jax.eval_shape(lambda: steps.new_train_state(abstract, tx, cfg.seed, None))
 
 
-@pytest.mark.parametrize("study_file", ["experiments/unpacking_synthetic.py", "experiments/tulu25.py",
-                                        "experiments/tiny_pipeline.py"])
+@pytest.mark.parametrize(
+    "study_file",
+    ["experiments/unpacking_synthetic.py", "experiments/tulu25.py", "experiments/tiny_pipeline.py"],
+)
 def test_every_sweep_point_validates_and_builds_an_abstract_state(study_file, tmp_path):
     import inspect
 
@@ -237,3 +248,20 @@ def test_shared_bases_are_told_apart_in_the_table(study, tmp_path):
     labels = sweep.base_labels(runs)
     assert sorted(labels[b.id]["model.hidden"] for b in bases) == [32, 32, 48, 48]
     assert all(set(labels[b.id]) == {"model.hidden"} for b in bases)  # the seed is a column of its own
+
+
+def test_a_study_variant_is_chosen_in_one_place():
+    import types
+
+    study = types.ModuleType("study")
+    study.sweep = lambda full=False: [{"seed": s} for s in (range(4) if full else range(1))]
+    study.metrics = lambda: ["eval/loss"]
+    assert sweep.has_full(study) and sweep.variant(study, full=False) is study
+    full = sweep.variant(study, full=True)
+    assert full.sweep() == [{"seed": s} for s in range(4)] and full.metrics() == ["eval/loss"]
+    assert study.sweep() == [{"seed": 0}]  # the study module itself is left as it was
+    plain = types.ModuleType("plain")
+    plain.sweep = lambda: [{}]
+    assert not sweep.has_full(plain)
+    with pytest.raises(config_lib.ConfigError, match="no `full` argument"):
+        sweep.variant(plain, full=True, label="plain.py")

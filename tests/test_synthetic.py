@@ -316,8 +316,12 @@ def test_length_bias_is_measured(preference_sets):
 
 
 def hand_pair(chosen: str, rejected: str, margin: float) -> PreferencePair:
-    return PreferencePair(prompt=messages(("user", "hi")), chosen=messages(("assistant", chosen)),
-                          rejected=messages(("assistant", rejected)), margin=margin)
+    return PreferencePair(
+        prompt=messages(("user", "hi")),
+        chosen=messages(("assistant", chosen)),
+        rejected=messages(("assistant", rejected)),
+        margin=margin,
+    )
 
 
 def test_dataset_stats_on_hand_made_pairs():
@@ -462,8 +466,10 @@ def test_math_is_single_digit_addition_and_subtraction():
 def test_math_rewards_conditioning_on_the_prompt():
     """A constant answer (the best one, ignoring the prompt) scores little; the demonstrations score well."""
     records = [p for p in make_eval_prompts(150, seed=0) if p.source == "math"]
-    best_constant = max(np.mean([gold_reward(r, number_words) for r in records])
-                        for number_words in (" ".join(str(y)) for y in range(19)))
+    best_constant = max(
+        np.mean([gold_reward(r, number_words) for r in records])
+        for number_words in (" ".join(str(y)) for y in range(19))
+    )
     assert best_constant < 0.15  # measured 0.11
     rng = np.random.default_rng(0)
     demonstrations = np.mean([gold_reward(r, sample_response(r, rng, 0.6)) for r in records * 4])
@@ -695,8 +701,11 @@ def test_ranking_accuracy_is_the_policy_own_likelihood_ranking_of_gold_pairs(run
     n, _, T = arrays["tokens"].shape
     assert n == cfg.data.num_eval
     got = evaluate.ranking_accuracy(graphdef, params, arrays, batch_size=10)  # 32 pairs: a partial last batch
-    lp, ln = steps.sequence_logps(nnx.merge(graphdef, params), jnp.asarray(arrays["tokens"].reshape(-1, T)),
-                                  jnp.asarray(arrays["loss_mask"].reshape(-1, T)))
+    lp, ln = steps.sequence_logps(
+        nnx.merge(graphdef, params),
+        jnp.asarray(arrays["tokens"].reshape(-1, T)),
+        jnp.asarray(arrays["loss_mask"].reshape(-1, T)),
+    )
     lp, ln = np.asarray(lp).reshape(n, 2), np.asarray(ln).reshape(n, 2)
     assert got["ranking_accuracy"] == pytest.approx(np.mean(lp[:, 0] > lp[:, 1]))
     assert got["ranking_accuracy_norm"] == pytest.approx(np.mean(lp[:, 0] / ln[:, 0] > lp[:, 1] / ln[:, 1]))

@@ -216,3 +216,32 @@ def to_unpaired(
             )
             examples.append(example)
     return examples, dropped
+
+
+def to_lists(
+    rated: Iterable[RatedCompletions],
+    k: int,
+    *,
+    aspect_reduce: str | Sequence[str] | Mapping[str, float] = "mean",
+    seed: int = 0,
+) -> tuple[list[tuple[RatedCompletions, Scored]], collections.Counter]:
+    """Rated completions kept whole for listwise losses: (record, [(completion index, score)]) per list of at
+    least two rated completions, in completion order; a list longer than k keeps a seeded draw of k of them
+    (its best always among them), counted as "cut_to_k" (a count of lists, not a drop). Dropped reasons as
+    binarize's: "unrated_completion" per completion, "too_few_rated" per list."""
+    records = list(rated)
+    _check_aspects(records, aspect_reduce)
+    lists, counts = [], collections.Counter()
+    for index, record in enumerate(records):
+        scored = _score(record, aspect_reduce, counts)
+        if len(scored) < 2:
+            counts["too_few_rated"] += 1
+            continue
+        if len(scored) > k:
+            best = _best(scored)
+            others = [item for item in scored if item is not best]
+            kept = {best[0]} | {i for i, _ in _rng(seed, record, index).sample(others, k - 1)}
+            scored = [item for item in scored if item[0] in kept]
+            counts["cut_to_k"] += 1
+        lists.append((record, scored))
+    return lists, counts

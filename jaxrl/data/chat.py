@@ -369,9 +369,7 @@ class HFChatTokenizer:
             start = self._split(
                 self.render(messages[:i], add_generation_prompt=True), full_text, ids, "prompt", window
             )
-            end = self._split(
-                self.render(messages[: i + 1]), full_text, ids, "conversation so far", window
-            )
+            end = self._split(self.render(messages[: i + 1]), full_text, ids, "conversation so far", window)
             mask[start:end] = [1] * (end - start)
         return ids, mask, window
 

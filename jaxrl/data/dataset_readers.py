@@ -228,10 +228,7 @@ def read_chatbot_arena(row: Mapping) -> list[PreferencePair]:
         sides = sides[::-1]
     conversations = [parse_messages(get_field(row, side), side) for side in sides]
     prompt, chosen, rejected = split_pair(*conversations, fields=sides)
-    return [
-        PreferencePair(prompt, chosen, rejected, source="chatbot_arena", id=get_id(row, "question_id"))
-    ]
-
+    return [PreferencePair(prompt, chosen, rejected, source="chatbot_arena", id=get_id(row, "question_id"))]
 
 
 def _preference_strength(row: Mapping, key: str) -> int:
@@ -244,8 +241,9 @@ def _preference_strength(row: Mapping, key: str) -> int:
     return int(value)
 
 
-def _strength_pair(prompt: Messages, first: Messages, second: Messages, strength: int, fields, source: str,
-                   id: str = "") -> PreferencePair:
+def _strength_pair(
+    prompt: Messages, first: Messages, second: Messages, strength: int, fields, source: str, id: str = ""
+) -> PreferencePair:
     if first == second:
         raise fail("identical", "the two responses are the same text", fields[0])
     chosen, rejected = (first, second) if strength < 0 else (second, first)
@@ -313,8 +311,10 @@ def _arena_conversation(prompts: list, responses: list, key: str) -> Messages:
             raise fail("empty_prompt", f"empty user turn {index}", f"prompt[{index}]")
         if response is None or not response.strip():
             raise fail("empty_response", f"empty response turn {index}", f"{key}[{index}]")
-        out += [Message("user", check_text(prompt, f"prompt[{index}]")),
-                Message("assistant", check_text(response, f"{key}[{index}]"))]
+        out += [
+            Message("user", check_text(prompt, f"prompt[{index}]")),
+            Message("assistant", check_text(response, f"{key}[{index}]")),
+        ]
     return tuple(out)
 
 

@@ -135,8 +135,11 @@ def _content_parts(parts: list, where: str) -> str:
         part = as_object(part, at)
         kind = get_string(part, "type", at)
         if kind not in TEXT_PARTS:
-            raise fail("non_text_content", f"a {kind!r} content part; only text parts can be trained on",
-                        f"{at}.type")
+            raise fail(
+                "non_text_content",
+                f"a {kind!r} content part; only text parts can be trained on",
+                f"{at}.type",
+            )
         texts.append(get_string(part, TEXT_PARTS[kind], at))
     return "".join(texts)
 
@@ -147,15 +150,20 @@ def _message(item: Any, where: str) -> Message:
     role = get_string(item, "role", where)
     role = ROLE_ALIASES.get(role, role)
     if role in TOOL_ROLES:
-        raise fail("tool_call", f"a {role!r} turn; tool use cannot be rendered by the chat templates",
-                    f"{where}.role")
+        raise fail(
+            "tool_call",
+            f"a {role!r} turn; tool use cannot be rendered by the chat templates",
+            f"{where}.role",
+        )
     if role not in ROLES:
-        raise fail("unknown_role", f"unknown role {role!r}; expected one of {ROLES} (or developer)",
-                    f"{where}.role")
+        raise fail(
+            "unknown_role", f"unknown role {role!r}; expected one of {ROLES} (or developer)", f"{where}.role"
+        )
     for key in ("tool_calls", "function_call"):
         if item.get(key):
             raise fail(
-                "tool_call", f"a message with {key!r}; tool use cannot be rendered by the chat templates",
+                "tool_call",
+                f"a message with {key!r}; tool use cannot be rendered by the chat templates",
                 f"{where}.{key}",
             )
     weight = item.get("weight")
@@ -170,7 +178,8 @@ def _message(item: Any, where: str) -> Message:
         return Message(role, _content_parts(list(content), where))
     if content is not None and not isinstance(content, str):
         raise fail(
-            "wrong_type", f"'content' must be a string or a list of text parts, got {kind_of(content)}",
+            "wrong_type",
+            f"'content' must be a string or a list of text parts, got {kind_of(content)}",
             f"{where}.content",
         )
     return Message(role, get_string(item, "content", where))

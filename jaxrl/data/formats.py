@@ -136,12 +136,16 @@ def _iter_saved_dataset(path: Path) -> RawRows:
             raise ValueError(
                 f"{path} is a saved DatasetDict with splits {splits}; read one split, e.g. {path}/<split>"
             )
-        versions = sorted((p.parent.name for p in path.glob("*/features.json")),
-                          key=lambda v: [int(x) if x.isdigit() else -1 for x in v.split(".")])
+        versions = sorted(
+            (p.parent.name for p in path.glob("*/features.json")),
+            key=lambda v: [int(x) if x.isdigit() else -1 for x in v.split(".")],
+        )
         hint = f"; it has TFDS versions {versions}: read one, e.g. {path / versions[-1]}" if versions else ""
-        raise ValueError(f"{path} is not a save_to_disk directory (needs state.json and dataset_info.json) "
-                         f"nor a prepared TFDS dataset version (needs features.json and dataset_info.json)"
-                         f"{hint}")
+        raise ValueError(
+            f"{path} is not a save_to_disk directory (needs state.json and dataset_info.json) "
+            f"nor a prepared TFDS dataset version (needs features.json and dataset_info.json)"
+            f"{hint}"
+        )
     state = json.loads(state_path.read_text(encoding="utf-8"))
     json.loads(
         info_path.read_text(encoding="utf-8")
@@ -188,8 +192,15 @@ def raw_rows(path: Path) -> RawRows:
     """Rows of `path`; a file-level failure (missing, corrupt) is a RecordError naming the file."""
     try:
         yield from _layout_rows(path)
-    except (OSError, pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
-            csv.Error) as exc:
+    except (
+        OSError,
+        pa.ArrowException,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        KeyError,
+        TypeError,
+        csv.Error,
+    ) as exc:
         raise RecordError(
             "unreadable_file", f"cannot read: {type(exc).__name__}: {exc}", file=str(path)
         ) from None

@@ -160,8 +160,11 @@ def read_trl_prompt_only(row: Mapping) -> list[PromptRecord]:
 def _no_tools(row: Mapping, key: str = "tools", where: str = "") -> None:
     for name in (key, "functions"):
         if row.get(name):
-            raise fail("tool_call", f"tool definitions ({name!r}) cannot be rendered by the chat templates",
-                        field_label(where, name))
+            raise fail(
+                "tool_call",
+                f"tool definitions ({name!r}) cannot be rendered by the chat templates",
+                field_label(where, name),
+            )
 
 
 @register("openai_chat")

@@ -34,8 +34,13 @@ def _synthetic_records(cfg: Config, responder=None) -> tuple[list, list, list[st
     d = cfg.data
     if cfg.stage == "sft":
         # Held-out demonstrations on validation-split texts: the NLL gap to train is on unseen phrasings.
-        return (synthetic.make_sft_dataset(d.num_train, seed=cfg.seed),
-                synthetic.make_sft_dataset(d.num_eval, seed=cfg.seed + 10_000, split="validation"), [])
+        return (
+            synthetic.make_sft_dataset(d.num_train, seed=cfg.seed),
+            synthetic.make_sft_dataset(d.num_eval, seed=cfg.seed + 10_000, split="validation"),
+            [],
+        )
+    if d.list_size:
+        return _synthetic_lists(cfg)
     if d.synthetic_kind == ON_POLICY:
         if responder is None:
             raise ConfigError(
@@ -55,15 +60,58 @@ def _synthetic_records(cfg: Config, responder=None) -> tuple[list, list, list[st
     report = [
         f"synthetic {d.synthetic_kind} pairs: {len(train)}; against gold: "
         f"flip rate {stats['flip_rate']:.3f}, tie rate {stats['tie_rate']:.3f}, "
-        f"length bias {stats['length_bias']:+.3f}"
-        + (f" ({facts})" if facts else "")
+        f"length bias {stats['length_bias']:+.3f}" + (f" ({facts})" if facts else "")
     ]
     # Held-out pairs are labelled by the gold reward, so eval accuracy measures agreement with the truth.
     return train, synthetic.make_gold_pairs(d.num_eval, seed=cfg.seed + 10_000), report
 
 
-def source_records(cfg: Config, source: str, format: str, *, policy: str, aspect_weights: str,
-                   min_margin: float, on_error: str) -> tuple[list, str]:
+def is_listwise(cfg: Config) -> bool:
+    """Whether the stage trains on ranked lists (stage dpo with a listwise loss.name)."""
+    from jaxrl import listwise
+
+    return cfg.stage == "dpo" and listwise.is_listwise(cfg.loss.name)
+
+
+def _synthetic_lists(cfg: Config) -> tuple[list, list, list[str]]:
+    """Ranked lists of data.list_size responses per prompt (the kind's labeller as a Plackett-Luce ranking):
+    kept whole for a listwise loss, else binarised by data.binarize into pairs; held out: gold-ranked lists,
+    kept or binarised the same way (so both kinds of loss are evaluated on the same responses)."""
+    from jaxrl import synthetic
+    from jaxrl.data import binarize
+
+    d = cfg.data
+    if d.synthetic_kind == ON_POLICY:
+        raise ConfigError(
+            "data.list_size: ranked lists are made for the labelled kinds "
+            f"{synthetic.DATASETS}, not on_policy"
+        )
+    ranked = synthetic.make_ranked_dataset(d.synthetic_kind, d.num_train, seed=cfg.seed, k=d.list_size)
+    stats = ranked.stats
+    report = [
+        f"synthetic {d.synthetic_kind} ranked lists: {len(ranked)} of {d.list_size}; against gold over "
+        f"their pairs: flip rate {stats['pair_flip_rate']:.3f} (untied pairs), tie rate "
+        f"{stats['pair_tie_rate']:.3f}"
+    ]
+    gold = synthetic.make_gold_lists(d.num_eval, seed=cfg.seed + 10_000, k=d.list_size)
+    if is_listwise(cfg):
+        train, _ = binarize.to_lists(ranked, d.list_size, seed=cfg.seed)
+        return train, binarize.to_lists(gold, d.list_size)[0], report
+    pairs, dropped = binarize.binarize(ranked, d.binarize, seed=cfg.seed)
+    report.append(f"binarised ({d.binarize}) to {len(pairs)} pairs, dropped {dict(dropped) or 'none'}")
+    return pairs, binarize.binarize(gold, d.binarize, seed=cfg.seed)[0], report
+
+
+def source_records(
+    cfg: Config,
+    source: str,
+    format: str,
+    *,
+    policy: str,
+    aspect_weights: str,
+    min_margin: float,
+    on_error: str,
+) -> tuple[list, str]:
     """One file source read by its reader; rated completions become pairs (or KTO examples). Returns the
     records and the one-line account of its rows."""
     from jaxrl import losses
@@ -79,10 +127,17 @@ def source_records(cfg: Config, source: str, format: str, *, policy: str, aspect
             aspects = binarize.parse_aspects(explicit, format)
         except ValueError as e:
             raise ConfigError(f"data.aspect_weights: {e}") from None
+        pairwise_dpo = cfg.stage == "dpo" and not is_listwise(cfg)
         unpaired = policy == "unpaired" or (
-            cfg.stage == "dpo" and not losses.get_preference_loss(cfg.loss.name).paired
+            pairwise_dpo and not losses.get_preference_loss(cfg.loss.name).paired
         )
-        if unpaired:
+        if is_listwise(cfg):
+            k = cfg.data.list_size or DEFAULT_LIST_SIZE
+            records, counts = binarize.to_lists(records, k, aspect_reduce=aspects, seed=cfg.seed)
+            cut = counts.pop("cut_to_k", 0)
+            what = f"kept as {len(records)} ranked lists of up to {k} ({cut} cut to {k})"
+            dropped = counts
+        elif unpaired:
             records, dropped = binarize.to_unpaired(records, aspect_reduce=aspects)
             what = f"split into {len(records)} KTO examples (best desirable, worst undesirable)"
         else:
@@ -91,11 +146,28 @@ def source_records(cfg: Config, source: str, format: str, *, policy: str, aspect
             )
             what = f"binarised ({policy}) to {len(records)} pairs"
         summary += f"; {what}, dropped {dict(dropped) or 'none'}"
+    elif records and is_listwise(cfg):
+        raise ConfigError(
+            f"{source}: loss.name={cfg.loss.name!r} is listwise, but format {format!r} holds "
+            f"{type(records[0]).__name__} records, not rated lists (nectar, ultrafeedback, "
+            "...)"
+        )
     return records, summary
 
 
-MIXTURE_KEYS = ("source", "format", "count", "weight", "binarize", "aspect_weights", "min_margin", "replace",
-                "on_error", "name")
+DEFAULT_LIST_SIZE = 4  # responses per list for a listwise loss on a file source when data.list_size is 0
+MIXTURE_KEYS = (
+    "source",
+    "format",
+    "count",
+    "weight",
+    "binarize",
+    "aspect_weights",
+    "min_margin",
+    "replace",
+    "on_error",
+    "name",
+)
 
 
 def mixture_entries(text: str) -> list[dict]:
@@ -116,8 +188,9 @@ def mixture_entries(text: str) -> list[dict]:
         if unknown := sorted(set(entry) - set(MIXTURE_KEYS)):
             raise ConfigError(f"{where} has unknown keys {unknown}; valid keys are {list(MIXTURE_KEYS)}")
         if entry.get("format") not in READERS:
-            raise ConfigError(f"{where}.format must name a reader, one of {sorted(READERS)}; "
-                              f"got {entry.get('format')!r}")
+            raise ConfigError(
+                f"{where}.format must name a reader, one of {sorted(READERS)}; got {entry.get('format')!r}"
+            )
         if "count" in entry and "weight" in entry:
             raise ConfigError(f"{where}: give 'count' or 'weight', not both")
     if any("weight" in e for e in entries) and any("count" in e for e in entries):
@@ -140,8 +213,9 @@ def check_config(cfg: Config) -> None:
     if cfg.data.mixture:
         mixture_entries(cfg.data.mixture)  # raises ConfigError naming the bad entry
     elif cfg.data.source != "synthetic" and cfg.data.format not in READERS:
-        raise ConfigError(f"data.format must name a reader for file data, one of {sorted(READERS)}; "
-                          f"got {cfg.data.format!r}")
+        raise ConfigError(
+            f"data.format must name a reader for file data, one of {sorted(READERS)}; got {cfg.data.format!r}"
+        )
 
 
 def mixture_records(cfg: Config) -> tuple[list, list[str]]:
@@ -176,8 +250,14 @@ def mixture_records(cfg: Config) -> tuple[list, list[str]]:
     if weights:
         total = d.num_train + d.num_eval if d.num_train else sum(len(r) for r in sources.values())
     try:
-        mixture = mix(sources, counts=None if weights else counts, weights=weights or None, total=total,
-                      seed=cfg.seed, replace=replace)
+        mixture = mix(
+            sources,
+            counts=None if weights else counts,
+            weights=weights or None,
+            total=total,
+            seed=cfg.seed,
+            replace=replace,
+        )
     except ValueError as e:
         raise ConfigError(f"data.mixture: {e}") from None
     lines.append(mixture.summary())
@@ -189,13 +269,19 @@ def _file_records(cfg: Config):
     if d.mixture:
         records, report = mixture_records(cfg)
     else:
-        records, summary = source_records(cfg, d.source, d.format, policy=d.binarize,
-                                          aspect_weights=d.aspect_weights, min_margin=d.min_margin,
-                                          on_error=d.on_error)
+        records, summary = source_records(
+            cfg,
+            d.source,
+            d.format,
+            policy=d.binarize,
+            aspect_weights=d.aspect_weights,
+            min_margin=d.min_margin,
+            on_error=d.on_error,
+        )
         report = [f"read {d.source}: {summary}"]
     if len(records) <= d.num_eval:
         raise ConfigError(f"{d.source}: {len(records)} records is not more than data.num_eval={d.num_eval}")
-    train, held_out = records[: len(records) - d.num_eval], records[len(records) - d.num_eval:]
+    train, held_out = records[: len(records) - d.num_eval], records[len(records) - d.num_eval :]
     return train[: d.num_train] if d.num_train else train, held_out, report
 
 
@@ -220,11 +306,22 @@ def encode(records, tok, cfg: Config):
     d = cfg.data
     if cfg.stage == "sft":
         return tokenize.encode_conversations(records, tok, max_len=d.max_len, truncation=d.truncation)
+    if records and isinstance(records[0], tuple):  # ranked lists (binarize.to_lists)
+        return tokenize.encode_lists(
+            records,
+            tok,
+            k=d.list_size or DEFAULT_LIST_SIZE,
+            max_len=d.max_len,
+            max_prompt_len=d.max_prompt_len,
+            truncation=d.truncation,
+        )
     if records and not hasattr(records[0], "chosen"):
-        return tokenize.encode_unpaired(records, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len,
-                                        truncation=d.truncation)
-    return tokenize.encode_pairs(records, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len,
-                                 truncation=d.truncation)
+        return tokenize.encode_unpaired(
+            records, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len, truncation=d.truncation
+        )
+    return tokenize.encode_pairs(
+        records, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len, truncation=d.truncation
+    )
 
 
 def build_stage_data(cfg: Config, responder=None) -> StageData:
@@ -246,8 +343,10 @@ def build_stage_data(cfg: Config, responder=None) -> StageData:
         n = train["tokens"].shape[0]
         train = pack(train, pad_id=tok.pad_id, seed=cfg.seed)
         rows = train["tokens"].shape[0]
-        report.append(f"packed train: {n} conversations into {rows} rows of {train['tokens'].shape[1]} "
-                      f"({n / rows:.2f} per row, {padding_fraction(train):.1%} padding)")
+        report.append(
+            f"packed train: {n} conversations into {rows} rows of {train['tokens'].shape[1]} "
+            f"({n / rows:.2f} per row, {padding_fraction(train):.1%} padding)"
+        )
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}"
@@ -265,14 +364,21 @@ class BatchOrder:
     the next epoch's draw), and a batch's rows are as random as the window they come from.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, lengths: np.ndarray | None = None,
-                 group: int = 64):
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        seed: int,
+        lengths: np.ndarray | None = None,
+        group: int = 64,
+    ):
         self.num_examples, self.batch_size, self.seed, self.group = num_examples, batch_size, seed, group
         self.lengths = None if lengths is None else np.asarray(lengths)
         if self.lengths is not None and num_examples < batch_size:
             raise ConfigError(f"{num_examples} examples cannot fill one batch of {batch_size}")
-        self.dataset = (grain.MapDataset.source(np.arange(num_examples)).shuffle(seed=seed).repeat(None)
-                        .batch(batch_size))
+        self.dataset = (
+            grain.MapDataset.source(np.arange(num_examples)).shuffle(seed=seed).repeat(None).batch(batch_size)
+        )
         self._epoch: tuple[int, np.ndarray] | None = None
 
     def indices(self, step: int) -> np.ndarray:
@@ -290,7 +396,7 @@ class BatchOrder:
         window = self.group * self.batch_size
         chunks = []
         for start in range(0, len(order), window):
-            chunk = order[start:start + window]
+            chunk = order[start : start + window]
             chunks.append(chunk[np.argsort(-self.lengths[chunk], kind="stable")])
         batches = np.concatenate(chunks).reshape(per_epoch, self.batch_size)
         return batches[rng.permutation(per_epoch)]
@@ -303,8 +409,10 @@ def host_batch(
     positions when given (see bucket_width: every process must pass the same one)."""
     n_proc, pid = jax.process_count(), jax.process_index()
     local = np.array_split(indices, n_proc)[pid]
-    return {k: (v[local][..., :width] if width is not None and k in POSITION_KEYS else v[local])
-            for k, v in arrays.items()}
+    return {
+        k: (v[local][..., :width] if width is not None and k in POSITION_KEYS else v[local])
+        for k, v in arrays.items()
+    }
 
 
 # Arrays whose last axis is the position within a row (the ones bucketing cuts).
@@ -385,11 +493,11 @@ def pack(arrays: dict[str, np.ndarray], *, pad_id: int, seed: int, window: int =
         at = 0
         for seg, i in enumerate(members, start=1):
             n = int(lengths[i])
-            out["tokens"][r, at:at + n] = tokens[i, :n]
-            out["loss_mask"][r, at:at + n] = mask[i, :n]
+            out["tokens"][r, at : at + n] = tokens[i, :n]
+            out["loss_mask"][r, at : at + n] = mask[i, :n]
             out["loss_mask"][r, at] = 0
-            out["segment_ids"][r, at:at + n] = seg
-            out["positions"][r, at:at + n] = np.arange(n)
+            out["segment_ids"][r, at : at + n] = seg
+            out["positions"][r, at : at + n] = np.arange(n)
             at += n
     return out
 

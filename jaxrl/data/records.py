@@ -33,8 +33,9 @@ class Message:
                 "unknown_role", f"unknown role {self.role!r}; expected one of {ROLES}", field="role"
             )
         if not isinstance(self.content, str):
-            raise RecordError("wrong_type", f"content must be a string, got {type(self.content).__name__}",
-                              field="content")
+            raise RecordError(
+                "wrong_type", f"content must be a string, got {type(self.content).__name__}", field="content"
+            )
 
 
 Messages = tuple[Message, ...]

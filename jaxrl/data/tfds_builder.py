@@ -73,8 +73,13 @@ def _builder_class(name: str, version: str, records: list, metadata: dict, descr
             features = tfds.features.FeaturesDict(
                 {"record": tfds.features.Text(), "kind": tfds.features.Text(), "index": np.int64}
             )
-            return tfds.core.DatasetInfo(builder=self, description=description, features=features,
-                                         metadata=tfds.core.MetadataDict(metadata), disable_shuffling=True)
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=description,
+                features=features,
+                metadata=tfds.core.MetadataDict(metadata),
+                disable_shuffling=True,
+            )
 
         def _split_generators(self, dl_manager):
             return {SPLIT: self._generate_examples()}
@@ -82,8 +87,10 @@ def _builder_class(name: str, version: str, records: list, metadata: dict, descr
         def _generate_examples(self):
             width = max(12, len(str(len(records))))
             for index, record in enumerate(records):
-                yield f"{index:0{width}d}", {"record": record_to_json(record), "kind": type(record).__name__,
-                                            "index": index}
+                yield (
+                    f"{index:0{width}d}",
+                    {"record": record_to_json(record), "kind": type(record).__name__, "index": index},
+                )
 
     return Builder
 
@@ -93,15 +100,25 @@ def metadata(dataset_dir: str | Path) -> dict:
     return dict(import_tfds().builder_from_directory(str(dataset_dir)).info.metadata or {})
 
 
-def prepare(source: str | Path, format: str, data_dir: str | Path, *, name: str, version: str = "1.0.0",
-            on_error: str = "raise", log=print) -> Path:
+def prepare(
+    source: str | Path,
+    format: str,
+    data_dir: str | Path,
+    *,
+    name: str,
+    version: str = "1.0.0",
+    on_error: str = "raise",
+    log=print,
+) -> Path:
     """Reads `source` with the reader `format` and writes it as the TFDS dataset data_dir/name/version;
     returns that directory. The same name, version and source again reuse it; a different source (sha256) or
     format under an existing version is a ValueError: prepare it as a new version."""
     tfds = import_tfds()
     if not _NAME.fullmatch(name):
-        raise ValueError(f"dataset name {name!r} is not a valid TFDS name: use snake_case "
-                         f"(lowercase letters, digits and single underscores, starting with a letter)")
+        raise ValueError(
+            f"dataset name {name!r} is not a valid TFDS name: use snake_case "
+            f"(lowercase letters, digits and single underscores, starting with a letter)"
+        )
     version = str(tfds.core.Version(version))  # ValueError unless x.y.z
     readers.get_reader(format)
     source = Path(source)
@@ -132,8 +149,10 @@ def prepare(source: str | Path, format: str, data_dir: str | Path, *, name: str,
         "records": len(result.records),
         "source_sha256": digest,
     }
-    description = (f"jaxrl canonical records (jaxrl.data.tfds_builder) from {meta['source']} read with "
-                   f"format {format!r} (on_error={on_error!r}): {result.summary()}; source sha256 {digest}")
+    description = (
+        f"jaxrl canonical records (jaxrl.data.tfds_builder) from {meta['source']} read with "
+        f"format {format!r} (on_error={on_error!r}): {result.summary()}; source sha256 {digest}"
+    )
     builder_cls = _builder_class(name, version, result.records, meta, description)
     # TFDS prints its own progress to stdout; keep stdout for the caller's lines.
     with tempfile.TemporaryDirectory() as downloads, contextlib.redirect_stdout(sys.stderr):

@@ -25,8 +25,10 @@ from jaxrl.data.records import (
     UnpairedExample,
 )
 
-RECORD_TYPES = {cls.__name__: cls for cls in (PreferencePair, RatedCompletions, UnpairedExample, PromptRecord,
-                                              Conversation)}
+RECORD_TYPES = {
+    cls.__name__: cls
+    for cls in (PreferencePair, RatedCompletions, UnpairedExample, PromptRecord, Conversation)
+}
 SPLIT = "train"
 _MESSAGE_FIELDS = ("prompt", "chosen", "rejected", "completion", "messages")
 _CHUNK = 1024  # examples fetched per read when iterating a data source
@@ -37,8 +39,9 @@ def import_tfds():
     try:
         import tensorflow_datasets as tfds
     except ImportError as exc:
-        raise ImportError(f"the TFDS path needs tensorflow-datasets and array-record: "
-                          f'pip install "jaxrl[tfds]" ({exc})') from None
+        raise ImportError(
+            f'the TFDS path needs tensorflow-datasets and array-record: pip install "jaxrl[tfds]" ({exc})'
+        ) from None
     return tfds
 
 
@@ -79,8 +82,9 @@ def _parse_messages(value: Any, where: str) -> tuple[Message, ...]:
     out = []
     for index, item in enumerate(value):
         at = f"{where}[{index}]"
-        _check(isinstance(item, dict) and set(item) == {"role", "content"}, at, "a {role, content} object",
-               item)
+        _check(
+            isinstance(item, dict) and set(item) == {"role", "content"}, at, "a {role, content} object", item
+        )
         _check(isinstance(item["role"], str) and isinstance(item["content"], str), at, "two strings", item)
         try:
             out.append(Message(item["role"], item["content"]))
@@ -134,8 +138,10 @@ def record_from_json(text: str | bytes):
     _check(isinstance(data, dict), "record", "a JSON object", data)
     cls = RECORD_TYPES.get(data.get("type"))
     if cls is None:
-        raise _bad("bad_structure",
-                   f"unknown record type {data.get('type')!r}; expected one of {sorted(RECORD_TYPES)}")
+        raise _bad(
+            "bad_structure",
+            f"unknown record type {data.get('type')!r}; expected one of {sorted(RECORD_TYPES)}",
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields) - {"type"}
     if unknown:
@@ -165,8 +171,10 @@ def data_source(dataset_dir: str | Path, split: str = SPLIT):
     Item i is {"record": JSON bytes, "kind": bytes, "index": i}, the reader's i-th record (decode_example)."""
     dataset_dir = Path(dataset_dir)
     if not is_dataset_dir(dataset_dir):
-        raise ValueError(f"{dataset_dir} is not a prepared TFDS dataset version directory (expected "
-                         f"features.json and dataset_info.json, e.g. <data_dir>/<name>/1.0.0)")
+        raise ValueError(
+            f"{dataset_dir} is not a prepared TFDS dataset version directory (expected "
+            f"features.json and dataset_info.json, e.g. <data_dir>/<name>/1.0.0)"
+        )
     return import_tfds().builder_from_directory(str(dataset_dir)).as_data_source(split)
 
 
@@ -178,8 +186,12 @@ def iter_examples(dataset_dir: str | Path, split: str = SPLIT) -> Iterator[tuple
         keys = list(range(start, min(start + _CHUNK, len(source))))
         for position, example in zip(keys, source.__getitems__(keys), strict=True):
             if int(example["index"]) != position:
-                raise RecordError("unreadable_file", f"example {position} holds index {example['index']}: "
-                                  f"not in prepared order", file=str(dataset_dir), row=position)
+                raise RecordError(
+                    "unreadable_file",
+                    f"example {position} holds index {example['index']}: not in prepared order",
+                    file=str(dataset_dir),
+                    row=position,
+                )
             yield position, example
 
 
@@ -190,6 +202,7 @@ def iter_records(dataset_dir: str | Path, split: str = SPLIT) -> Iterator[Any]:
         try:
             record = decode_example(example)
         except RecordError as err:
-            raise RecordError(err.reason, err.detail, file=str(dataset_dir), row=index,
-                              field=err.field) from None
+            raise RecordError(
+                err.reason, err.detail, file=str(dataset_dir), row=index, field=err.field
+            ) from None
         yield record

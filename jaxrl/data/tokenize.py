@@ -94,14 +94,15 @@ def _cut_words(text: str, n: int, side: str) -> str:
         start = max(0, len(text) - size)
         starts = collections.deque((m.start() for m in _WORD.finditer(text, start)), maxlen=n + 1)
         if len(starts) > n:  # the word starting at starts[0] may be cut by the window, the n after it not
-            return text[starts[1]:]
+            return text[starts[1] :]
         if start == 0:
             return text
         size *= 2
 
 
-def _synthetic_cut(tok: SyntheticTokenizer, messages: Messages, keep: int,
-                   side: str) -> tuple[Messages, bool]:
+def _synthetic_cut(
+    tok: SyntheticTokenizer, messages: Messages, keep: int, side: str
+) -> tuple[Messages, bool]:
     """Messages with each long content cut to its keep + 1 words on the kept side, and whether any was.
 
     Only contents longer than (keep + 1) * (longest vocabulary word + 1) characters are looked at (a
@@ -134,8 +135,9 @@ def _encode_bounded(tok: ChatTokenizer, messages: Messages, keep: int, what: str
     return getattr(tok, f"encode_{what}")(messages), cut
 
 
-def _encode_conversation(tok: ChatTokenizer, messages: Messages,
-                         keep: int) -> tuple[list[int], list[int], bool]:
+def _encode_conversation(
+    tok: ChatTokenizer, messages: Messages, keep: int
+) -> tuple[list[int], list[int], bool]:
     if hasattr(tok, "encode_conversation_bounded"):
         return tok.encode_conversation_bounded(messages, keep)
     cut = False
@@ -144,8 +146,14 @@ def _encode_conversation(tok: ChatTokenizer, messages: Messages,
     return (*tok.encode_conversation(messages), cut)
 
 
-def _fit(prompt: list[int], completion: list[int], max_len: int, max_prompt_len: int, policy: str,
-         stats: TokenizeStats) -> tuple[list[int], list[int]] | None:
+def _fit(
+    prompt: list[int],
+    completion: list[int],
+    max_len: int,
+    max_prompt_len: int,
+    policy: str,
+    stats: TokenizeStats,
+) -> tuple[list[int], list[int]] | None:
     """Applies the truncation policy to one prompt/completion; None means drop."""
     if len(prompt) > max_prompt_len:
         if policy == "drop":
@@ -174,12 +182,18 @@ def _row(prompt: list[int], completion: list[int], max_len: int, pad_id: int):
     mask = np.zeros(max_len, np.int8)
     ids = prompt + completion
     tokens[: len(ids)] = ids
-    mask[len(prompt): len(ids)] = 1
+    mask[len(prompt) : len(ids)] = 1
     return tokens, mask
 
 
-def encode_pairs(pairs: Sequence[PreferencePair], tok: ChatTokenizer, *, max_len: int, max_prompt_len: int,
-                 truncation: str = "drop") -> tuple[dict[str, np.ndarray], TokenizeStats]:
+def encode_pairs(
+    pairs: Sequence[PreferencePair],
+    tok: ChatTokenizer,
+    *,
+    max_len: int,
+    max_prompt_len: int,
+    truncation: str = "drop",
+) -> tuple[dict[str, np.ndarray], TokenizeStats]:
     """Pairs -> {"tokens" [N,2,T], "loss_mask" [N,2,T] (1 on completions), "margin" [N]}; index 0 chosen."""
     stats = TokenizeStats()
     tokens, masks, margins = [], [], []
@@ -210,6 +224,48 @@ def encode_pairs(pairs: Sequence[PreferencePair], tok: ChatTokenizer, *, max_len
         "loss_mask": np.asarray(masks, np.int8).reshape(-1, 2, max_len),
         "margin": np.asarray(margins, np.float32),
     }
+    return arrays, stats
+
+
+def encode_lists(
+    lists: Sequence,
+    tok: ChatTokenizer,
+    *,
+    k: int,
+    max_len: int,
+    max_prompt_len: int,
+    truncation: str = "drop",
+) -> tuple[dict[str, np.ndarray], TokenizeStats]:
+    """Ranked lists (binarize.to_lists' (record, [(index, score)])) -> {"tokens" [N,K,T], "loss_mask"
+    [N,K,T], "scores" [N,K] (higher is better), "list_mask" [N,K] (1.0 for a response, 0.0 for the padding
+    of a shorter list)}. A response that does not fit (truncation "drop") leaves the list; a list left with
+    fewer than two responses is dropped ("too_few_after_truncation")."""
+    stats = TokenizeStats()
+    tokens = np.full((len(lists), k, max_len), tok.pad_id, np.int32)
+    masks = np.zeros((len(lists), k, max_len), np.int8)
+    scores = np.zeros((len(lists), k), np.float32)
+    list_mask = np.zeros((len(lists), k), np.float32)
+    n = 0
+    for record, scored in lists:
+        stats.seen += 1
+        prompt, text_cut = _encode_bounded(tok, record.prompt, max_prompt_len, "prompt")
+        cuts, rows = TokenizeStats(), []
+        for index, score in scored[:k]:
+            completion, cut = _encode_bounded(tok, record.completions[index], max_len, "completion")
+            text_cut |= cut
+            fitted = _fit(prompt, completion, max_len, max_prompt_len, truncation, cuts)
+            if fitted is not None:
+                rows.append((*_row(*fitted, max_len, tok.pad_id), score))
+        stats.text_cut += text_cut
+        _count_once(stats, cuts)
+        if len(rows) < 2:
+            stats.dropped["too_few_after_truncation"] += 1
+            continue
+        stats.kept += 1
+        for j, (row_tokens, row_mask, score) in enumerate(rows):
+            tokens[n, j], masks[n, j], scores[n, j], list_mask[n, j] = row_tokens, row_mask, score, 1.0
+        n += 1
+    arrays = {"tokens": tokens[:n], "loss_mask": masks[:n], "scores": scores[:n], "list_mask": list_mask[:n]}
     return arrays, stats
 
 
@@ -252,8 +308,9 @@ def encode_unpaired(
     return arrays, stats
 
 
-def encode_conversations(conversations: Sequence[Conversation], tok: ChatTokenizer, *, max_len: int,
-                         truncation: str = "drop") -> tuple[dict[str, np.ndarray], TokenizeStats]:
+def encode_conversations(
+    conversations: Sequence[Conversation], tok: ChatTokenizer, *, max_len: int, truncation: str = "drop"
+) -> tuple[dict[str, np.ndarray], TokenizeStats]:
     """SFT conversations -> {"tokens" [N,T], "loss_mask" [N,T]} with the loss on assistant tokens only."""
     stats = TokenizeStats()
     tokens, masks = [], []
@@ -277,6 +334,8 @@ def encode_conversations(conversations: Sequence[Conversation], tok: ChatTokeniz
         mask[: len(ids)] = assistant_mask
         tokens.append(row)
         masks.append(mask)
-    arrays = {"tokens": np.asarray(tokens, np.int32).reshape(-1, max_len),
-              "loss_mask": np.asarray(masks, np.int8).reshape(-1, max_len)}
+    arrays = {
+        "tokens": np.asarray(tokens, np.int32).reshape(-1, max_len),
+        "loss_mask": np.asarray(masks, np.int8).reshape(-1, max_len),
+    }
     return arrays, stats

@@ -52,68 +52,22 @@ def read_alpaca(path: str | Path, limit: int | None = None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def _judge_tokenizer(judge: Path):
-    from jaxrl.eval import model as model_lib
-    from jaxrl.models.hf import is_hf_dir
-
-    if is_hf_dir(judge):
-        tok = model_lib.tokenizer_from(judge)
-    else:
-        from jaxrl import config as config_lib
-
-        tok = model_lib.run_tokenizer(
-            judge, config_lib.from_dict(json.loads((judge / "config.json").read_text()))
-        )
-    if tok is None:
-        raise ConfigError(f"judge {judge}: no tokenizer.json")
-    return (
-        tok.chat if hasattr(tok, "chat") else tok.tok
-    )  # the chat tokenizer: encode_prompt / encode_completion
-
-
 def judge_scores(
     judge: str | Path, mesh, preset: str, instructions: list[str], responses: list[str], batch_size: int = 16
 ) -> np.ndarray:
     """The reward model's score [N] of each (instruction, response), read at the response's last token."""
-    from jaxrl import sampling, sharding
     from jaxrl.data.records import Message
-    from jaxrl.models import init as model_init
-    from jaxrl.rewards import score_responses
+    from jaxrl.eval.rm_eval import RewardScorer
 
-    judge = Path(judge)
-    if not (judge / "config.json").is_file():
-        raise FileNotFoundError(
-            f"judge {judge}: not a reward-model run dir or HF checkpoint (no config.json)"
-        )
-    params, cfg = model_init.load_run_params(judge, mesh, preset)
-    if cfg.head != "scalar":
-        raise ConfigError(f"judge {judge} is not a reward model (no scalar head)")
-    graphdef, _ = model_init.abstract_model(cfg)
-    tok = _judge_tokenizer(judge)
-    divisor = sharding.batch_divisor(mesh, preset)
-    batch_size = -(-batch_size // divisor) * divisor
-    placement = sharding.batch_sharding(mesh, preset)
-    scores = []
-    for start in range(0, len(instructions), batch_size):
-        prompts, completions = [], []
-        for instruction, response in zip(
-            instructions[start : start + batch_size], responses[start : start + batch_size], strict=True
-        ):
-            prompts.append(tok.encode_prompt([Message("user", instruction)])[-MAX_PROMPT_TOKENS:])
-            completions.append(tok.encode_completion([Message("assistant", response)])[:MAX_RESPONSE_TOKENS])
-        n = len(prompts)
-        prompts += [prompts[-1]] * (batch_size - n)
-        completions += [completions[-1]] * (batch_size - n)
-        ids, mask = sampling.left_pad(prompts, tok.pad_id)
-        width = max(len(c) for c in completions)
-        response = np.full((batch_size, width), tok.pad_id, np.int32)
-        response_mask = np.zeros((batch_size, width), np.int32)
-        for row, c in enumerate(completions):
-            response[row, : len(c)], response_mask[row, : len(c)] = c, 1
-        arrays = jax.device_put((ids, mask, response, response_mask), placement)
-        with sharding.use_mesh(mesh, preset):
-            scores.append(np.asarray(jax.device_get(score_responses(graphdef, params, *arrays)))[:n])
-    return np.concatenate(scores) if scores else np.zeros((0,), np.float32)
+    scorer = RewardScorer(
+        judge,
+        mesh=mesh,
+        preset=preset,
+        batch_size=batch_size,
+        max_len=MAX_PROMPT_TOKENS + MAX_RESPONSE_TOKENS,
+        max_prompt_len=MAX_PROMPT_TOKENS,
+    )
+    return scorer.score([(Message("user", i),) for i in instructions], list(responses))[0]
 
 
 def evaluate(
@@ -139,6 +93,9 @@ def evaluate(
         raise ConfigError(
             "alpaca_eval_rm runs on one process; run it separately from a multi-host evaluation"
         )
+    from jaxrl.eval.rm_eval import check_reward_model_dir
+
+    check_reward_model_dir(judge)  # before generating: a wrong judge fails at once
     rows = read_alpaca(data_file, limit)
     kwargs = {"until": [], "do_sample": False, "max_gen_toks": min(MAX_NEW_TOKENS, lm.max_length // 2)}
     kwargs |= simple_parse_args_string(gen_kwargs or "")
@@ -153,8 +110,10 @@ def evaluate(
         ]
     )
     instructions = [r["instruction"] for r in rows]
-    policy = judge_scores(judge, lm.mesh, lm.mesh_preset, instructions, outputs)
-    reference = judge_scores(judge, lm.mesh, lm.mesh_preset, instructions, [r["output"] for r in rows])
+    both = judge_scores(
+        judge, lm.mesh, lm.mesh_preset, instructions + instructions, outputs + [r["output"] for r in rows]
+    )
+    policy, reference = both[: len(rows)], both[len(rows) :]
     wins = (policy > reference) + 0.5 * (policy == reference)
     n = len(rows)
     metrics = {

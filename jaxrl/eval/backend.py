@@ -6,11 +6,16 @@ DIR is a finished jaxrl run directory or an HF *ForCausalLM checkpoint directory
 directory with tokenizer.json, when the model's own is elsewhere), `dtype` (compute dtype, e.g. float32),
 `mesh_preset`/`mesh_data`/`mesh_fsdp`/`mesh_tensor` (jaxrl.sharding), `batch_size` (rows per process and
 call), `max_length`, `max_gen_toks` (default for tasks that set none), `bucket` (batch widths are multiples of
-it: one compile per width), `seed` (sampled generation), `add_bos_token`, `prefix_token_id`.
+it: one compile per width), `seed` (sampled generation), `add_bos_token`, `prefix_token_id`, `logprob_chunk`
+(log-likelihoods over sequence chunks of this many positions, no [B, T, V] logits; default: the model's own
+`model.logprob_chunk`, 0 for an HF checkpoint).
 
 Semantics follow lm-eval's `hf` backend request for request: the same tokenisation (BOS from the tokenizer's
 post-processor unless the text already starts with it), the same left truncation to `max_length`, the same
-rolling windows, stop sequences cut as it cuts them. Log-probs are fp32 log-softmax of fp32 logits.
+rolling windows, stop sequences cut as it cuts them, chat templates rendered as its `apply_chat_template`
+(the final message continued when lm-eval asks for no generation prompt; system turns dropped when the
+template rejects them), generations decoded as transformers decodes them. Log-probs are fp32 log-softmax of
+fp32 logits. tests/test_lm_eval.py checks all of it against lm-eval's own `hf` backend.
 
 Multi-host: `rank`/`world_size` are the JAX process index and count, so lm-eval hands each process its share
 of the documents; every process then runs the same sequence of jitted calls (batch counts and widths agreed
@@ -39,18 +44,20 @@ from jaxrl import distributed, sampling, sharding
 from jaxrl.config import ConfigError, MeshConfig
 from jaxrl.data.pipeline import bucket_width
 from jaxrl.eval import model as model_lib
+from jaxrl.models import logprobs
 
 DEFAULT_BATCH_SIZE = 16
 
 
-def continuation_scores(model, inputs_BT, targets_BT, mask_BT):
+def continuation_scores(model, inputs_BT, targets_BT, mask_BT, chunk: int | None = None):
     """Summed log p(target | inputs up to it) over masked positions [B] and whether every masked target is the
-    argmax [B] (lm-eval's is_greedy); fp32 log-softmax of fp32 logits."""
-    logits_BTV = model.logits(model.hidden(inputs_BT))
-    picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    logp_BT = picked_BT - jax.nn.logsumexp(logits_BTV, axis=-1)
+    argmax [B] (lm-eval's is_greedy); fp32 log-softmax of fp32 logits, over sequence chunks of `chunk`
+    positions (default: the model's logprob_chunk; 0: all at once), so chunked no [B, T, V] array is made."""
+    chunk = model.cfg.logprob_chunk if chunk is None else chunk
+    logp_BT, greedy_BT = logprobs.greedy_token_logps(
+        model.hidden(inputs_BT), model.lm_kernel(), targets_BT, chunk=chunk
+    )
     mask_BT = mask_BT > 0
-    greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
     return jnp.sum(jnp.where(mask_BT, logp_BT, 0.0), axis=-1), jnp.all(greedy_BT | ~mask_BT, axis=-1)
 
 
@@ -95,6 +102,7 @@ class JaxrlLM(TemplateLM):
         seed: int = 0,
         add_bos_token: bool | None = None,
         prefix_token_id: int | None = None,
+        logprob_chunk: int | None = None,
         **unused,
     ):
         super().__init__()
@@ -118,6 +126,7 @@ class JaxrlLM(TemplateLM):
         self.seed = int(seed)
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
+        chunk = None if logprob_chunk is None else int(logprob_chunk)
         self._rank, self._world_size = jax.process_index(), jax.process_count()
         self._batch_sharding = sharding.batch_sharding(self.mesh, mesh_preset)
         self._rows = self._rows_per_process(_batch_size(batch_size))
@@ -128,7 +137,7 @@ class JaxrlLM(TemplateLM):
 
         def score(params, inputs_BT, targets_BT, mask_BT):
             with sharding.use_mesh(self.mesh, mesh_preset):
-                return continuation_scores(nnx.merge(graphdef, params), inputs_BT, targets_BT, mask_BT)
+                return continuation_scores(nnx.merge(graphdef, params), inputs_BT, targets_BT, mask_BT, chunk)
 
         self._score = jax.jit(score, out_shardings=(replicated, replicated))
 

@@ -12,23 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jaxrl.config import ConfigError
+from jaxrl.eval import model as model_lib
 from jaxrl.eval import suites
 
 RESULTS_FILE = "results.json"
-
-
-def _check_model_dir(model: str | Path) -> None:
-    from jaxrl.models.hf import is_hf_dir
-
-    path = Path(model)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model {model}: no such directory")
-    if not (path / "config.json").is_file():
-        raise ConfigError(
-            f"model {model} is neither a jaxrl run directory nor an HF checkpoint (no config.json)"
-        )
-    if not is_hf_dir(path) and not (path / "final" / "params").exists():
-        raise ConfigError(f"model {model}: the run has not finished (no final/params)")
 
 
 def task_manager(include_path: list[str] | None):
@@ -120,7 +107,7 @@ def evaluate(
         raise ConfigError("--tasks names no task")
     if limit is not None and limit >= 1:
         limit = int(limit)
-    _check_model_dir(model)
+    model_lib.check_model_dir(model)
     entries = suites.expand(tasks, with_optional=with_optional)
     manager = task_manager(include_path)
     _check_tasks(entries, manager)

@@ -11,15 +11,17 @@ from typing import Any
 from jaxrl.config import ConfigError
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's default when a checkpoint does not say
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for continue_final_message
 
 
 class HFTextTokenizer:
     """A checkpoint's fast tokenizer as the HF backend of lm-eval uses it: `add_special_tokens` runs the
     tokenizer's own post-processor (BOS for Llama-style tokenizers), decoding skips special tokens."""
 
-    def __init__(self, chat_tokenizer, name: str):
+    def __init__(self, chat_tokenizer, name: str, clean_up_spaces: bool = False):
         self.chat = chat_tokenizer
         self.name = name
+        self.clean_up_spaces = clean_up_spaces
         self.bos_id, self.eos_id, self.pad_id = (
             chat_tokenizer.bos_id,
             chat_tokenizer.eos_id,
@@ -33,10 +35,38 @@ class HFTextTokenizer:
         return self.chat.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids) -> str:
-        return self.chat.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+        text = self.chat.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+        return clean_up_tokenization(text) if self.clean_up_spaces else text
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.chat.render(messages, add_generation_prompt=add_generation_prompt)
+        """The chat template's text as lm-eval's hf backend renders it: without a generation prompt the final
+        message is continued (transformers' `continue_final_message`: the text ends where that message's
+        content ends, as lm-eval asks for a task's gen_prefix), and a template that rejects the system role
+        is rendered again without system messages."""
+        from jaxrl.data.chat import ChatTemplateError
+
+        try:
+            return self._render(messages, add_generation_prompt)
+        except ChatTemplateError:
+            without_system = [m for m in messages if m.get("role") != "system"]
+            if len(without_system) == len(messages):
+                raise
+            return self._render(without_system, add_generation_prompt)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if add_generation_prompt or not messages:
+            return self.chat.render(messages, add_generation_prompt=add_generation_prompt)
+        final = messages[-1].get("content") or ""
+        tagged = [*messages[:-1], {**messages[-1], "content": final + CONTINUE_TAG}]
+        text = self.chat.render(tagged, add_generation_prompt=False)
+        tag = CONTINUE_TAG.strip()
+        if final.strip() not in text or tag not in text:
+            raise ConfigError(
+                f"{self.name}: the chat template drops part of the final message, so it cannot be continued "
+                f"(final message {final.strip()[:60]!r})"
+            )
+        at = text.rindex(tag)
+        return text[:at] if text[at : at + len(CONTINUE_TAG)] == CONTINUE_TAG else text[:at].rstrip()
 
 
 class SyntheticTextTokenizer:
@@ -76,6 +106,37 @@ class SyntheticTextTokenizer:
         return " ".join(words)
 
 
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization` (spaces before punctuation and English contractions removed)."""
+    for before, after in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
+        text = text.replace(before, after)
+    return text
+
+
+def clean_up_spaces(directory: Path, tokenizer) -> bool:
+    """Whether transformers' decode of this checkpoint's fast tokenizer cleans up tokenization spaces (so the
+    backend's generations match lm-eval's hf backend): tokenizer_config's clean_up_tokenization_spaces, which
+    transformers >= 5 ignores for BPE models unless the config forces it."""
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if not config.get("clean_up_tokenization_spaces"):
+        return False
+    is_bpe = type(tokenizer.model).__name__ == "BPE"
+    forced = config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
+    return not is_bpe or bool(forced)
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """What the backend evaluates: graphdef and params (placed on `mesh`), their config, tokenizer, length."""
@@ -86,6 +147,21 @@ class LoadedModel:
     config: Any  # ModelConfig
     tokenizer: Any  # HFTextTokenizer | SyntheticTextTokenizer
     max_length: int
+
+
+def check_model_dir(model: str | Path) -> None:
+    """A finished jaxrl run directory or an HF checkpoint directory, or a one-line error naming it."""
+    from jaxrl.models.hf import is_hf_dir
+
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {model}: no such directory")
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model {model} is neither a jaxrl run directory nor an HF checkpoint (no config.json)"
+        )
+    if not is_hf_dir(path) and not (path / "final" / "params").exists():
+        raise ConfigError(f"model {model}: the run has not finished (no final/params)")
 
 
 def tokenizer_from(directory: Path):
@@ -103,7 +179,9 @@ def tokenizer_from(directory: Path):
         return SyntheticTextTokenizer(SyntheticTokenizer.from_json(data), name=str(directory))
     from jaxrl.data.chat import HFChatTokenizer
 
-    return HFTextTokenizer(HFChatTokenizer.from_dir(directory), name=str(directory))
+    chat = HFChatTokenizer.from_dir(directory)
+    clean = clean_up_spaces(directory, chat.tokenizer)
+    return HFTextTokenizer(chat, name=str(directory), clean_up_spaces=clean)
 
 
 def run_tokenizer(run_dir: Path, run_cfg):

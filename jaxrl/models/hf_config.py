@@ -31,11 +31,30 @@ SPECIAL_TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # The ModelConfig fields a checkpoint fixes (its architecture; the rest are compute settings): an import takes
 # them from config.json (jaxrl.convert), and hf_config_for checks that config.json keeps them.
 ROPE_SCALING_KEYS = (
-    "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_positions"
+    "rope_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_positions",
 )
-ARCHITECTURE_KEYS = ("vocab_size", "hidden", "layers", "heads", "kv_heads", "head_dim", "mlp", "norm_eps",
-                     "rope_theta", "rope_scaling", *ROPE_SCALING_KEYS, "qkv_bias", "qk_norm", "norm_position",
-                     "sliding_window", "window_layers", "tie_embeddings")
+ARCHITECTURE_KEYS = (
+    "vocab_size",
+    "hidden",
+    "layers",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "mlp",
+    "norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    *ROPE_SCALING_KEYS,
+    "qkv_bias",
+    "qk_norm",
+    "norm_position",
+    "sliding_window",
+    "window_layers",
+    "tie_embeddings",
+)
 
 
 class HFCheckpointError(ValueError):
@@ -105,8 +124,10 @@ def _sliding_window(hf: Mapping[str, Any], family: str) -> tuple[int, int]:
     if types:
         start = next((i for i, t in enumerate(types) if t == "sliding_attention"), layers)
         if list(types) != ["full_attention"] * start + ["sliding_attention"] * (layers - start):
-            raise HFCheckpointError(f"layer_types={list(types)} is not supported: only full attention layers "
-                                    f"followed by sliding-window layers")
+            raise HFCheckpointError(
+                f"layer_types={list(types)} is not supported: only full attention layers "
+                f"followed by sliding-window layers"
+            )
     return (int(window), start) if start < layers else (0, 0)
 
 
@@ -174,7 +195,6 @@ def architecture_for(cfg: ModelConfig) -> str:
     else:
         family = "Mistral" if cfg.sliding_window else "Llama"
     return f"{family}For{'SequenceClassification' if cfg.head == 'scalar' else 'CausalLM'}"
-
 
 
 # What a config.json round trip must keep: the architecture (head_size for head_dim, whose 0 means

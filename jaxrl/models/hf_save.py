@@ -163,6 +163,4 @@ def _write_extras(
         if (source / GENERATION_FILE).resolve() != (path / GENERATION_FILE).resolve():
             shutil.copyfile(source / GENERATION_FILE, path / GENERATION_FILE)
         return
-    (path / GENERATION_FILE).write_text(
-        json.dumps(_generation_config(hf), indent=2, sort_keys=True) + "\n"
-    )
+    (path / GENERATION_FILE).write_text(json.dumps(_generation_config(hf), indent=2, sort_keys=True) + "\n")

@@ -99,7 +99,6 @@ def to_hf_layout(x: np.ndarray, fan_in: int) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(math.prod(x.shape[:fan_in]), -1).T)
 
 
-
 def flatten_tree(tree: Mapping, prefix: str = "") -> dict[str, Any]:
     """A nested params dict as {"a/b/c": leaf}, the paths TensorMap names."""
     out = {}

@@ -10,6 +10,8 @@ import numpy as np
 from flax import nnx
 
 from jaxrl.config import ModelConfig
+from jaxrl.models import attention, logprobs
+from jaxrl.models.attention import window_mask, windowed_layers  # noqa: F401  (the sampler's, re-exported)
 from jaxrl.sharding import constrain
 
 REMAT_POLICIES = {
@@ -141,33 +143,11 @@ def attention_output(out_BTNH, p, dtype):
     return jnp.einsum("btnh,nhd->btd", out_BTNH, p["o"]["kernel"].astype(dtype))
 
 
-def windowed_layers(cfg: ModelConfig) -> np.ndarray:
-    """Which layers use the sliding window [L] (bool): none without one, else those from window_layers on."""
-    return (np.arange(cfg.layers) >= cfg.window_layers) & (cfg.sliding_window > 0)
-
-
-def window_mask(query_T, key_S, window, windowed=True):
-    """Keys a query may see under a sliding window [T, S] (bool; causality apart): key index > query index -
-    window, as transformers' sliding_window_overlay. `windowed` (a traced per-layer flag) False lifts it."""
-    return (key_S[None, :] > query_T[:, None] - window) | jnp.logical_not(windowed)
-
-
 def attention_block(x_BTD, p, positions_BT, segment_ids_BT, cfg: ModelConfig, inv_freq, windowed=None):
     """Self-attention of one layer (GQA, optional QK-norm), causal and within segments, and within the sliding
-    window when the layer is `windowed` (a traced bool from the layer scan)."""
+    window when the layer is `windowed` (a traced bool from the layer scan), by `model.attention`."""
     q_BTNH, k_BTKH, v_BTKH = project_qkv(x_BTD, p, positions_BT, cfg, inv_freq)
-    mask = None
-    if segment_ids_BT is not None:
-        # Packed sequences: attend only within the same segment; causality comes from is_causal.
-        mask = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
-    if cfg.sliding_window:
-        index_T = jnp.arange(x_BTD.shape[1])
-        local_11TT = window_mask(index_T, index_T, cfg.sliding_window, True if windowed is None else windowed)
-        mask = local_11TT[None, None] if mask is None else mask & local_11TT[None, None]
-    impl = None if cfg.attention == "auto" else cfg.attention
-    out_BTNH = jax.nn.dot_product_attention(
-        q_BTNH, k_BTKH, v_BTKH, mask=mask, is_causal=True, implementation=impl
-    )
+    out_BTNH = attention.attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg, windowed)
     return attention_output(out_BTNH, p, _dtype(cfg.dtype))
 
 
@@ -245,8 +225,19 @@ class Transformer(nnx.Module):
 
     def logits(self, h_BTD):
         """Next-token logits [B, T, V] in fp32 (fp32 accumulation over a compute-dtype matmul)."""
-        kernel = self.lm_kernel().astype(h_BTD.dtype)
-        return jnp.einsum("btd,dv->btv", h_BTD, kernel, preferred_element_type=jnp.float32)
+        return logprobs.lm_logits(h_BTD, self.lm_kernel())
+
+    def token_logps(self, h_BTD, targets_BT, *, with_entropy: bool = False, process=None):
+        """(log p(targets[t] | h[t]) [B, T], entropy [B, T] or None) in fp32, over sequence chunks of
+        cfg.logprob_chunk positions when set (no [B, T, V] logits): see jaxrl.models.logprobs.token_logps."""
+        return logprobs.token_logps(
+            h_BTD,
+            self.lm_kernel(),
+            targets_BT,
+            chunk=self.cfg.logprob_chunk,
+            with_entropy=with_entropy,
+            process=process,
+        )
 
     def scores(self, h_BTD):
         """Scalar head output per position [B, T] in fp32."""

@@ -1,4 +1,6 @@
-"""Online RL: KL estimators, advantage estimators and aggregations, per-token losses, and the runner."""
+"""Online RL: KL estimators (kl), advantage estimators and aggregations (advantages), per-token losses
+(losses), the pure objectives (objectives), the algorithm table (algorithms), the run's programs (programs),
+what a run builds once (context) and the loop (runner)."""
 
 from jaxrl.rl import advantages, kl, losses
 

@@ -23,8 +23,9 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxrl.config import Config, ConfigError, check_choices
+from jaxrl.config import Config, check_choices
 from jaxrl.rl.losses import token_rewards
 
 # Group std and whitening add these before dividing (TRL's constants), so a constant group gives 0, not NaN.
@@ -55,12 +56,17 @@ class AdvantageHParams:
     @classmethod
     def create(cls, **overrides) -> AdvantageHParams:
         """Defaults: γ 1, λ 0.95 (TRL), β 0.05 (Tulu 2.5), whitening and group std scaling on."""
+        return jax.tree.map(jnp.asarray, cls.host(**overrides))
+
+    @classmethod
+    def host(cls, **overrides) -> AdvantageHParams:
+        """`create`'s values as host float32 scalars, to be placed with `jax.device_put` (no hidden copy)."""
         values = dict(gamma=1.0, lam=0.95, kl_coef=0.05, whiten=1.0, scale_rewards=1.0)
         unknown = sorted(set(overrides) - set(values))
         if unknown:
             raise TypeError(f"unknown advantage hyperparameter(s) {unknown}; valid keys are {sorted(values)}")
         values.update(overrides)
-        return cls(**{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
+        return cls(**{k: np.asarray(v, np.float32) for k, v in values.items()})
 
 
 def gae(rewards_BT, values_BT, mask_BT, gamma, lam) -> tuple[jax.Array, jax.Array]:
@@ -232,13 +238,12 @@ def get_aggregation(name: str) -> Callable:
 
 
 def check_config(cfg: Config) -> None:
-    """rl.advantage and rl.aggregation are registered names; a group estimator gets groups (ConfigError)."""
+    """rl.advantage and rl.aggregation are registered names (ConfigError otherwise); whether an algorithm's
+    estimator gets the groups it compares is `rl.algorithms.check_config`'s rule."""
     r = cfg.rl
-    check_choices({
-        "rl.advantage": (r.advantage, ("",) + tuple(ADVANTAGE_ESTIMATORS)),
-        "rl.aggregation": (r.aggregation, tuple(AGGREGATIONS)),
-    })
-    estimator = r.advantage or {"ppo": "gae", "grpo": "grpo", "rloo": "rloo"}.get(cfg.stage, "reinforce_pp")
-    if cfg.stage != "online_dpo" and estimator in GROUP_ESTIMATORS and r.samples_per_prompt < 2:
-        raise ConfigError(f"advantage estimator {estimator!r} compares samples of one prompt: "
-                          f"set rl.samples_per_prompt >= 2")
+    check_choices(
+        {
+            "rl.advantage": (r.advantage, ("",) + tuple(ADVANTAGE_ESTIMATORS)),
+            "rl.aggregation": (r.aggregation, tuple(AGGREGATIONS)),
+        }
+    )

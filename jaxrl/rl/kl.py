@@ -48,5 +48,6 @@ def get_kl_estimator(name: str) -> KLEstimator:
 def check_config(rl: RLConfig) -> None:
     """rl.kl_estimator and rl.kl_loss_estimator name registered estimators (ConfigError otherwise)."""
     names = tuple(KL_ESTIMATORS)
-    check_choices({"rl.kl_estimator": (rl.kl_estimator, names),
-                   "rl.kl_loss_estimator": (rl.kl_loss_estimator, names)})
+    check_choices(
+        {"rl.kl_estimator": (rl.kl_estimator, names), "rl.kl_loss_estimator": (rl.kl_loss_estimator, names)}
+    )

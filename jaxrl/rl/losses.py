@@ -10,6 +10,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @flax.struct.dataclass
@@ -28,6 +29,11 @@ class RLHParams:
     @classmethod
     def create(cls, **overrides) -> RLHParams:
         """TRL-like defaults (ε 0.2, value ε 0.2, c_v 0.1, no entropy bonus, no KL in the loss)."""
+        return jax.tree.map(jnp.asarray, cls.host(**overrides))
+
+    @classmethod
+    def host(cls, **overrides) -> RLHParams:
+        """`create`'s values as host float32 scalars, to be placed with `jax.device_put` (no hidden copy)."""
         values = dict(
             temperature=1.0,
             clip_low=0.2,
@@ -42,7 +48,7 @@ class RLHParams:
         if unknown:
             raise TypeError(f"unknown RL hyperparameter(s) {unknown}; valid keys are {sorted(values)}")
         values.update(overrides)
-        return cls(**{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
+        return cls(**{k: np.asarray(v, np.float32) for k, v in values.items()})
 
 
 def processed_logits(logits_BTV: jax.Array, temperature, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:

@@ -9,13 +9,15 @@ from jaxrl.synthetic.datasets import (
     dataset_stats,
     expected_flip_rate,
     make_eval_prompts,
+    make_gold_lists,
     make_gold_pairs,
     make_on_policy_dataset,
     make_preference_dataset,
     make_prompt_set,
+    make_ranked_dataset,
     make_sft_dataset,
 )
-from jaxrl.synthetic.labels import label_pair, label_pairs, preference_probability
+from jaxrl.synthetic.labels import label_pair, label_pairs, preference_probability, rank_list
 from jaxrl.synthetic.tokenizer import SyntheticTokenizer
 from jaxrl.synthetic.world import (
     DOMAINS,
@@ -45,10 +47,13 @@ __all__ = [
     "is_eval_text",
     "label_pair",
     "label_pairs",
+    "rank_list",
     "make_eval_prompts",
+    "make_gold_lists",
     "make_gold_pairs",
     "make_on_policy_dataset",
     "make_preference_dataset",
+    "make_ranked_dataset",
     "make_prompt_record",
     "make_prompt_set",
     "make_sft_dataset",

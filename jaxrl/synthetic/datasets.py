@@ -27,8 +27,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from jaxrl.data.records import Conversation, PreferencePair, PromptRecord, messages
-from jaxrl.synthetic.labels import label_pair, preference_probability
+from jaxrl.data.records import Conversation, PreferencePair, PromptRecord, RatedCompletions, messages
+from jaxrl.synthetic.labels import label_pair, preference_probability, rank_list
 from jaxrl.synthetic.world import (
     DOMAINS,
     HELD_OUT_SPLITS,
@@ -380,3 +380,91 @@ def make_gold_pairs(n: int, seed: int, split: str = "test") -> list[PreferencePa
             )
         )
     return pairs
+
+
+def _candidate_list(domain: str, rng: np.random.Generator, split: str, k: int, counts: dict):
+    """A prompt and k responses of independent uniform quality with distinct texts (a repeated text is
+    redrawn; a prompt with fewer than k distinct responses is redrawn; both counted). Gold rewards may tie
+    (some domains have few reward levels): a list's ties are measured, not hidden."""
+    for _ in range(MAX_RESAMPLES):
+        record = sample_prompt(domain, rng, split)
+        responses = []
+        for quality in rng.random(k):
+            for _ in range(MAX_RESAMPLES):
+                text = sample_response(record, rng, quality)
+                if text not in responses:
+                    responses.append(text)
+                    break
+                counts["identical_redrawn"] += 1
+        if len(responses) == k:
+            return record, responses, [gold_reward(record, r) for r in responses]
+        counts["prompts_redrawn"] += 1
+    raise ValueError(f"no {domain} prompt of the {split} split has {k} distinct responses: use a smaller k")
+
+
+def _scores_from_positions(positions: np.ndarray) -> tuple[float, ...]:
+    # (k - 1 - position) / (k - 1): the best 1, the worst 0 (listwise.scores_from_ranks' scale).
+    k = len(positions)
+    return tuple(float(k - 1 - p) / (k - 1) for p in positions)
+
+
+def make_ranked_dataset(kind: str, n: int, seed: int, k: int, **labeller_overrides: float) -> list:
+    """n prompts with k responses each, ranked by a kind's labeller (labels.rank_list: its Bradley-Terry
+    labeller generalised to a Plackett-Luce ranking, so k = 2 labels like make_preference_dataset's), as
+    RatedCompletions whose ratings are the rank scores (k - 1 - position) / (k - 1). Returned as a list with
+    `.stats`: redraw counts, the gold tie rate over every pair of every list, and the flip rate against gold
+    over the pairs that do not tie."""
+    _check(kind, DATASETS, "preference dataset kind")
+    if k < 2:
+        raise ValueError(f"a ranked list needs k >= 2 responses, got {k}")
+    mix, labeller = PREFERENCE_KINDS[kind]
+    labeller = _labeller(labeller, labeller_overrides)
+    content = _rng(f"ranked/content/{kind if mix != UNIFORM else 'uniform'}", seed)
+    labels = _rng(f"ranked/labels/{kind}", seed)
+    lists, counts = LabelledPairs(), {"identical_redrawn": 0, "prompts_redrawn": 0}
+    flips = pairs = ties = 0
+    for i, domain in enumerate(_domain_sequence(mix, n, content)):
+        record, responses, rewards = _candidate_list(domain, content, "train", k, counts)
+        positions = rank_list(labels, rewards, [_words(r) for r in responses], **labeller)
+        for a in range(k):
+            for b in range(a + 1, k):
+                if is_tie(rewards[a], rewards[b]):
+                    ties += 1
+                    continue
+                pairs += 1
+                flips += (positions[a] < positions[b]) != (rewards[a] > rewards[b])
+        lists.append(
+            RatedCompletions(
+                record.prompt,
+                tuple(_assistant(r) for r in responses),
+                _scores_from_positions(positions),
+                source=f"synthetic/{kind}/{domain}",
+                id=f"{kind}/{seed}/{i}",
+            )
+        )
+    lists.stats = counts | {
+        "pair_flip_rate": float(flips / max(pairs, 1)),
+        "pair_tie_rate": ties / max(ties + pairs, 1),
+    }
+    return lists
+
+
+def make_gold_lists(n: int, seed: int, k: int, split: str = "test") -> list:
+    """n held-out prompts (of a split) with k responses each, ranked exactly by the gold reward."""
+    split = _held_out(split)
+    rng = _rng(f"{split}/gold_lists", seed)
+    counts = {"identical_redrawn": 0, "prompts_redrawn": 0}
+    lists = []
+    for i, domain in enumerate(_domain_sequence(UNIFORM, n, rng)):
+        record, responses, rewards = _candidate_list(domain, rng, split, k, counts)
+        positions = np.argsort(np.argsort(-np.asarray(rewards), kind="stable"), kind="stable")
+        lists.append(
+            RatedCompletions(
+                record.prompt,
+                tuple(_assistant(r) for r in responses),
+                _scores_from_positions(positions),
+                source=f"synthetic/gold/{domain}",
+                id=f"gold_list/{seed}/{i}",
+            )
+        )
+    return lists

@@ -54,3 +54,32 @@ def label_pair(
 ) -> bool:
     """One Bradley-Terry label: True when response a is preferred over b."""
     return bool(label_pairs(rng, r_a, r_b, len_a, len_b, temperature, flip, length_bias))
+
+
+def rank_list(
+    rng: np.random.Generator,
+    rewards,
+    lengths,
+    temperature: float = 0.05,
+    flip: float = 0.0,
+    length_bias: float = 0.0,
+) -> np.ndarray:
+    """A Plackett-Luce ranking of K responses, reversed with probability flip: positions [K] (0 is best).
+
+    Utilities are reward / temperature + length_bias * length; the ranking sorts utility + Gumbel noise,
+    so for K = 2 it is label_pairs' Bradley-Terry label, flip included. Temperature 0 sorts by utility
+    (equal rewards keep their order)."""
+    if temperature < 0 or not 0.0 <= flip <= 1.0:
+        raise ValueError(f"need temperature >= 0 and flip in [0, 1], got {temperature=}, {flip=}")
+    rewards = np.asarray(rewards, np.float64)
+    lengths = np.asarray(lengths, np.float64)
+    # Both draws always happen, so the stream does not depend on the rewards (as in label_pairs).
+    gumbel = rng.gumbel(size=rewards.shape)
+    reverse = rng.random() < flip
+    utility = (rewards / temperature + gumbel) if temperature > 0 else rewards
+    order = np.argsort(-(utility + length_bias * lengths), kind="stable")
+    if reverse:
+        order = order[::-1]
+    positions = np.empty(len(order), np.int64)
+    positions[order] = np.arange(len(order))
+    return positions

@@ -1,0 +1,86 @@
+"""Sweeps as one program: wall time of K offline runs one at a time against the same K runs as one vmapped
+group (jaxrl.group), at the synthetic study's shapes (experiments/unpacking_synthetic.py: DPO, 120 steps of
+32 pairs of 48 tokens, a 0.1M-parameter model, the study's sampled evaluation).
+
+    python bench/sweep_groups.py [--members 4] [--eval] [--steps 120]
+
+Each arm runs in a fresh directory with the persistent compilation cache off, so both pay their compiles;
+prints seconds per arm and the ratio. Without --eval the world evaluation is off (training and the held-out
+loss only); with it, every member also samples its validation curves and its final test evaluation (which a
+group runs per member)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def study():
+    spec = importlib.util.spec_from_file_location("study", REPO / "experiments" / "unpacking_synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--members", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--eval", action="store_true", help="with the study's sampled world evaluation")
+    args = parser.parse_args()
+
+    from jaxrl import group, train
+    from jaxrl.config import override
+
+    module = study()
+    cfg = override(module.get_config(), {"train.steps": args.steps, "train.progress": False})
+    if not args.eval:
+        cfg = override(cfg, {"data.eval_prompts_per_domain": 0})
+    root = Path(tempfile.mkdtemp(prefix="bench-groups-"))
+    quiet = lambda *a, **k: None  # noqa: E731
+    base = root / "sft"
+    train.run(
+        override(
+            module.sft_config(cfg),
+            {"train.steps": 20, "data.eval_prompts_per_domain": 0, "train.progress": False},
+        ),
+        base,
+        log=quiet,
+    )
+    kinds, names = ("clean", "noisy", "length_biased", "math_only"), ("dpo", "ipo")
+    cfgs = [
+        override(
+            cfg,
+            {
+                "train.init_from": str(base),
+                "seed": i,
+                "loss.name": names[i % 2],
+                "data.synthetic_kind": kinds[i % 4],
+            },
+        )
+        for i in range(args.members)
+    ]
+    # Data and reference log-probs are cached per run dir: both arms build their own.
+    start = time.perf_counter()
+    for i, c in enumerate(cfgs):
+        train.run(c, root / f"solo{i}", log=quiet)
+    solo = time.perf_counter() - start
+    start = time.perf_counter()
+    group.run_group(cfgs, [root / f"member{i}" for i in range(args.members)], log=quiet)
+    grouped = time.perf_counter() - start
+    print(
+        f"members {args.members}, steps {args.steps}, world eval {'on' if args.eval else 'off'}: "
+        f"one at a time {solo:.1f} s, one group {grouped:.1f} s, ratio {solo / grouped:.2f}x"
+    )
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
