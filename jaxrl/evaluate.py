@@ -208,12 +208,26 @@ def proxy_best_of(
     """A reward model judged by the use a study makes of it: best-of-N on `policy` samples picked by the RM,
     scored by gold (proxy_best_of_<n>, beside the policy's gold best-of-N ceilings: the same draws, the SFT
     base's seed), and the RM's accuracy on those samples' pairs. N runs to data.eval_best_of."""
-    d = cfg.data
     prompts = eval_prompts(cfg, split)
     domains = [r.source for r in prompts]
+    many, ns = best_of_draws(cfg, policy_graphdef, policy_params, tok, prompts, (rm_graphdef, rm_params))
+    metrics = {"sample_ranking_accuracy": sample_ranking_accuracy(many["gold"], many["rm"])}
+    for n in ns:
+        metrics[f"proxy_best_of_{n}"], metrics[f"proxy_best_of_{n}_se"] = domain_mean(
+            expected_best_of(many["gold"], n, by_PS=many["rm"]), domains
+        )
+        metrics[f"best_of_{n}"] = domain_mean(expected_best_of(many["gold"], n), domains)[0]
+    return metrics
+
+
+def best_of_draws(cfg, graphdef, params, tok, prompts, reward_model=None) -> tuple[dict, tuple[int, ...]]:
+    """data.eval_best_of samples per prompt for the best-of-N curves (score_samples' arrays) and the N that
+    fit in them. Drawn with their own seed, apart from the primary samples (which stay the same draws for
+    every run), and the same for a base's gold ceilings and a reward model's proxy curve on that base."""
+    d = cfg.data
     many = score_samples(
-        policy_graphdef,
-        policy_params,
+        graphdef,
+        params,
         None,
         tok,
         prompts,
@@ -221,16 +235,9 @@ def proxy_best_of(
         temperature=d.eval_temperature,
         max_new=d.eval_max_new,
         seed=1,
-        reward_model=(rm_graphdef, rm_params),
+        reward_model=reward_model,
     )
-    metrics = {"sample_ranking_accuracy": sample_ranking_accuracy(many["gold"], many["rm"])}
-    for n in (1, 4, 16, 64, 256):
-        if n <= d.eval_best_of:
-            metrics[f"proxy_best_of_{n}"], metrics[f"proxy_best_of_{n}_se"] = domain_mean(
-                expected_best_of(many["gold"], n, by_PS=many["rm"]), domains
-            )
-            metrics[f"best_of_{n}"] = domain_mean(expected_best_of(many["gold"], n), domains)[0]
-    return metrics
+    return many, tuple(n for n in (1, 4, 16, 64, 256) if n <= d.eval_best_of)
 
 
 def summarize(scores: dict[str, np.ndarray], domains: list[str], *, best_of=()) -> dict[str, float]:
@@ -367,19 +374,7 @@ def synthetic_eval(
     )
     metrics = summarize(scores, domains) | greedy_gold(graphdef, params, tok, prompts, max_new=d.eval_max_new)
     if best_of and d.eval_best_of:
-        # Drawn apart from the primary samples, so those stay the same draws for every run.
-        many = score_samples(
-            graphdef,
-            params,
-            None,
-            tok,
-            prompts,
-            samples=d.eval_best_of,
-            temperature=d.eval_temperature,
-            max_new=d.eval_max_new,
-            seed=1,
-        )
-        ns = tuple(n for n in (1, 4, 16, 64, 256) if n <= d.eval_best_of)
+        many, ns = best_of_draws(cfg, graphdef, params, tok, prompts)
         metrics |= {k: v for k, v in summarize(many, domains, best_of=ns).items() if k.startswith("best_of")}
     if split == "test":
         metrics |= ranking_accuracy(graphdef, params, gold_pair_arrays(cfg, tok))
