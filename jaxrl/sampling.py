@@ -105,9 +105,14 @@ class DecodeState:
 
 def _record(state: DecodeState, logits_BV, key, temperature, *, top_k, top_p, eos_id, pad_id) -> DecodeState:
     """Samples token `state.step` from its logits and writes it (pad, log-prob 0, mask off once done)."""
+    sampled_B, logp_B = _choose(logits_BV, key, state.step, temperature, top_k, top_p)
+    return write_token(state, sampled_B, logp_B, eos_id=eos_id, pad_id=pad_id)
+
+
+def write_token(state: DecodeState, token_B, logp_B, *, eos_id, pad_id) -> DecodeState:
+    """Writes token `state.step` and its log-prob (pad, log-prob 0 and mask off for rows already done)."""
     i = state.step
-    sampled_B, logp_B = _choose(logits_BV, key, i, temperature, top_k, top_p)
-    token_B = jnp.where(state.done_B, pad_id, sampled_B).astype(state.tokens_BN.dtype)
+    token_B = jnp.where(state.done_B, pad_id, token_B).astype(state.tokens_BN.dtype)
 
     def put(buf_BN, col_B):
         return constrain(

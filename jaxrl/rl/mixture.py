@@ -47,21 +47,7 @@ def _record(state, policy_BV, ref_BV, coef_B, key, temperature, *, top_k, top_p,
     )
     processed_BV = sampling.process_logits(policy_BV, temperature, top_k=top_k, top_p=top_p)
     logp_B = jnp.take_along_axis(jax.nn.log_softmax(processed_BV, axis=-1), token_B[:, None], axis=-1)[:, 0]
-    token_B = jnp.where(state.done_B, pad_id, token_B).astype(state.tokens_BN.dtype)
-
-    def put(buf_BN, col_B):
-        return constrain(
-            jax.lax.dynamic_update_index_in_dim(buf_BN, col_B.astype(buf_BN.dtype), i, axis=1),
-            ("batch", None),
-        )
-
-    return state.replace(
-        step=i + 1,
-        tokens_BN=put(state.tokens_BN, token_B),
-        logp_BN=put(state.logp_BN, jnp.where(state.done_B, 0.0, logp_B)),
-        mask_BN=put(state.mask_BN, ~state.done_B),
-        done_B=state.done_B | (token_B == eos_id),
-    )
+    return sampling.write_token(state, token_B, logp_B, eos_id=eos_id, pad_id=pad_id)
 
 
 _STATIC = ("graphdef", "max_new", "eos_id", "pad_id", "top_p", "top_k", "active_mesh")
