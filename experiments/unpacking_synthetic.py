@@ -28,10 +28,13 @@ How the study measures (fixed before any preference run, the same for every arm)
     and its accuracy on those samples' pairs (eval/sample_ranking_accuracy); the small RMs start from the
     policy's SFT base, so theirs is the policy's over-optimisation curve, the large ones from a base of their
     own size;
-  - with --full, every algorithm has a recipe grid of the same size (four settings), searched on seed 0; the
-    setting and checkpoint with the best validation gold is rerun with seeds 1, 2, 3, and only those runs'
-    test scores enter the table (`jaxrl.sweep.run_sweep`). The default grid runs fixed recipes (the ones a
-    search on validation picked in the recorded full study; see experiments/results/).
+  - with --full, every algorithm has a recipe grid of the same size (four settings), searched on seed 0 on
+    the algorithm's reference arm (`recipe_arm`: clean data for each DPO-family loss, the clean small reward
+    model on in-domain prompts for PPO; GRPO, online DPO and gold-reward PPO are their own): one recipe per
+    algorithm across the data, reward-model and prompt factors, as the paper fixes one per algorithm. The
+    setting and checkpoint with the best validation gold is rerun with seeds 1, 2, 3 on every arm of that
+    algorithm, and only those runs' test scores enter the table (`jaxrl.sweep.run_sweep`). The default grid
+    runs fixed recipes.
 
 The SFT base is chosen by algorithm-neutral criteria: it is trained until its held-out NLL on demonstrations
 stops falling (750 steps; 250 left it under-trained: held-out NLL 1.79 vs 1.55, and every domain's gold
@@ -214,6 +217,15 @@ def search(arm: dict) -> list[dict] | None:
     if arm.get("stage") in ("ppo", "grpo", "online_dpo"):
         return ONLINE_GRID
     return OFFLINE_GRID[arm["loss.name"]]
+
+
+def recipe_arm(arm: dict) -> dict:
+    """The arm whose search chooses `arm`'s recipe: one recipe per algorithm (see the module's docstring)."""
+    if arm.get("stage", "dpo") == "dpo":
+        return {**arm, "data.synthetic_kind": "clean"}
+    if arm.get("stage") == "ppo" and arm.get("rl.reward_model"):
+        return online_point("ppo", "clean-small", "in_domain")
+    return dict(arm)
 
 
 def selection() -> dict:

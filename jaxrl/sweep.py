@@ -65,7 +65,10 @@ def expand(module, workdir: str | Path, overrides=(), points: list[dict] | None 
                                       reward (None: no reward model); rl.reward_model becomes that run's dir;
       search(point) -> list[dict]     a recipe grid per arm (see run_sweep): sweep() then lists arms, and the
                                       runs expanded here are the grid's, on the search seed (None: the arm is
-                                      a plain point).
+                                      a plain point);
+      recipe_arm(arm) -> dict         the arm whose search selects this arm's recipe (default: the arm
+                                      itself), so that arms of one algorithm share one recipe: only recipe
+                                      arms are searched.
     """
     from jaxrl.validate import validate
 
@@ -161,14 +164,28 @@ def selection(module) -> dict:
     return settings
 
 
+def recipe_arm(module, arm: dict) -> dict:
+    """The arm whose recipe search selects `arm`'s recipe: the study's recipe_arm(arm), or the arm itself."""
+    chosen = dict(module.recipe_arm(dict(arm))) if hasattr(module, "recipe_arm") else dict(arm)
+    if module.search(dict(chosen)) is None:
+        raise config_lib.ConfigError(f"recipe_arm({arm}) is {chosen}, which has no search grid")
+    return chosen
+
+
 def search_points(module) -> list[dict]:
-    """Every arm of sweep() with every setting of its search(arm) grid, on the search seed (an arm whose grid
-    is None is a plain point, run as it is)."""
+    """Every recipe arm (see recipe_arm) with every setting of its search grid, on the search seed, each once; an
+    arm whose grid is None is a plain point, run as it is."""
     seed = selection(module)["search_seed"]
-    points = []
+    points, seen = [], set()
     for arm in module.sweep():
-        grid = module.search(dict(arm))
-        points += [dict(arm)] if grid is None else [{**arm, **setting, "seed": seed} for setting in grid]
+        if module.search(dict(arm)) is None:
+            points.append(dict(arm))
+            continue
+        searched = recipe_arm(module, arm)
+        key = json.dumps(searched, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            points += [{**searched, **setting, "seed": seed} for setting in module.search(dict(searched))]
     return points
 
 
@@ -203,26 +220,32 @@ def final_points(module, workdir: Path, overrides=()) -> tuple[list[dict], dict[
     settings = selection(module)
     search = {r.id: r for r in expand(module, workdir, overrides) if r.kind == "point"}
     by_point = {json.dumps(r.point, sort_keys=True): r.id for r in search.values()}
-    points, chosen = [], {}
+    points, chosen, selected = [], {}, {}
     for arm in module.sweep():
-        grid = module.search(dict(arm))
-        if grid is None:
+        if module.search(dict(arm)) is None:
             points.append(dict(arm))
             continue
-        candidates = []
-        for setting in grid:
-            point = {**arm, **setting, "seed": settings["search_seed"]}
-            rid = by_point[json.dumps(point, sort_keys=True)]
-            candidates.append((setting, workdir / "runs" / rid))
-        setting, step, score = select_recipe(candidates, settings["metric"])
-        steps = search[
-            by_point[json.dumps({**arm, **setting, "seed": settings["search_seed"]}, sort_keys=True)]
-        ]
-        recipe = dict(setting)
-        if step != steps.cfg.train.steps:
-            recipe["train.steps"] = step  # the selected checkpoint: the rerun trains that long
-        chosen[json.dumps(arm, sort_keys=True)] = {"recipe": recipe, "validation": score}
-        points += [{**arm, **recipe, "seed": seed} for seed in settings["seeds"]]
+        searched = recipe_arm(module, arm)
+        key = json.dumps(searched, sort_keys=True)
+        if key not in selected:
+            candidates = []
+            for setting in module.search(dict(searched)):
+                point = {**searched, **setting, "seed": settings["search_seed"]}
+                rid = by_point[json.dumps(point, sort_keys=True)]
+                candidates.append((setting, workdir / "runs" / rid))
+            setting, step, score = select_recipe(candidates, settings["metric"])
+            run = search[
+                by_point[json.dumps({**searched, **setting, "seed": settings["search_seed"]}, sort_keys=True)]
+            ]
+            recipe = dict(setting)
+            if step != run.cfg.train.steps:
+                recipe["train.steps"] = step  # the selected checkpoint: the rerun trains that long
+            selected[key] = {"recipe": recipe, "validation": score}
+        entry = dict(selected[key])
+        if searched != dict(arm):
+            entry["selected_on"] = searched  # the validation score is the recipe arm's
+        chosen[json.dumps(arm, sort_keys=True)] = entry
+        points += [{**arm, **entry["recipe"], "seed": seed} for seed in settings["seeds"]]
     return points, chosen
 
 
@@ -253,9 +276,10 @@ def run_sweep(
     Several sweeps may share one workdir: each run is locked by the process training it, and the others go on
     with other runs, then wait for it. A run that fails is reported and its dependents are not started.
 
-    A study with search(arm) is run in two phases: every arm's recipe grid on the search seed, then, per arm,
-    the setting and checkpoint with the best validation score (`selection`) rerun with fresh seeds; the rows
-    returned are those of the fresh-seed runs (and their bases), each with its selected `recipe`.
+    A study with search(arm) is run in two phases: every recipe arm's grid on the search seed (recipe_arm: an
+    arm, or the arm that chooses the recipe of several), then, per arm, the setting and checkpoint with the
+    best validation score (`selection`) on its recipe arm rerun with fresh seeds; the rows returned are those
+    of the fresh-seed runs (and their bases), each with its selected `recipe`.
 
     `group`: "on" trains runs that share shapes as one vmapped program (jaxrl.group), "off" one at a time,
     "auto" groups where that is faster (jaxrl.group.grouping); the results are the same either way (each

@@ -163,6 +163,61 @@ def test_a_search_study_selects_on_validation_and_reruns_with_fresh_seeds(tmp_pa
     assert len(sweep.write_plots(rows, workdir)) == 2
 
 
+RECIPE_ARM_STUDY = SEARCH_STUDY.replace(
+    """def sweep():
+    return [{"loss.name": "dpo"}]""",
+    """def sweep():
+    return [{"data.synthetic_kind": kind} for kind in ("clean", "noisy", "length_biased")]
+
+def recipe_arm(arm):
+    return {**arm, "data.synthetic_kind": "clean"}""",
+)
+
+
+def test_arms_of_one_algorithm_share_the_recipe_their_recipe_arm_selects(tmp_path):
+    from jaxrl import config as config_lib
+
+    path = tmp_path / "recipe_arm_study.py"
+    path.write_text(RECIPE_ARM_STUDY)
+    study = config_lib.load_experiment(path)
+    workdir = tmp_path / "w"
+    # Only the recipe arm (clean) is searched: two settings, not six.
+    points = sweep.search_points(study)
+    assert points == [
+        {"data.synthetic_kind": "clean", "loss.beta": beta, "seed": 0} for beta in (0.1, 1.0)
+    ]
+    runs = {r.point["loss.beta"]: r for r in sweep.expand(study, workdir) if r.kind == "point"}
+    # beta 1.0 is best on validation at step 20 (its test score is the worst: selection must not see it).
+    write_curve(workdir / "runs" / runs[0.1].id, val=[0.30, 0.35, 0.45], test=[0.9, 0.9, 0.9])
+    write_curve(workdir / "runs" / runs[1.0].id, val=[0.40, 0.55, 0.50], test=[0.1, 0.1, 0.1])
+    final, chosen = sweep.final_points(study, workdir)
+    assert final == [
+        {"data.synthetic_kind": kind, "loss.beta": 1.0, "train.steps": 20, "seed": 1}
+        for kind in ("clean", "noisy", "length_biased")
+    ]
+    noisy = chosen[json.dumps({"data.synthetic_kind": "noisy"}, sort_keys=True)]
+    assert noisy["selected_on"] == {"data.synthetic_kind": "clean"} and noisy["validation"] == 0.55
+    assert "selected_on" not in chosen[json.dumps({"data.synthetic_kind": "clean"}, sort_keys=True)]
+
+
+def test_a_recipe_arm_without_a_grid_is_refused():
+    class Study:
+        @staticmethod
+        def sweep():
+            return [{"loss.name": "dpo"}]
+
+        @staticmethod
+        def search(arm):
+            return None if arm.get("loss.name") == "ipo" else [{"loss.beta": 0.1}]
+
+        @staticmethod
+        def recipe_arm(arm):
+            return {"loss.name": "ipo"}
+
+    with pytest.raises(ConfigError, match="has no search grid"):
+        sweep.search_points(Study)
+
+
 def test_compare_pairs_arms_by_seed_and_verdicts_follow_the_interval():
     rows = []
     for seed, (a, b) in enumerate([(0.60, 0.50), (0.62, 0.51), (0.61, 0.49)]):
