@@ -173,8 +173,8 @@ def recipe_arm(module, arm: dict) -> dict:
 
 
 def search_points(module) -> list[dict]:
-    """Every recipe arm (see recipe_arm) with every setting of its search grid, on the search seed, each once; an
-    arm whose grid is None is a plain point, run as it is."""
+    """Every recipe arm (see recipe_arm) with every setting of its search grid, on the search seed, each once;
+    an arm whose grid is None is a plain point, run as it is."""
     seed = selection(module)["search_seed"]
     points, seen = [], set()
     for arm in module.sweep():
