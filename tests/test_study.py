@@ -183,9 +183,7 @@ def test_arms_of_one_algorithm_share_the_recipe_their_recipe_arm_selects(tmp_pat
     workdir = tmp_path / "w"
     # Only the recipe arm (clean) is searched: two settings, not six.
     points = sweep.search_points(study)
-    assert points == [
-        {"data.synthetic_kind": "clean", "loss.beta": beta, "seed": 0} for beta in (0.1, 1.0)
-    ]
+    assert points == [{"data.synthetic_kind": "clean", "loss.beta": beta, "seed": 0} for beta in (0.1, 1.0)]
     runs = {r.point["loss.beta"]: r for r in sweep.expand(study, workdir) if r.kind == "point"}
     # beta 1.0 is best on validation at step 20 (its test score is the worst: selection must not see it).
     write_curve(workdir / "runs" / runs[0.1].id, val=[0.30, 0.35, 0.45], test=[0.9, 0.9, 0.9])
