@@ -196,17 +196,34 @@ def sweep(full: bool = True):
     return points
 
 
+def evaluation():
+    """The paper's benchmark suite on every policy arm (DPO and PPO; reward models are judged by their
+    accuracy): `jaxrl sweep` runs `jaxrl eval --tasks tulu25` on each finished arm, and `jaxrl launch ...
+    --sweep` adds one eval job per arm that waits for it. lm-eval reads each task's dataset from the local HF
+    datasets cache (jaxrl/eval/suites.py says which); the AlpacaEval-style task is judged by a reward model
+    (EVAL_JUDGE) against reference outputs (EVAL_ALPACA): see the README for how it differs from the paper."""
+    return {
+        "tasks": ["tulu25"],
+        "judge": os.environ.get("TULU25_EVAL_JUDGE", REWARD_MODELS["13b_uf"]),
+        "alpaca_file": os.environ.get("TULU25_EVAL_ALPACA", f"{PROMPT_ROOT}/alpaca_eval_reference.jsonl"),
+    }
+
+
 def metrics():
-    """Table columns, each one a run of this study logs (tests/test_tulu25_metrics.py runs a tiny version of
-    every stage and checks): DPO's held-out loss and reward accuracy, the RM's held-out accuracy, and PPO's
-    rollout RM score and KL to the reference from training (PPO on real data has no held-out evaluation yet,
-    so there is no eval/kl; benchmark scores come from `jaxrl eval` on each finished arm)."""
+    """Table columns, each one a run of this study logs or its evaluation writes (tests/test_tulu25_metrics.py
+    runs a tiny version of every stage and its evaluation, and checks): DPO's held-out loss and reward
+    accuracy, the RM's held-out accuracy, PPO's rollout RM score and KL to the reference from training, and
+    each benchmark's headline score (harness/<task>, from evaluation())."""
+    from jaxrl.eval import suites
+
+    benchmarks = [f"harness/{t.task}" for t in suites.expand(list(evaluation()["tasks"]))]
     return [
         "eval/loss",
         "eval/rewards/accuracies",
         "eval/accuracy",
         "train/objective/scores",
         "train/objective/kl",
+        *benchmarks,
     ]
 
 

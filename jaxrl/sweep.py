@@ -290,16 +290,28 @@ def run_sweep(
     # Every stage's runner is imported now, not at the sweep's first online run: a sweep that runs for hours
     # must not combine modules loaded at its start with ones edited in the checkout since.
     import jaxrl.rl.runner  # noqa: F401
+    from jaxrl.eval import jobs as eval_jobs
+
+    evaluation = eval_jobs.spec(module)
+    if evaluation is not None:
+        eval_jobs.check(evaluation)  # before hours of training, not after
+
+    def evaluated(runs: list[Run]) -> list[Run]:
+        if evaluation is not None:
+            dirs = [workdir / "runs" / r.id for r in runs if evaluation.evaluates(r.cfg.stage)]
+            eval_jobs.evaluate_runs([d for d in dirs if _finished(d)], evaluation, log)
+        return runs
 
     if not hasattr(module, "search") or all(module.search(dict(arm)) is None for arm in module.sweep()):
-        return collect(_run_all(expand(module, workdir, overrides), workdir, log, poll_s, group), workdir)
+        runs = evaluated(_run_all(expand(module, workdir, overrides), workdir, log, poll_s, group))
+        return collect(runs, workdir, evaluation)
     log("search: every arm's recipe grid on the search seed")
     _run_all(expand(module, workdir, overrides), workdir, log, poll_s, group)
     points, chosen = final_points(module, workdir, overrides)
     (workdir / "selected.json").write_text(json.dumps(chosen, indent=2) + "\n")
     log("selected recipes (validation) rerun with fresh seeds")
-    runs = _run_all(expand(module, workdir, overrides, points), workdir, log, poll_s, group)
-    rows = collect(runs, workdir)
+    runs = evaluated(_run_all(expand(module, workdir, overrides, points), workdir, log, poll_s, group))
+    rows = collect(runs, workdir, evaluation)
     for row in rows:
         run = next(r for r in runs if r.id == row["run"])
         for key in chosen:
@@ -310,6 +322,13 @@ def run_sweep(
                     row.pop(k, None)  # the arm is one row whatever was selected; the recipe column says what
                 break
     return rows
+
+
+def _finished(run_dir: Path) -> bool:
+    from jaxrl import workdir as workdir_lib
+
+    summary = workdir_lib.finished_summary(run_dir)
+    return summary is not None and summary.get("status", "finished") == "finished"
 
 
 def _recipe_label(recipe: dict) -> str:
@@ -438,10 +457,12 @@ def base_labels(runs: list[Run]) -> dict[str, dict[str, Any]]:
     return labels
 
 
-def collect(runs: list[Run], workdir: Path) -> list[dict]:
+def collect(runs: list[Run], workdir: Path, evaluation=None) -> list[dict]:
     """One row per finished run: its overrides (for a shared base, what tells it apart from the other bases),
-    base/point kind, and train/eval metrics."""
+    base/point kind, train/eval metrics, and the benchmark scores of the study's `evaluation` (an
+    `jaxrl.eval.jobs.EvalSpec`: harness/<task> columns)."""
     from jaxrl import workdir as workdir_lib
+    from jaxrl.eval import jobs as eval_jobs
 
     rows = []
     labels = base_labels(runs)
@@ -465,6 +486,8 @@ def collect(runs: list[Run], workdir: Path) -> list[dict]:
         row |= {f"eval/{k}": v for k, v in summary.get("eval", {}).items()}
         row |= {f"val/{k}": v for k, v in summary.get("val", {}).items()}
         row |= _against_base(r, summary, runs, summaries)
+        if evaluation is not None and evaluation.evaluates(r.cfg.stage):
+            row |= eval_jobs.scores(workdir / "runs" / r.id, evaluation)
         rows.append(row)
     return rows
 

@@ -27,15 +27,27 @@ class LaunchError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One training run: its name (the run id), workdir, `jaxrl train` argv and the jobs it waits for."""
+    """One job: its name (the run id; "eval,<run id>" for a run's benchmark evaluation), workdir, `jaxrl
+    train` or `jaxrl eval` arguments and the jobs it waits for."""
 
     name: str
     workdir: str
-    train_args: tuple[str, ...]  # starts with "train": the program prefix is the launcher's
+    args: tuple[str, ...]  # "train ..." or "eval ...": the program prefix is the launcher's
     after: tuple[str, ...] = ()
 
     def argv(self, program: Sequence[str] = JAXRL) -> list[str]:
-        return [*program, *self.train_args]
+        return [*program, *self.args]
+
+    def configs(self) -> list[str]:
+        """The study file the job reads ([] for an eval job, which reads a run dir)."""
+        return [self.args[self.args.index("--config") + 1]] if "--config" in self.args else []
+
+    def with_config(self, path: str) -> tuple[str, ...]:
+        """The arguments with --config pointing at `path` (unchanged without --config)."""
+        args = list(self.args)
+        if "--config" in args:
+            args[args.index("--config") + 1] = path
+        return tuple(args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +95,13 @@ def train_args(config: str, workdir: str, sets: Sequence[str] = ()) -> tuple[str
 
 def jobs(config: str, workdir: str, overrides: Sequence[str] = (), *, sweep: bool = False) -> list[Job]:
     """The runs to launch: one job for the config, or (sweep) one per run of `jaxrl.sweep.expand`, shared base
-    runs first. Each job's overrides are the given ones, then the sweep point's, then what the sweep adds
-    (shared cache, init_from of a base run; all of a base run's own settings); checked to rebuild the run's
-    exact config."""
+    runs first, then (a study with evaluation()) one `jaxrl eval` job per evaluated run, after it. Each
+    training job's overrides are the given ones, then the sweep point's, then what the sweep adds (shared
+    cache, init_from of a base run; all of a base run's own settings); checked to rebuild the run's exact
+    config."""
     from jaxrl import config as config_lib
     from jaxrl import sweep as sweep_lib
+    from jaxrl.eval import jobs as eval_jobs
     from jaxrl.validate import validate
 
     workdir = str(Path(workdir).absolute())
@@ -109,6 +123,13 @@ def jobs(config: str, workdir: str, overrides: Sequence[str] = (), *, sweep: boo
         after = run.deps  # its SFT base and reward model, launched before it
         run_dir = str(Path(workdir) / "runs" / run.id)
         out.append(Job(run.id, run_dir, train_args(config, run_dir, sets), after))
+    evaluation = eval_jobs.spec(module)
+    if evaluation is not None:  # one benchmark job per evaluated run, waiting for it
+        for run in runs:
+            if evaluation.evaluates(run.cfg.stage):
+                run_dir = str(Path(workdir) / "runs" / run.id)
+                out_dir = str(eval_jobs.out_dir(run_dir))
+                out.append(Job(f"eval,{run.id}", out_dir, evaluation.cli_args(run_dir, out_dir), (run.id,)))
     return out
 
 

@@ -93,14 +93,17 @@ def script_dir(job: Job, options: SlurmOptions) -> Path:
 def bundle_dir(job: Job, options: SlurmOptions) -> Path:
     """Where the job's code is shipped: <script dir>/bundle-<digest of its content>, so that a later launch
     never changes the code of a queued or running job."""
-    return script_dir(job, options) / f"bundle-{bundle.digest([_config(job)])}"
+    return script_dir(job, options) / f"bundle-{bundle.digest(job.configs())}"
 
 
 def job_command(job: Job, options: SlurmOptions, program: Sequence[str] = JAXRL) -> list[str]:
     """The job's argv with --config pointing at the study file in its bundle."""
-    args = list(job.train_args)
-    i = args.index("--config") + 1
-    args[i] = str(bundle_dir(job, options) / bundle.study_name(args[i]))
+    configs = job.configs()
+    args = list(
+        job.with_config(str(bundle_dir(job, options) / bundle.study_name(configs[0])))
+        if configs
+        else job.args
+    )
     for flag, value in zip(["", *args[:-1]], args, strict=True):
         if _CONTROL.search(value):
             _refuse(flag if flag.startswith("--") else "argument", value, "control characters are refused")
@@ -145,10 +148,6 @@ def dependency_placeholder(name: str) -> str:
     return "{job:" + name + "}"
 
 
-def _config(job: Job) -> str:
-    return job.train_args[job.train_args.index("--config") + 1]
-
-
 def plan(jobs: Sequence[Job], options: SlurmOptions, *, program: Sequence[str] = JAXRL) -> list[Step]:
     """One `sbatch --parsable [--dependency=afterok:...] <script>` per job."""
     steps = []
@@ -175,7 +174,7 @@ def launch(
     scripts = [render(job, options, program=program) for job in jobs]  # every flag checked before writing
     if dry_run:
         for job, script in zip(jobs, scripts, strict=True):
-            make = bundle.command([_config(job)], str(bundle_dir(job, options)))
+            make = bundle.command(job.configs(), str(bundle_dir(job, options)))
             out(f"# bundle (written unless it exists): {shlex.join(make)}")
             out(f"# {script_path(job, options)}\n{script}")
         out(format_plan(steps))
@@ -185,7 +184,7 @@ def launch(
         path = script_path(job, options)
         path.parent.mkdir(parents=True, exist_ok=True)
         (Path(job.workdir) / "logs").mkdir(parents=True, exist_ok=True)
-        bundle.ensure_tree([_config(job)], bundle_dir(job, options))
+        bundle.ensure_tree(job.configs(), bundle_dir(job, options))
         path.write_text(script)
         argv = [re.sub(r"\{job:([^}]*)\}", lambda m: ids[m.group(1)], a) for a in step.argv]
         out("+ " + shlex.join(argv))

@@ -126,9 +126,9 @@ def _configs(jobs: Sequence[Job]) -> list[str]:
     """The study files the jobs read (their --config), in order, once each."""
     out = []
     for job in jobs:
-        config = job.train_args[job.train_args.index("--config") + 1]
-        if config not in out:
-            out.append(config)
+        for config in job.configs():
+            if config not in out:
+                out.append(config)
     return out
 
 
@@ -155,11 +155,12 @@ def install_steps(options: TpuOptions, jobs: Sequence[Job]) -> list[Step]:
             for node in nodes(options)
         ]
     )
+    extras = "tpu,eval" if any(job.args[0] == "eval" for job in jobs) else "tpu"  # eval jobs need lm-eval
     install = (
         f"set -e; rm -rf {REMOTE_DIR}; mkdir -p {REMOTE_DIR} {REMOTE_LOGS}; "
         f"tar -xzf {REMOTE_TARBALL} -C {REMOTE_DIR}; python3 -m venv {REMOTE_VENV}; "
         f"{REMOTE_VENV}/bin/pip install -q --upgrade pip; "
-        f"{REMOTE_VENV}/bin/pip install -q './{REMOTE_DIR}[tpu]'"
+        f"{REMOTE_VENV}/bin/pip install -q './{REMOTE_DIR}[{extras}]'"
     )
     return [
         Step(pack, note="bundle the installed jaxrl and launch packages with the study file"),
@@ -171,10 +172,8 @@ def install_steps(options: TpuOptions, jobs: Sequence[Job]) -> list[Step]:
 def remote_args(job: Job) -> tuple[str, ...]:
     """The job's train arguments with --config pointing at the study file in the bundle (relative to the
     unpacked bundle, ~/jaxrl, where the workers run)."""
-    args = list(job.train_args)
-    i = args.index("--config") + 1
-    args[i] = bundle.study_name(args[i])
-    return tuple(args)
+    configs = job.configs()
+    return job.with_config(bundle.study_name(configs[0])) if configs else job.args
 
 
 def run_step(options: TpuOptions, job: Job, program: Sequence[str] = JAXRL) -> Step:

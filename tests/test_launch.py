@@ -64,7 +64,7 @@ def test_sweep_one_job_per_point(tmp_path):
     module = config_lib.load_experiment(CONFIG)
     runs = sweep_lib.expand(module, study, ["train.steps=5"])
     for job, run in zip(jobs, runs, strict=True):
-        sets = [job.train_args[i + 1] for i, a in enumerate(job.train_args) if a == "--set"]
+        sets = [job.args[i + 1] for i, a in enumerate(job.args) if a == "--set"]
         assert config_lib.override(module.get_config(), sets) == run.cfg
         assert job.workdir == str(study / "runs" / run.id)
 
@@ -85,11 +85,11 @@ def test_sweep_base_runs_come_first_and_are_waited_for(tmp_path):
     assert len(jobs) == 3
     base = jobs[0]
     assert base.name.startswith("sft,") and base.after == ()
-    sets = [base.train_args[i + 1] for i, a in enumerate(base.train_args) if a == "--set"]
+    sets = [base.args[i + 1] for i, a in enumerate(base.args) if a == "--set"]
     assert sets == ["stage=sft", f"train.cache_dir={study}/cache", "train.steps=7"]
     for job, beta in zip(jobs[1:], ("0.1", "0.3"), strict=True):
         assert job.after == (base.name,)
-        assert job.train_args[-6:] == (
+        assert job.args[-6:] == (
             "--set",
             f"loss.beta={beta}",
             "--set",
@@ -133,7 +133,7 @@ def test_slurm_dry_run_commands_and_script(tmp_path):
     bundled = slurm.bundle_dir(jobs[0], options)
     assert bundled.parent == study / "runs" / jobs[0].name / "launch" and bundled.name.startswith("bundle-")
     assert f"export PYTHONPATH={bundled}" in script
-    command = ["jaxrl", *jobs[0].train_args]
+    command = ["jaxrl", *jobs[0].args]
     command[command.index("--config") + 1] = str(bundled / "study" / "tiny_pipeline.py")
     assert f"jaxrl-task {shlex.join(command)}" in script
     assert "{{" not in script
@@ -381,7 +381,7 @@ def test_sweep_rl_jobs_wait_for_their_reward_model(tmp_path):
         rm = next(a for a in job.after if a.startswith("rm,"))
         sft = next(a for a in job.after if a.startswith("sft,"))
         assert names.index(rm) < names.index(job.name) and names.index(sft) < names.index(rm)
-        sets = [job.train_args[i + 1] for i, a in enumerate(job.train_args) if a == "--set"]
+        sets = [job.args[i + 1] for i, a in enumerate(job.args) if a == "--set"]
         assert f"rl.reward_model={study}/runs/{rm}" in sets  # the last word on rl.reward_model is the run dir
         last = [s for s in sets if s.startswith("rl.reward_model=")][-1]
         assert last == f"rl.reward_model={study}/runs/{rm}"

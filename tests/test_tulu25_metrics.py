@@ -98,6 +98,35 @@ def tiny_tulu25(tmp_path, monkeypatch):
     )
     assert "shp_2" in dpo["data.source"] and "ultrafeedback_mean_aspects" in rm["data.source"]
     study.sweep = lambda: [shrink(dpo), shrink(rm), shrink(ppo)]
+    # The benchmark suite's datasets are not on this machine: the same evaluation path on two local tasks.
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _write_jsonl(
+        tasks / "mc.jsonl",
+        [
+            {"question": c, "choices": [CORPUS[(i + 1) % 20], CORPUS[(i + 9) % 20]], "answer": 0}
+            for i, c in enumerate(CORPUS[:4])
+        ],
+    )
+    _write_jsonl(tasks / "gen.jsonl", [{"prompt": c, "target": "no such answer"} for c in CORPUS[:3]])
+    head = "dataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n    test: "
+    (tasks / "tiny_mc.yaml").write_text(
+        f"task: tiny_mc\n{head}{tasks / 'mc.jsonl'}\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    (tasks / "tiny_gen.yaml").write_text(
+        f"task: tiny_gen\n{head}{tasks / 'gen.jsonl'}\noutput_type: generate_until\n"
+        "doc_to_text: '{{prompt}}'\ndoc_to_target: '{{target}}'\n"
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 4\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    study.evaluation = lambda: {
+        "tasks": ["tiny_mc", "tiny_gen"],
+        "include_path": [str(tasks)],
+        "batch_size": 8,
+        "model_args": {"dtype": "float32"},
+    }
     return study
 
 
@@ -118,3 +147,33 @@ def test_every_tulu25_metric_is_logged_by_a_tiny_run_of_its_stage(tiny_tulu25, t
         assert any(name in keys for name in metrics), f"no metrics() column for the {stage} runs: {keys}"
     _, _, markdown = sweep.write_results(rows, metrics, tmp_path / "study")
     assert all(name in markdown.splitlines()[0] for name in metrics)
+    # The benchmark columns: every policy arm is evaluated (with a standard error), the reward model is not.
+    for row in rows:
+        harness = {k for k in row if k.startswith("harness/")}
+        if row["stage"] == "rm":
+            assert not harness
+        else:
+            assert {"harness/tiny_mc", "harness/tiny_mc_se", "harness/tiny_gen"} <= harness, row
+            assert 0 <= row["harness/tiny_mc"] <= 1 and row["harness/tiny_gen"] == 0.0
+    # A rerun finds every arm trained and evaluated: nothing is run again.
+    lines = []
+    again = sweep.run_sweep(tiny_tulu25, tmp_path / "study", log=lines.append)
+    assert not any(line.startswith("evaluating") for line in lines), lines
+    assert [r.get("harness/tiny_mc") for r in again] == [r.get("harness/tiny_mc") for r in rows]
+
+
+def test_tulu25_launch_adds_an_eval_job_per_policy_arm(tiny_tulu25, tmp_path):
+    import launch
+
+    study_file = tmp_path / "tiny_tulu25.py"
+    study_file.write_text(open("experiments/tulu25.py").read())
+    jobs = launch.jobs(str(study_file), str(tmp_path / "w"), sweep=True)
+    train = {j.name: j for j in jobs if j.args[0] == "train"}
+    evals = [j for j in jobs if j.args[0] == "eval"]
+    policy = [name for name, j in train.items() if not any(a == "stage=rm" for a in j.args)]
+    assert sorted(j.after[0] for j in evals) == sorted(policy) and all(len(j.after) == 1 for j in evals)
+    for job in evals:
+        args = list(job.args)
+        assert args[args.index("--model") + 1] == train[job.after[0]].workdir
+        assert args[args.index("--tasks") + 1] == "tulu25" and "--judge" in args
+        assert jobs.index(job) > jobs.index(train[job.after[0]])

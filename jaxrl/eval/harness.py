@@ -14,6 +14,7 @@ from pathlib import Path
 from jaxrl.config import ConfigError
 from jaxrl.eval import model as model_lib
 from jaxrl.eval import suites
+from jaxrl.eval.jobs import safe_name
 
 RESULTS_FILE = "results.json"
 
@@ -28,7 +29,7 @@ def task_manager(include_path: list[str] | None):
     return TaskManager(include_path=list(include_path) if include_path else None)
 
 
-def _check_tasks(entries: list[suites.SuiteTask], manager) -> None:
+def check_tasks(entries: list[suites.SuiteTask], manager) -> None:
     known = set(manager.all_tasks) | {"alpaca_eval_rm"}
     unknown = [e.task for e in entries if e.task not in known]
     if unknown:
@@ -36,10 +37,6 @@ def _check_tasks(entries: list[suites.SuiteTask], manager) -> None:
             f"unknown task(s): {', '.join(unknown)} (not an lm-eval task, group or tag, nor a jaxrl "
             f"suite ({', '.join(suites.SUITES)}); local tasks need --include-path)"
         )
-
-
-def _safe_name(task: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
 
 
 def summary_line(task: str, result: dict, metric: str = "") -> str:
@@ -110,10 +107,10 @@ def evaluate(
     model_lib.check_model_dir(model)
     entries = suites.expand(tasks, with_optional=with_optional)
     manager = task_manager(include_path)
-    _check_tasks(entries, manager)
+    check_tasks(entries, manager)
     out = Path(out)
     task_dir = out / "tasks"
-    files = {e.task: task_dir / f"{_safe_name(e.task)}.json" for e in entries}
+    files = {e.task: task_dir / f"{safe_name(e.task)}.json" for e in entries}
     # Process 0's view of what is finished decides for all (an unshared disk must not split the processes).
     done = allgather_objects(sorted(t for t, f in files.items() if f.is_file()))[0]
     results: dict[str, dict] = {}
@@ -167,7 +164,7 @@ def evaluate(
         samples = result.pop("samples", None)
         _write_json(files[entry.task], result)
         if samples:
-            with open(task_dir / f"{_safe_name(entry.task)}.samples.jsonl", "w") as f:
+            with open(task_dir / f"{safe_name(entry.task)}.samples.jsonl", "w") as f:
                 from lm_eval.utils import handle_non_serializable
 
                 for task_samples in samples.values():
