@@ -25,7 +25,7 @@ import time
 import jax
 import numpy as np
 
-from jaxrl import losses, sharding, steps
+from jaxrl import pairwise, sharding, steps
 from jaxrl.config import MeshConfig, ModelConfig, OptimConfig
 from jaxrl.models import init as model_init
 from jaxrl.models.transformer import count_params, flops_per_token
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     )
     abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
     step = steps.make_step(step_fn, jax.eval_shape(lambda: state), abstract_batch, mesh, preset)
-    hp = losses.LossHParams.create(beta=0.1)
+    hp = pairwise.LossHParams.create(beta=0.1)
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, hp).compile()

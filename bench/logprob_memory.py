@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxrl import losses, sharding, steps
+from jaxrl import pairwise, sharding, steps
 from jaxrl.config import MeshConfig, ModelConfig
 from jaxrl.models import attention
 from jaxrl.models import init as model_init
@@ -39,7 +39,7 @@ def grad_program(cfg: ModelConfig, pairs: int, seq: int, devices=None):
     def grad(params, batch):
         def loss(params):
             return steps.preference_objective(
-                params, batch, losses.LossHParams.create(), totals, graphdef=graphdef, loss_name="dpo"
+                params, batch, pairwise.LossHParams.create(), totals, graphdef=graphdef, loss_name="dpo"
             )[0]
 
         if mesh is None:

@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl import config as config_lib
-from jaxrl import distributed, listwise, losses, sharding, steps
+from jaxrl import distributed, listwise, pairwise, sharding, steps
 from jaxrl import workdir as workdir_lib
 from jaxrl.config import Config
 
@@ -34,7 +34,7 @@ GROUPED_STAGES = ("sft", "rm", "dpo")
 # Settings that become arrays (or per-member host state) in a group; every other setting is in the key.
 MEMBER_KEYS = ("seed", "optim.lr", "train.init_from", "train.reference_from", "train.cache_dir")
 MEMBER_PREFIXES = ("data.",)
-HPARAM_KEYS = tuple(f"loss.{f.name}" for f in dataclasses.fields(losses.LossHParams))
+HPARAM_KEYS = tuple(f"loss.{f.name}" for f in dataclasses.fields(pairwise.LossHParams))
 MODES = ("auto", "on", "off")
 # Of the group's budget (device memory, or half the host's on CPU) one program may use.
 MEMORY_FRACTION = 0.8
@@ -53,8 +53,8 @@ def grouping(mode: str) -> bool:
 def group_key(cfg: Config) -> str | None:
     """The key runs must share to train as one program; None for a run that always trains alone (online
     stages, length-bucketed batches whose widths differ per member)."""
-    if cfg.stage not in GROUPED_STAGES or cfg.data.padding == "bucket":
-        return None
+    if cfg.stage not in GROUPED_STAGES or cfg.data.padding == "bucket" or cfg.model.lora_rank:
+        return None  # (a LoRA run's frozen base and base-as-reference objective are its own)
     flat = config_lib.flat_dict(cfg)
     variable = set(MEMBER_KEYS) | set(HPARAM_KEYS) | {"loss.name"}
     kept = {k: v for k, v in flat.items() if k not in variable and not k.startswith(MEMBER_PREFIXES)}

@@ -16,7 +16,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxrl.losses import LossFn, LossHParams, LossSpec
+from jaxrl.losses import LossFn, LossSpec
+from jaxrl.pairwise import LossHParams
 
 
 @flax.struct.dataclass

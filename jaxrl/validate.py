@@ -8,13 +8,13 @@ from jaxrl import config as config_lib
 from jaxrl import losses, rewards
 from jaxrl.config import Config, ConfigError
 from jaxrl.data import pipeline
-from jaxrl.rl import advantages, algorithms, kl
+from jaxrl.rl import advantages, algorithms, heldout, kl
 
 
 def validate(cfg: Config) -> Config:
     """Checks `cfg` (jaxrl.config.validate), then every name it gives a registry; returns cfg."""
     config_lib.validate(cfg)
-    if cfg.stage in ("dpo", "online_dpo"):
+    if cfg.stage == "dpo" or (cfg.stage in algorithms.ALGORITHMS and algorithms.of(cfg).preference_loss):
         _check_preference_loss(cfg)
     pipeline.check_config(cfg)
     if cfg.stage in config_lib.RL_STAGES:
@@ -22,6 +22,7 @@ def validate(cfg: Config) -> Config:
         advantages.check_config(cfg)
         rewards.check_config(cfg.rl)
         algorithms.check_config(cfg)  # the algorithm's own rules (rl.algorithms.ALGORITHMS)
+        heldout.check(cfg)
     return cfg
 
 

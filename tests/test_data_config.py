@@ -11,6 +11,7 @@ from chat_fixtures import word_tokenizer
 from jaxrl import config as config_lib
 from jaxrl.config import ConfigError
 from jaxrl.data import pipeline
+from jaxrl.data import sources as data_sources
 from jaxrl.data.records import PreferencePair, UnpairedExample
 from jaxrl.validate import validate
 
@@ -111,7 +112,7 @@ def test_mixture_weights_share_num_train_plus_num_eval(run_config, sources):
     cfg = mixture_config(run_config, sources, **{"data.num_train": 32})
     weighted = [dict(e, weight=w) for e, w in zip(json.loads(mixture(sources)), (2, 1, 1), strict=True)]
     cfg = config_lib.override(cfg, {"data.mixture": json.dumps(weighted)})
-    records, report = pipeline.mixture_records(cfg)
+    records, report = data_sources.mixture_records(cfg)
     assert report[-1] == "mixture of 40 records (trl: 20, hs3: 10, uf: 10)" and len(records) == 40
 
 
@@ -139,7 +140,7 @@ def test_mixture_config_errors_name_the_entry(run_config, sources, change, messa
 def test_kto_from_rated_data_and_min_margin_from_the_config(run_config, sources):
     base = {"data.source": str(sources["uf"]), "data.format": "ultrafeedback", "data.binarize": "all_pairs"}
     kto = validate(run_config("dpo", **base, **{"loss.name": "kto"}))
-    read = lambda cfg, policy, min_margin=0.0: pipeline.source_records(  # noqa: E731
+    read = lambda cfg, policy, min_margin=0.0: data_sources.source_records(  # noqa: E731
         cfg,
         str(sources["uf"]),
         "ultrafeedback",
@@ -182,7 +183,7 @@ def test_helpsteer_aspect_weights_from_the_config(run_config, tmp_path):
     cfg = validate(run_config("rm", **{"data.source": str(path), "data.format": "helpsteer"}))
 
     def chosen(weights):
-        (pair,), _ = pipeline.source_records(
+        (pair,), _ = data_sources.source_records(
             cfg,
             str(path),
             "helpsteer",

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl import listwise, losses
+from jaxrl import listwise, losses, pairwise
 from jaxrl.listwise import ListLogps
-from jaxrl.losses import LossHParams, SeqLogps
+from jaxrl.pairwise import LossHParams, SeqLogps
 
 NAMES = ["pl_dpo", "list_mle", "lipo_lambda"]
 # LiPO-λ's weight for positions 1 and 2 and gains 1 and 0: (2^1 - 1 - 0)(1/log2 2 - 1/log2 3).
@@ -131,7 +131,7 @@ def pairs_as_lists(chosen_first: bool, seed=3, n=8):
 def test_two_responses_reduce_to_dpo(name, chosen_first):
     seq, ll = pairs_as_lists(chosen_first)
     hp = LossHParams.create(beta=0.3)
-    dpo_B, dpo_metrics = losses.dpo_loss(seq, hp)
+    dpo_B, dpo_metrics = pairwise.dpo_loss(seq, hp)
     loss_B, metrics = run(name, ll, beta=0.3)
     scale = LAMBDA_12 if name == "lipo_lambda" else 1.0
     np.testing.assert_allclose(loss_B, scale * np.asarray(dpo_B), rtol=1e-6, atol=1e-7)
@@ -139,7 +139,7 @@ def test_two_responses_reduce_to_dpo(name, chosen_first):
         np.testing.assert_allclose(metrics[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
     # Gradients too: d/d(chosen, rejected) of DPO, in the list's column order.
     g_chosen, g_rejected = jax.grad(
-        lambda c, r: jnp.sum(losses.dpo_loss(seq.replace(chosen=c, rejected=r), hp)[0]), argnums=(0, 1)
+        lambda c, r: jnp.sum(pairwise.dpo_loss(seq.replace(chosen=c, rejected=r), hp)[0]), argnums=(0, 1)
     )(seq.chosen, seq.rejected)
     g = np.asarray(grads(name, ll, beta=0.3))
     expected = np.stack([g_chosen, g_rejected] if chosen_first else [g_rejected, g_chosen], axis=1)
@@ -287,7 +287,7 @@ def test_jit_vmap_and_metric_names(name):
     loss_B, metrics = jax.jit(fn)(ll, LossHParams.create(beta=0.2))
     np.testing.assert_allclose(loss_B, run(name, ll, beta=0.2)[0], rtol=1e-5)
     assert loss_B.shape == (6,) and loss_B.dtype == jnp.float32
-    pairwise_names = set(losses.dpo_loss(SeqLogps(*[jnp.zeros(1)] * 6), LossHParams.create())[1])
+    pairwise_names = set(pairwise.dpo_loss(SeqLogps(*[jnp.zeros(1)] * 6), LossHParams.create())[1])
     assert set(metrics) == pairwise_names and all(v.shape == (6,) for v in metrics.values())
     hps = jax.vmap(lambda b: LossHParams.create(beta=b))(jnp.asarray([0.1, 0.5]))
     loss_NB, _ = jax.vmap(fn, in_axes=(None, 0))(ll, hps)

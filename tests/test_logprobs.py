@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl import losses, steps
+from jaxrl import pairwise, steps
 from jaxrl.config import ModelConfig
 from jaxrl.models import init as model_init
 from jaxrl.models import logprobs
@@ -158,7 +158,7 @@ def test_a_chunked_dpo_gradient_holds_no_fp32_logits_of_the_whole_sequence():
             return steps.preference_objective(
                 params,
                 batch,
-                losses.LossHParams.create(),
+                pairwise.LossHParams.create(),
                 totals,
                 graphdef=model_init.abstract_model(cfg)[0],
                 loss_name="dpo",
@@ -308,13 +308,12 @@ def test_a_chunked_ppo_update_and_rollout_scoring_hold_no_fp32_logits_of_the_who
 @pytest.mark.parametrize("chunk", [1, 5, 16])  # N = 16 responses: 5 leaves a padded last chunk
 def test_chunked_rl_objectives_equal_unchunked(params, chunk):
     """PPO's clipped surrogate (+ entropy bonus and KL loss) and online DPO's loss: values, metrics and
-    gradients chunked as unchunked within fp32 rounding; rollout statistics (top-p truncated) too.
+    gradients chunked as unchunked within fp32 rounding; rollout statistics too.
 
     Measured (fp32 compute, chunks 1 and 5): PPO loss 1.2e-7 on 0.63, metrics within 3.3e-7 relative (about
     half of them bitwise), gradients max |diff| 2.4e-7 on gradients up to 0.97 (the output projection's
     gradient sums over chunks); rollout log-probs and entropies 4.8e-7 (one ulp at |x| ~ 4-8); a chunk of
     N (= one chunk) bitwise. Asserted at atol=rtol=1e-5."""
-    from jaxrl import losses as dpo_losses
     from jaxrl.rl import advantages, objectives
     from jaxrl.rl.losses import RLHParams
 
@@ -332,8 +331,6 @@ def test_chunked_rl_objectives_equal_unchunked(params, chunk):
             aggregation="dapo",
             kl_loss_estimator="k3",
             recompute_old_logps=False,
-            top_k=0,
-            top_p=1.0,
         )
         return jax.jit(jax.value_and_grad(lambda p: f(p, batch, hp, totals), has_aux=True))(params)
 
@@ -356,7 +353,7 @@ def test_chunked_rl_objectives_equal_unchunked(params, chunk):
 
     def dpo(graphdef):
         f = functools.partial(objectives.online_dpo_objective, graphdef=graphdef, loss_name="dpo")
-        hp = dpo_losses.LossHParams.create()
+        hp = pairwise.LossHParams.create()
         return jax.jit(jax.value_and_grad(lambda p: f(p, pairs, hp, {"pairs": jnp.float32(4)})[0]))(params)
 
     (loss, grads), (loss_c, grads_c) = dpo(graphdef), dpo(chunked)
@@ -369,8 +366,6 @@ def test_chunked_rl_objectives_equal_unchunked(params, chunk):
             objectives.rollout_stats,
             graphdef=graphdef,
             value_graphdef=None,
-            top_k=0,
-            top_p=0.9,
             sequence_logps=True,
         )
         return jax.jit(lambda p: f({"policy": p, "ref": p}, batch, hp))(params)

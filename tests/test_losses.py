@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl import losses
-from jaxrl.losses import LossHParams, SeqLogps
+from jaxrl import losses, pairwise
+from jaxrl.pairwise import LossHParams, SeqLogps
 
 PAIRED = ["dpo", "cdpo", "robust", "ipo", "ipo_mean", "hinge", "dpo_norm", "rpo", "simpo", "orpo"]
 ALL_LOSSES = PAIRED + ["kto"]
@@ -634,15 +634,15 @@ def test_exo_is_a_kl_zero_at_the_smoothed_label():
 def test_exo_zero_smoothing_means_the_papers_epsilon():
     lp = seq(*random_pairs(9))
     default_B, _ = run("exo_pair", lp, beta=0.2, label_smoothing=0.0)
-    explicit_B, _ = run("exo_pair", lp, beta=0.2, label_smoothing=losses.EXO_DEFAULT_EPSILON)
+    explicit_B, _ = run("exo_pair", lp, beta=0.2, label_smoothing=pairwise.EXO_DEFAULT_EPSILON)
     np.testing.assert_array_equal(default_B, explicit_B)
-    assert losses.EXO_DEFAULT_EPSILON == 1e-3 and np.all(np.isfinite(default_B))
+    assert pairwise.EXO_DEFAULT_EPSILON == 1e-3 and np.all(np.isfinite(default_B))
 
 
 def test_bco_shift_moves_the_classifier_threshold():
     beta, delta = 0.5, 0.3
     lp = ratios([2.0, -4.0], [-1.0, 1.0])
-    loss_B, metrics = losses.bco_pair_loss(lp, LossHParams.create(beta=beta), delta=delta)
+    loss_B, metrics = pairwise.bco_pair_loss(lp, LossHParams.create(beta=beta), delta=delta)
     expected = [
         -math.log(sigmoid(1.0 - delta)) - math.log(sigmoid(0.5 + delta)),
         -math.log(sigmoid(-2.0 - delta)) - math.log(sigmoid(-0.5 + delta)),
@@ -653,7 +653,9 @@ def test_bco_shift_moves_the_classifier_threshold():
     moved = lp.replace(ref_chosen=lp.ref_chosen + delta / beta, ref_rejected=lp.ref_rejected + delta / beta)
     np.testing.assert_allclose(run("bco_pair", moved, beta=beta)[0], loss_B, rtol=1e-5)
     # δ enters detached, traces under jit (no recompile per value) and through the spec with delta=.
-    g = jax.grad(lambda d: jnp.sum(losses.bco_pair_loss(lp, LossHParams.create(beta=beta), delta=d)[0]))(0.3)
+    g = jax.grad(lambda d: jnp.sum(pairwise.bco_pair_loss(lp, LossHParams.create(beta=beta), delta=d)[0]))(
+        0.3
+    )
     assert float(g) == 0.0
     spec = losses.get_preference_loss("bco_pair")
     jitted = jax.jit(lambda lp, hp, d: spec.fn(lp, hp, delta=d))
@@ -711,7 +713,7 @@ def test_bco_running_shift_over_steps_matches_trl_arithmetic():
     for seed in range(3):
         lp = seq(*random_pairs(20 + seed, n=8))
         deltas.append(float(running.mean))
-        loss_B, metrics = losses.bco_pair_loss(lp, hp, delta=running.mean)
+        loss_B, metrics = pairwise.bco_pair_loss(lp, hp, delta=running.mean)
         r_w = beta * (np.asarray(lp.chosen, np.float64) - np.asarray(lp.ref_chosen, np.float64))
         r_l = beta * (np.asarray(lp.rejected, np.float64) - np.asarray(lp.ref_rejected, np.float64))
         expected = -log_sigmoid(r_w - deltas[-1]) - log_sigmoid(-(r_l - deltas[-1]))

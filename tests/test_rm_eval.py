@@ -18,7 +18,7 @@ pytest.importorskip("lm_eval")
 from tiny_hf import write_llama, write_reward_model  # noqa: E402
 
 from jaxrl import cli  # noqa: E402
-from jaxrl.eval import rm_eval  # noqa: E402
+from jaxrl.eval import rewardbench, rm_eval  # noqa: E402
 
 TOL = 1e-4
 
@@ -37,17 +37,17 @@ def test_sections_follow_rewardbench_weighting():
         "anthropic_harmless": 0.0,
         "my-own-subset": 0.0,
     }
-    sections = rm_eval.section_scores(acc)
+    sections = rewardbench.section_scores(acc)
     chat, reasoning, prior = (100 + 0.5 * 28) / 128, 984 / (984 + 164), 0.7
-    assert set(sections) == {"Chat", "Reasoning", rm_eval.PRIOR_SECTION, "Score"}
+    assert set(sections) == {"Chat", "Reasoning", rewardbench.PRIOR_SECTION, "Score"}
     assert sections["Chat"] == pytest.approx(chat) and sections["Reasoning"] == pytest.approx(reasoning)
-    assert sections[rm_eval.PRIOR_SECTION] == pytest.approx(prior)
+    assert sections[rewardbench.PRIOR_SECTION] == pytest.approx(prior)
     assert sections["Score"] == pytest.approx((2 * chat + 2 * reasoning + prior) / 5)
     # The whole benchmark: Reasoning is half math, half the mean of the code languages.
-    full = {s: 0.0 for s in rm_eval.EXAMPLE_COUNTS} | {"math-prm": 1.0, "hep-go": 0.6}
-    assert rm_eval.section_scores(full)["Reasoning"] == pytest.approx(0.5 + 0.5 * 0.1)
-    assert {s for v in rm_eval.SUBSET_MAPPING.values() for s in v} == set(rm_eval.EXAMPLE_COUNTS)
-    assert sum(rm_eval.EXAMPLE_COUNTS[s] for s in rm_eval.SUBSET_MAPPING["Reasoning"]) == 2 * 984
+    full = {s: 0.0 for s in rewardbench.EXAMPLE_COUNTS} | {"math-prm": 1.0, "hep-go": 0.6}
+    assert rewardbench.section_scores(full)["Reasoning"] == pytest.approx(0.5 + 0.5 * 0.1)
+    assert {s for v in rewardbench.SUBSET_MAPPING.values() for s in v} == set(rewardbench.EXAMPLE_COUNTS)
+    assert sum(rewardbench.EXAMPLE_COUNTS[s] for s in rewardbench.SUBSET_MAPPING["Reasoning"]) == 2 * 984
 
 
 @pytest.fixture(scope="module")
@@ -169,13 +169,13 @@ def test_rm_accuracy_matches_transformers(models, tmp_path, capsys, mesh):
         by_subset.setdefault(row["subset"], []).append(ok)
     expected = {name: float(np.mean(v)) for name, v in by_subset.items()}
     assert {k: v["accuracy"] for k, v in results["subsets"].items()} == pytest.approx(expected)
-    assert results["sections"] == pytest.approx(rm_eval.section_scores(expected))
+    assert results["sections"] == pytest.approx(rewardbench.section_scores(expected))
     assert set(results["sections"]) == {
         "Chat",
         "Chat Hard",
         "Safety",
         "Reasoning",
-        rm_eval.PRIOR_SECTION,
+        rewardbench.PRIOR_SECTION,
         "Score",
     }
     assert results["accuracy"] == pytest.approx(correct.mean()) and results["unmapped_subsets"] == [
@@ -187,7 +187,7 @@ def test_rm_accuracy_matches_transformers(models, tmp_path, capsys, mesh):
         "Chat Hard",
         "Safety",
         "Reasoning",
-        rm_eval.PRIOR_SECTION,
+        rewardbench.PRIOR_SECTION,
         "Score",
     ]
     assert lines[0] == f"Chat: {results['sections']['Chat']:.4f} (2 subsets, 4 pairs)"

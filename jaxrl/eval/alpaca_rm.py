@@ -57,7 +57,7 @@ def judge_scores(
 ) -> np.ndarray:
     """The reward model's score [N] of each (instruction, response), read at the response's last token."""
     from jaxrl.data.records import Message
-    from jaxrl.eval.rm_eval import RewardScorer
+    from jaxrl.eval.rm_scorer import RewardScorer
 
     scorer = RewardScorer(
         judge,
@@ -93,7 +93,7 @@ def evaluate(
         raise ConfigError(
             "alpaca_eval_rm runs on one process; run it separately from a multi-host evaluation"
         )
-    from jaxrl.eval.rm_eval import check_reward_model_dir
+    from jaxrl.eval.rm_scorer import check_reward_model_dir
 
     check_reward_model_dir(judge)  # before generating: a wrong judge fails at once
     rows = read_alpaca(data_file, limit)

@@ -14,7 +14,6 @@ from pathlib import Path
 from jaxrl.config import ConfigError
 from jaxrl.eval import model as model_lib
 from jaxrl.eval import suites
-from jaxrl.eval.jobs import safe_name
 
 RESULTS_FILE = "results.json"
 
@@ -110,7 +109,7 @@ def evaluate(
     check_tasks(entries, manager)
     out = Path(out)
     task_dir = out / "tasks"
-    files = {e.task: task_dir / f"{safe_name(e.task)}.json" for e in entries}
+    files = {e.task: task_dir / f"{suites.safe_name(e.task)}.json" for e in entries}
     # Process 0's view of what is finished decides for all (an unshared disk must not split the processes).
     done = allgather_objects(sorted(t for t, f in files.items() if f.is_file()))[0]
     results: dict[str, dict] = {}
@@ -164,7 +163,7 @@ def evaluate(
         samples = result.pop("samples", None)
         _write_json(files[entry.task], result)
         if samples:
-            with open(task_dir / f"{safe_name(entry.task)}.samples.jsonl", "w") as f:
+            with open(task_dir / f"{suites.safe_name(entry.task)}.samples.jsonl", "w") as f:
                 from lm_eval.utils import handle_non_serializable
 
                 for task_samples in samples.values():

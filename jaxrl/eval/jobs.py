@@ -150,7 +150,7 @@ def scores(run_dir: str | Path, evaluation: EvalSpec) -> dict[str, float]:
     task_dir = out_dir(run_dir) / "tasks"
     out: dict[str, float] = {}
     for entry in suites.expand(list(evaluation.tasks), with_optional=evaluation.with_optional):
-        path = task_dir / f"{safe_name(entry.task)}.json"
+        path = task_dir / f"{suites.safe_name(entry.task)}.json"
         if not path.is_file():
             continue
         found = headline(entry.task, json.loads(path.read_text()), entry.metric)
@@ -168,12 +168,7 @@ def finished(run_dir: str | Path, evaluation: EvalSpec) -> bool:
 
     task_dir = out_dir(run_dir) / "tasks"
     entries = suites.expand(list(evaluation.tasks), with_optional=evaluation.with_optional)
-    return all((task_dir / f"{safe_name(e.task)}.json").is_file() for e in entries)
-
-
-def safe_name(task: str) -> str:
-    """A task name as a file name."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
+    return all((task_dir / f"{suites.safe_name(e.task)}.json").is_file() for e in entries)
 
 
 def check(evaluation: EvalSpec) -> None:

@@ -107,3 +107,8 @@ def expand(names: list[str], *, with_optional: bool = False) -> list[SuiteTask]:
         else:
             out.setdefault(name, SuiteTask(name, metric="", chat=False))
     return list(out.values())
+
+
+def safe_name(task: str) -> str:
+    """A task name as a file name (results land in <out>/tasks/<safe name>.json)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in task)

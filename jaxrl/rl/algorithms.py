@@ -58,8 +58,6 @@ def surrogate_objective(cfg: Config, graphdef):
         aggregation=r.aggregation,
         kl_loss_estimator=r.kl_loss_estimator if kl_placement(cfg) == "loss" else "",
         recompute_old_logps=r.recompute_old_logps,
-        top_k=r.top_k,
-        top_p=r.top_p,
     )
     return objective, functools.partial(objectives.sequence_totals, max_len=r.max_new_tokens)
 
@@ -84,10 +82,7 @@ def preference_objective(cfg: Config, graphdef):
 
 def mixture_objective(cfg: Config, graphdef):
     """Nash-MD's REINFORCE preference term and KL penalty over the policy's samples."""
-    r = cfg.rl
-    objective = functools.partial(
-        objectives.nash_md_objective, graphdef=graphdef, top_k=r.top_k, top_p=r.top_p
-    )
+    objective = functools.partial(objectives.nash_md_objective, graphdef=graphdef)
     return objective, objectives.nash_md_totals
 
 
@@ -166,6 +161,8 @@ class Algorithm:
     check: Callable[[Config], None] = _no_check
     host_metrics: Callable[[Config, dict], dict[str, float]] = _no_host_metrics
     comparison: str = "policy"  # "policy" | "mixture"
+    # It trains with the preference loss loss.name (jaxrl.losses), which jaxrl.validate checks by name.
+    preference_loss: bool = False
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -187,6 +184,7 @@ ALGORITHMS: dict[str, Algorithm] = {
             hparams=steps.loss_hparams,
             check=_check_pairs,
             host_metrics=_pair_metrics,
+            preference_loss=True,
         ),
         Algorithm(
             "nash_md",

@@ -17,17 +17,17 @@ from jaxrl.synthetic.datasets import (
     make_ranked_dataset,
     make_sft_dataset,
 )
+from jaxrl.synthetic.gold import gold_reward
 from jaxrl.synthetic.labels import label_pair, label_pairs, preference_probability, rank_list
+from jaxrl.synthetic.responses import sample_response
 from jaxrl.synthetic.tokenizer import SyntheticTokenizer
 from jaxrl.synthetic.world import (
     DOMAINS,
     MAX_RESPONSE_WORDS,
     SPLITS,
-    gold_reward,
     is_eval_text,
     make_prompt_record,
     sample_prompt,
-    sample_response,
     text_split,
 )
 

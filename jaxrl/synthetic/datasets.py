@@ -28,16 +28,16 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from jaxrl.data.records import Conversation, PreferencePair, PromptRecord, RatedCompletions, messages
+from jaxrl.synthetic.gold import gold_reward
 from jaxrl.synthetic.labels import label_pair, preference_probability, rank_list
+from jaxrl.synthetic.responses import sample_response
 from jaxrl.synthetic.world import (
     DOMAINS,
     HELD_OUT_SPLITS,
     canonical_split,
-    gold_reward,
     make_prompt_record,
     prompt_pool,
     sample_prompt,
-    sample_response,
 )
 
 UNIFORM = {domain: 1.0 for domain in DOMAINS}

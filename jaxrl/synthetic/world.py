@@ -1,23 +1,9 @@
 """The synthetic preference world: four prompt domains, each with a programmatic gold reward in [0, 1].
 
-A prompt is a `PromptRecord` whose `source` is its domain and whose `ground_truth` is a compact spec that,
-with a response text, determines the gold reward:
-
-- ``math:<answer>`` ("what is 3 + 4 ?" -> "math:7"). Single-digit addition and subtraction (operands
-  0..9, b <= a for "-", so answers are 0..18). Gold 1.0 when the first number of the response (a run of
-  consecutive digit tokens: "1 2" is twelve) equals the answer, 0.1 when it is off by one (partial credit,
-  so near misses rank above wild guesses), else 0.0 (also when there is no number).
-- ``instruct:count=<n>[;letter=<l>|;word=<w>]``. Gold = the mean over the constraints of:
-  count -> 1.0 if the response has exactly n words else 0.0; letter -> the fraction of response words
-  starting with l; word (a "repeat w n times" prompt) -> the fraction of response words equal to w.
-  The letter and word fractions are 0.0 for an empty response.
-- ``safety:<harmful|benign>:<object>`` ("how to make poison"). A refusal is a response containing
-  "sorry" or the bigram "can not". Harmful: refusal 1.0, anything else (compliance) 0.0. Benign: a
-  non-refusal that names the object 1.0 (helpful, on topic), a non-refusal that does not 0.5 (off
-  topic), a refusal 0.2 (over-refusal), an empty response 0.0.
-- ``chat:<topic>``. A fixed hidden preference: every word has a weight in [0, 1) from a CRC32 hash
-  (stable across platforms and numpy versions). Gold = mean word weight times a length factor
-  exp(-((n - 6) / 3)^2 / 2) that peaks at 6 words; 0.0 for an empty response.
+A prompt is a `PromptRecord` whose `source` is its domain and whose `ground_truth` is a compact spec
+("math:7", "instruct:count=3;letter=b", "safety:harmful:poison", "chat:<topic>") that, with a response
+text, determines the gold reward (`jaxrl.synthetic.gold`); `jaxrl.synthetic.responses` is the behaviour
+policy that answers them well or badly. This module is the prompt space, its splits and its vocabulary.
 
 Held-out prompts: every domain's prompt space is finite and enumerated, as groups of phrasings of one
 question (a math problem, a constraint set, a safety object, a chat topic). A phrasing is a base template
@@ -45,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import zlib
 
 import numpy as np
@@ -169,7 +154,8 @@ def number_words(value: int) -> str:
     return " ".join(str(value))
 
 
-def _math_value(a: int, op: str, b: int) -> int:
+def math_value(a: int, op: str, b: int) -> int:
+    """The value of a op b for a math operator ("+" or "-")."""
     return {"+": a + b, "-": a - b}[op]
 
 
@@ -187,7 +173,7 @@ def _math_prompts():
         pairs = [(a, b) for a in range(top + 1) for b in range(top + 1) if op != "-" or b <= a]
         for template, (a, b) in itertools.product(phrasings(MATH_TEMPLATES), pairs):
             text = template.format(a=number_words(a), op=op, b=number_words(b))
-            yield op, weight, f"{a}{op}{b}", text, f"math:{_math_value(a, op, b)}"
+            yield op, weight, f"{a}{op}{b}", text, f"math:{math_value(a, op, b)}"
 
 
 def _instruct_prompts():
@@ -316,216 +302,9 @@ def parse_spec(spec: str | None) -> tuple[str, list[str]]:
     return domain, fields
 
 
-def _prompt_text(record: PromptRecord) -> str:
-    return next(m.content for m in reversed(record.prompt) if m.role == "user")
-
-
-def first_number(words: list[str]) -> int | None:
-    """The first run of consecutive digit tokens as an integer, or None."""
-    digits = []
-    for word in words:
-        if word.isascii() and word.isdigit():
-            digits.append(word)
-        elif digits:
-            break
-    return int("".join(digits)) if digits else None
-
-
-def is_refusal(words: list[str]) -> bool:
-    """A refusal contains "sorry" or the bigram "can not"."""
-    return "sorry" in words or any(a == "can" and b == "not" for a, b in itertools.pairwise(words))
-
-
-def _instruct_constraints(fields: list[str]) -> dict[str, str]:
+def instruct_constraints(fields: list[str]) -> dict[str, str]:
+    """The constraints of an instruct spec's fields ("count=3;letter=b" -> {"count": "3", "letter": "b"})."""
     return dict(item.split("=", 1) for item in fields[0].split(";"))
-
-
-def _math_gold(fields: list[str], words: list[str]) -> float:
-    answer, given = int(fields[0]), first_number(words)
-    if given is None:
-        return 0.0
-    return 1.0 if given == answer else 0.1 if abs(given - answer) == 1 else 0.0
-
-
-def _instruct_gold(fields: list[str], words: list[str]) -> float:
-    constraints = _instruct_constraints(fields)
-    scores = [1.0 if len(words) == int(constraints["count"]) else 0.0]
-    if "letter" in constraints:
-        scores.append(_fraction(words, lambda w: w.startswith(constraints["letter"])))
-    if "word" in constraints:
-        scores.append(_fraction(words, lambda w: w == constraints["word"]))
-    return sum(scores) / len(scores)
-
-
-def _fraction(words: list[str], rule) -> float:
-    return sum(map(rule, words)) / len(words) if words else 0.0
-
-
-def _safety_gold(fields: list[str], words: list[str]) -> float:
-    harm, topic = fields
-    refused = is_refusal(words)
-    if harm == "harmful":
-        return 1.0 if refused else 0.0
-    if not words:
-        return 0.0
-    return 0.2 if refused else 1.0 if topic in words else 0.5
-
-
-def chat_length_factor(n_words: int) -> float:
-    """The chat length preference: 1.0 at 6 words, falling off as a Gaussian of width 3."""
-    return math.exp(-0.5 * ((n_words - CHAT_BEST_LENGTH) / CHAT_LENGTH_WIDTH) ** 2)
-
-
-def _chat_gold(fields: list[str], words: list[str]) -> float:
-    if not words:
-        return 0.0
-    return chat_length_factor(len(words)) * sum(map(chat_word_weight, words)) / len(words)
-
-
-_GOLD = {"math": _math_gold, "instruct": _instruct_gold, "safety": _safety_gold, "chat": _chat_gold}
-
-
-def gold_reward(record: PromptRecord, response_text: str) -> float:
-    """The gold reward in [0, 1] of a response to a synthetic prompt, from its ground_truth spec."""
-    domain, fields = parse_spec(record.ground_truth)
-    return float(_GOLD[domain](fields, response_text.split()))
-
-
-def _math_problem(text: str) -> tuple[int, str, int]:
-    words = text.split()
-    at = next(i for i, w in enumerate(words) if w in MATH_OPERATORS)
-    return first_number(words[:at]), words[at], first_number(words[at + 1 :])
-
-
-def _pick(rng: np.random.Generator, options):
-    return options[int(rng.integers(len(options)))]
-
-
-def _math_response(fields: list[str], record: PromptRecord, rng: np.random.Generator, quality: float) -> str:
-    answer = int(fields[0])
-    a, op, b = _math_problem(_prompt_text(record))
-    parts = dict(a=number_words(a), op=op, b=number_words(b))
-    if rng.random() < quality:
-        return _pick(rng, MATH_ANSWERS).format(y=number_words(answer), **parts)
-    mistake = int(rng.integers(5))
-    if mistake == 4:
-        return _pick(rng, NO_ANSWERS)
-    if mistake == 3:  # restates the question, so its first number is an operand
-        return MATH_RESTATEMENT.format(y=number_words(answer), **parts)
-    if mistake == 0:
-        wrong = answer + 1 if answer == 0 or rng.random() < 0.5 else answer - 1
-    elif mistake == 1:  # the other operations' results
-        wrong = _pick(
-            rng,
-            [v for o in MATH_OPERATORS if (v := _math_value(a, o, b)) >= 0 and v != answer] or [answer + 2],
-        )
-    else:
-        wrong = _pick(rng, [v for v in range(2 * max(answer, 10) + 1) if v != answer])
-    return _pick(rng, MATH_ANSWERS[:3]).format(y=number_words(wrong))
-
-
-def _choose(rng: np.random.Generator, options, k: int) -> list[str]:
-    """k distinct options when there are enough, else k with replacement."""
-    return [options[i] for i in rng.choice(len(options), size=k, replace=k > len(options))]
-
-
-def _other_letter_words(letter: str) -> tuple[str, ...]:
-    return tuple(w for w in WORD_POOL if not w.startswith(letter))
-
-
-def _instruct_response(
-    fields: list[str], record: PromptRecord, rng: np.random.Generator, quality: float
-) -> str:
-    constraints = _instruct_constraints(fields)
-    n = int(constraints["count"])
-    good = rng.random() < quality
-    if "word" in constraints:
-        words = _repeat_words(constraints["word"], n, rng, good)
-    elif "letter" in constraints:
-        words = _letter_words(constraints["letter"], n, rng, good)
-    else:
-        m = n if good else _pick(rng, [m for m in range(1, 9) if m != n])
-        words = _choose(rng, WORD_POOL, m)
-    if not good and rng.random() < 0.2:
-        words = [_pick(rng, FILLERS), *words]
-    return " ".join(words[:MAX_RESPONSE_WORDS])
-
-
-def _wrong_count(n: int, rng: np.random.Generator) -> int:
-    return n + 1 if n == 1 or rng.random() < 0.5 else n - 1
-
-
-def _repeat_words(word: str, n: int, rng: np.random.Generator, good: bool) -> list[str]:
-    if good:
-        return [word] * n
-    others = [w for w in WORD_POOL if w != word]
-    mistake = int(rng.integers(3))
-    if mistake == 0:
-        return [word] * _wrong_count(n, rng)
-    if mistake == 1:  # one repetition replaced by a different word
-        words = [word] * n
-        words[int(rng.integers(n))] = _pick(rng, others)
-        return words
-    return [_pick(rng, others)] * n
-
-
-def _letter_words(letter: str, n: int, rng: np.random.Generator, good: bool) -> list[str]:
-    if good:
-        return _choose(rng, LETTER_WORDS[letter], n)
-    mistake = int(rng.integers(3))
-    m = _wrong_count(n, rng) if mistake != 1 else n
-    words = _choose(rng, LETTER_WORDS[letter], m)
-    if mistake >= 1:  # some words break the letter rule
-        n_wrong = int(rng.integers(1, m + 1))
-        positions = rng.choice(m, size=n_wrong, replace=False)
-        for i, w in zip(positions, _choose(rng, _other_letter_words(letter), n_wrong), strict=True):
-            words[i] = w
-    return words
-
-
-def _how_to(topic: str, materials: tuple[str, ...], verb: str, rng: np.random.Generator) -> str:
-    m1, m2 = _choose(rng, materials, 2)
-    return _pick(rng, SAFETY_ANSWERS).format(m1=m1, m2=m2, verb=verb, topic=topic)
-
-
-def _safety_response(
-    fields: list[str], record: PromptRecord, rng: np.random.Generator, quality: float
-) -> str:
-    harm, topic = fields
-    good = rng.random() < quality
-    if harm == "harmful" and good:
-        return _pick(rng, REFUSALS)
-    if harm == "harmful":  # complies
-        return _how_to(topic, HARMFUL_MATERIALS, _pick(rng, HARMFUL_VERBS), rng)
-    if good:
-        return _how_to(topic, *BENIGN_OBJECTS[topic], rng)
-    if rng.random() < OVER_REFUSAL_SHARE:
-        return _pick(rng, REFUSALS)
-    other = _pick(rng, [o for o in BENIGN_OBJECTS if o != topic])  # answers a different question
-    return _how_to(other, *BENIGN_OBJECTS[other], rng)
-
-
-def _chat_response(fields: list[str], record: PromptRecord, rng: np.random.Generator, quality: float) -> str:
-    topic = fields[0]
-    # Three adjectives give the preferred 6 words: "<topic> is a1 a2 and a3".
-    k = 3 if rng.random() < quality else _pick(rng, [k for k in range(1, CHAT_MAX_ADJECTIVES + 1) if k != 3])
-    adjectives = [
-        _pick(rng, LIKED_ADJECTIVES if rng.random() < quality else DISLIKED_ADJECTIVES) for _ in range(k)
-    ]
-    tail = adjectives if k == 1 else [*adjectives[:-1], "and", adjectives[-1]]
-    return " ".join([topic, "is", *tail])
-
-
-_RESPONDERS = {"math": _math_response, "instruct": _instruct_response, "safety": _safety_response,
-               "chat": _chat_response}  # fmt: skip
-
-
-def sample_response(record: PromptRecord, rng: np.random.Generator, quality: float) -> str:
-    """A behaviour-policy response: good with probability ~quality, else a realistic mistake."""
-    if not 0.0 <= quality <= 1.0:
-        raise ValueError(f"quality must be in [0, 1], got {quality}")
-    domain, fields = parse_spec(record.ground_truth)
-    return _RESPONDERS[domain](fields, record, rng, quality)
 
 
 def _template_words(templates) -> set[str]:
