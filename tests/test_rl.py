@@ -341,8 +341,6 @@ def objective(aggregation="grpo", recompute=False, kl_loss=""):
         aggregation=aggregation,
         kl_loss_estimator=kl_loss,
         recompute_old_logps=recompute,
-        top_k=0,
-        top_p=1.0,
     )
 
 
@@ -354,7 +352,7 @@ def test_positive_advantage_raises_the_token_log_prob_through_the_model():
     graphdef, params = tiny_params()
     batch = rl_batch()
     hp = RLHParams.create(temperature=0.7)
-    model_logps = lambda p: objectives.policy_logps(nnx.merge(graphdef, p), batch, 0.7, top_k=0, top_p=1.0)[0]
+    model_logps = lambda p: objectives.policy_logps(nnx.merge(graphdef, p), batch, 0.7)[0]
     before = np.asarray(model_logps(params))
     for sign in (1.0, -1.0):
         signed = dict(batch, advantages=np.full_like(batch["advantages"], sign), old_logps=before)
@@ -391,25 +389,21 @@ def test_policy_objective_gradient_accumulation_invariance(aggregation):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads1, grads4)
 
 
-def test_trainer_log_probs_match_the_samplers_processed_distribution():
+def test_trainer_log_probs_are_tempered_untruncated_and_match_the_samplers_report():
+    """Under top-k / top-p the objective's log-probs are the policy's at temperature, untruncated (TRL's): the
+    sampler reports the same with logps_under="tempered", and the truncated ones it reports by default are
+    larger (renormalised over the nucleus) wherever truncation removed mass."""
     graphdef, params = tiny_params()
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(4, 64, n)) for n in (3, 5, 4, 5)]
     ids, mask = context.fixed_left_pad(prompts, 6, 0)
     stats_params = {"policy": params, "ref": params}
     for kw in ({}, {"top_k": 5}, {"top_p": 0.8}):
-        tokens, logps, response_mask = sampling.sample(
-            graphdef,
-            params,
-            ids,
-            mask,
-            jax.random.PRNGKey(1),
-            np.float32(0.7),
-            max_new=5,
-            eos_id=2,
-            pad_id=0,
-            **kw,
-        )
+        common = (graphdef, params, ids, mask, jax.random.PRNGKey(1), np.float32(0.7))
+        static = dict(max_new=5, eos_id=2, pad_id=0, **kw)
+        tokens, logps, response_mask = sampling.sample(*common, **static, logps_under="tempered")
+        same_tokens, processed, _ = sampling.sample(*common, **static)
+        np.testing.assert_array_equal(same_tokens, tokens)  # the report never changes the draws
         batch = {"prompt": ids, "prompt_mask": mask, "response": tokens, "response_mask": response_mask}
         stats = objectives.rollout_stats(
             stats_params,
@@ -417,16 +411,107 @@ def test_trainer_log_probs_match_the_samplers_processed_distribution():
             RLHParams.create(temperature=0.7),
             graphdef=graphdef,
             value_graphdef=None,
-            top_k=kw.get("top_k", 0),
-            top_p=kw.get("top_p", 1.0),
             sequence_logps=False,
         )
-        gap = np.abs(np.asarray(stats["old_logps"]) - np.asarray(logps))[np.asarray(response_mask)]
+        valid = np.asarray(response_mask)
+        gap = np.abs(np.asarray(stats["old_logps"]) - np.asarray(logps))[valid]
         assert gap.max() < 1e-4, kw
-        if not kw:  # same params, no truncation: KL 0 (the reference is never truncated)
-            np.testing.assert_allclose(stats["old_logps"], stats["ref_logps"])
+        np.testing.assert_allclose(stats["old_logps"], stats["ref_logps"])  # same params: KL 0
+        tempered = np.asarray(
+            sampling.response_logps(graphdef, params, ids, mask, tokens, response_mask, temperature=0.7)
+        )
+        np.testing.assert_allclose(np.asarray(stats["old_logps"]), tempered, atol=1e-5)
+        if kw:
+            assert np.all(np.asarray(processed)[valid] >= np.asarray(logps)[valid] - 1e-5)
+            assert np.any(np.asarray(processed)[valid] > np.asarray(logps)[valid] + 1e-3), kw
         else:
-            assert np.all(np.asarray(stats["old_logps"]) >= np.asarray(stats["ref_logps"]) - 1e-5)
+            np.testing.assert_allclose(processed, logps, atol=1e-6)
+
+
+def test_policy_objective_is_finite_on_tokens_outside_the_nucleus_and_off_the_mask():
+    """Regression (NaN approxkl / kl*_avg and a non-finite update under rl.top_p < 1): random response tokens,
+    some outside a top-p nucleus, and pads off the mask give finite metrics, loss and gradients, and the
+    rollout statistics are 0 off the mask."""
+    graphdef, params = tiny_params()
+    batch = rl_batch(seed=2)
+    hp = RLHParams.create(temperature=0.7, kl_coef=0.1)
+    stats = objectives.rollout_stats(
+        {"policy": params, "ref": jax.tree.map(lambda x: x * 1.1, params)},
+        batch,
+        hp,
+        graphdef=graphdef,
+        value_graphdef=None,
+        sequence_logps=True,
+    )
+    off = ~batch["response_mask"]
+    assert off.any()
+    for k in ("old_logps", "ref_logps", "entropy"):
+        assert np.all(np.isfinite(stats[k])) and np.all(np.asarray(stats[k])[off] == 0.0), k
+    # Some random tokens fall outside the nucleus (measured: 5 of 37): a truncated log-prob of about -2.4e38.
+    processed = sampling.response_logps(
+        graphdef,
+        params,
+        batch["prompt"],
+        batch["prompt_mask"],
+        batch["response"],
+        batch["response_mask"],
+        temperature=0.7,
+        top_p=0.9,
+    )
+    assert np.sum(np.asarray(processed)[batch["response_mask"]] < -1e30) >= 3
+    batch = dict(
+        batch, old_logps=np.asarray(stats["old_logps"]) - 0.1, ref_logps=np.asarray(stats["ref_logps"])
+    )
+    fn = objective(kl_loss="k3")
+    (loss, metrics), grads = jax.value_and_grad(lambda p: fn(p, batch, hp, totals_of(batch)), has_aux=True)(
+        params
+    )
+    assert np.isfinite(float(loss))
+    for k, v in metrics.items():
+        assert np.isfinite(float(v)), k
+    assert float(metrics["policy/approxkl_avg"]) > 0 and float(metrics["objective/kl2_avg"]) > 0
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_a_tiny_run_with_top_p_has_finite_metrics_and_updates(stage, tmp_path, run_config):
+    """Regression: rl.top_p=0.9 once gave NaN policy/approxkl_avg and objective/kl*_avg and a grpo run failed
+    on a non-finite update."""
+    extra = {"rl.samples_per_prompt": 4} if stage == "grpo" else {"rl.value_init": "policy"}
+    cfg = run_config(
+        stage,
+        **{
+            "rl.verifiable": "gold",
+            "rl.top_p": 0.9,
+            "rl.temperature": 1.0,
+            "rl.num_prompts": 32,
+            "rl.max_new_tokens": 8,
+            "rl.rollout_batch": 16 if stage == "ppo" else 4,
+            "rl.minibatch": 8,
+            "optim.lr": 1e-2,
+            "train.steps": 2,
+            "train.checkpoint_every": 100,
+            **extra,
+        },
+    )
+    summary = train.run(validate(cfg), tmp_path / stage, log=lambda *_: None)
+    assert summary["status"] == "finished"
+    rows = [r for r in read_metrics(tmp_path / stage) if "objective/scores" in r]
+    assert len(rows) == 2
+    for r in rows:
+        for name in (
+            "policy/approxkl_avg",
+            "objective/kl",
+            "objective/kl0_avg",
+            "objective/kl1_avg",
+            "objective/kl2_avg",
+            "objective/kl3_avg",
+            "loss/policy_avg",
+            "policy/grad_norm",
+        ):
+            assert math.isfinite(r[name]), (name, r[name])
+        assert r["debug/logprob_gap_max"] < 1e-3  # the sampler reports the trainer's tempered log-probs
+    assert rows[1]["policy/approxkl_avg"] > 0  # the update moved the policy
 
 
 def test_rl_config_checks():

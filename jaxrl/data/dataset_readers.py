@@ -175,6 +175,8 @@ def _helpsteer_prompt(text: str) -> Messages:
 
 
 def _group_by_prompt(records: list[RatedCompletions]) -> list[RatedCompletions]:
+    """One record per distinct prompt of the whole file, its completions and ratings in file order; prompts
+    in order of first appearance. Rows of a prompt need not be adjacent."""
     groups: dict[Messages, list[RatedCompletions]] = {}
     for record in records:
         groups.setdefault(record.prompt, []).append(record)
@@ -190,7 +192,12 @@ def _group_by_prompt(records: list[RatedCompletions]) -> list[RatedCompletions]:
 
 @register("helpsteer", combine=_group_by_prompt)
 def read_helpsteer(row: Mapping) -> list[RatedCompletions]:
-    """nvidia/HelpSteer(2): one rated response per row; read() groups rows by prompt."""
+    """nvidia/HelpSteer and HelpSteer2: one response per row (`prompt`, `response` and the five 0-4 attributes
+    `helpfulness`, `correctness`, `coherence`, `complexity`, `verbosity`). After the last row, read() groups
+    the rows by prompt over the whole file (rows of one prompt need not be adjacent: the prompt's text, parsed
+    into turns, is the key), so a prompt's responses form one rated list: binarised into pairs, or kept whole
+    for a listwise loss (`binarize.to_lists`), both scored by the same data.aspect_weights (helpfulness alone
+    by default). The read summary counts the rows and the lists they make."""
     prompt = check_prompt(_helpsteer_prompt(get_string(row, "prompt")), "prompt")
     response = assistant_reply(get_string(row, "response"), "response")
     ratings = {aspect: get_number(row, aspect) for aspect in HELPSTEER_ASPECTS}

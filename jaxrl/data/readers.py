@@ -68,12 +68,17 @@ class ReadResult:
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     path: str = ""
     format: str = ""
+    combined: int | None = None  # records the reader's whole-file step made of the rows used (None: no step)
 
     def summary(self) -> str:
-        """One line: rows read N = used U + dropped D (reason: count, ...)."""
+        """One line: rows read N = used U + dropped D (reason: count, ...), then "; U rows grouped into C
+        records" when the reader has a whole-file step."""
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.dropped.items()))
         line = f"rows read {self.rows_read} = used {self.rows_used} + dropped {sum(self.dropped.values())}"
-        return f"{line} ({reasons})" if reasons else line
+        line = f"{line} ({reasons})" if reasons else line
+        if self.combined is not None:
+            line += f"; {self.rows_used} rows grouped into {self.combined} records"
+        return line
 
 
 def read(
@@ -109,6 +114,7 @@ def read(
         result.records.extend(records)
     if reader.combine is not None:
         result.records = reader.combine(result.records)
+        result.combined = len(result.records)
     if source is not None:
         result.records = [dataclasses.replace(record, source=source) for record in result.records]
     return result

@@ -12,7 +12,8 @@ from jaxrl.data.fields import fail, kind_of
 
 @dataclasses.dataclass(frozen=True)
 class Reader:
-    """A named row -> records function, with an optional whole-file step (e.g. grouping rows by prompt)."""
+    """A named row -> records function, with an optional whole-file step `combine` over every row's records
+    (HelpSteer: grouping rows by prompt), whose output is what `read` returns (and counts as its records)."""
 
     name: str
     parse: Callable[[Mapping[str, Any]], list]

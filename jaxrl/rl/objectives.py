@@ -48,47 +48,52 @@ def response_hidden(model, batch):
     return model.hidden(tokens_BT, positions_BT, segments_BT)[:, P - 1 : -1]
 
 
-def policy_logps(model, batch, temperature, *, top_k: int, top_p: float):
-    """Log-probs [B, N] of the response tokens and entropies [B, N] under the processed distribution, over
-    chunks of model.logprob_chunk positions when set (no [B, N, V] logits: `Transformer.token_logps`)."""
-    process = lambda logits_BCV: processed_logits(logits_BCV, temperature, top_k=top_k, top_p=top_p)
+def policy_logps(model, batch, temperature):
+    """Log-probs [B, N] of the response tokens and entropies [B, N] under logits / temperature, over chunks of
+    model.logprob_chunk positions when set (no [B, N, V] logits: `Transformer.token_logps`).
+
+    Never truncated by the run's top-k / top-p, which shape what the sampler draws, not the objective (TRL's
+    convention; the sampler reports the same with logps_under="tempered"): a truncated distribution gives a
+    token outside the nucleus a log-prob near -2.4e38, whose square (approximate KL, k2) is inf and whose
+    ratios and gradients turn NaN, and the nucleus moves as the policy trains."""
+    process = lambda logits_BCV: processed_logits(logits_BCV, temperature)
     return model.token_logps(
         response_hidden(model, batch), batch["response"], with_entropy=True, process=process
     )
 
 
-def rollout_stats(
-    params, batch, hp: RLHParams, *, graphdef, value_graphdef, top_k: int, top_p: float, sequence_logps: bool
-):
-    """Old and reference per-token log-probs, entropies and old values [B, N] of a rollout batch (once per
-    batch); with `sequence_logps`, also the reference's temperature-1 summed log-probs [B] (online DPO)."""
-    mask_BN = batch["response_mask"].astype(jnp.float32)
+def rollout_stats(params, batch, hp: RLHParams, *, graphdef, value_graphdef, sequence_logps: bool):
+    """Old and reference per-token log-probs (tempered, untruncated: `policy_logps`), entropies and old values
+    [B, N] of a rollout batch (once per batch), 0 off the response mask; with `sequence_logps`, also the
+    reference's temperature-1 summed log-probs [B] (online DPO)."""
+    mask_BN = batch["response_mask"].astype(bool)
     policy, ref = nnx.merge(graphdef, params["policy"]), nnx.merge(graphdef, params["ref"])
     response_BN = batch["response"]
-    logp_BN, entropy_BN = policy_logps(policy, batch, hp.temperature, top_k=top_k, top_p=top_p)
-    # The reference is tempered but never truncated: its own top-k / top-p set may exclude a token the policy
-    # sampled, which would make the KL estimate infinite. Its log-probs come over chunks too (no [B, N, V]).
+    logp_BN, entropy_BN = policy_logps(policy, batch, hp.temperature)
+    # The reference as the policy: tempered, never truncated (its own nucleus may exclude a token the policy
+    # sampled: an infinite KL). Its log-probs come over chunks too (no [B, N, V]).
     ref_h_BND = response_hidden(ref, batch)
     tempered = lambda logits_BCV: processed_logits(logits_BCV, hp.temperature)
     ref_logp_BN, _ = ref.token_logps(ref_h_BND, response_BN, process=tempered)
     out = {
-        "old_logps": logp_BN * mask_BN,
-        "ref_logps": ref_logp_BN * mask_BN,
-        "entropy": entropy_BN * mask_BN,
+        "old_logps": jnp.where(mask_BN, logp_BN, 0.0),
+        "ref_logps": jnp.where(mask_BN, ref_logp_BN, 0.0),
+        "entropy": jnp.where(mask_BN, entropy_BN, 0.0),
     }
     if value_graphdef is not None:
         value = nnx.merge(value_graphdef, params["value"])
-        out["old_values"] = value.scores(response_hidden(value, batch)) * mask_BN
+        out["old_values"] = jnp.where(mask_BN, value.scores(response_hidden(value, batch)), 0.0)
     else:
-        out["old_values"] = jnp.zeros_like(mask_BN)
+        out["old_values"] = jnp.zeros(mask_BN.shape, jnp.float32)
     if sequence_logps:
         # DPO's implicit reward is defined on the model's own distribution, not the tempered one.
-        out["ref_logps_t1"] = jnp.sum(ref.token_logps(ref_h_BND, response_BN)[0] * mask_BN, -1)
+        out["ref_logps_t1"] = jnp.sum(jnp.where(mask_BN, ref.token_logps(ref_h_BND, response_BN)[0], 0.0), -1)
     return out
 
 
 def _token_mean(x_BN, mask_BN, totals):
-    return jnp.sum(x_BN * mask_BN) / jnp.maximum(totals["tokens"], 1.0)
+    # where, not a product: a non-finite value off the mask must not turn the mean NaN (inf * 0).
+    return jnp.sum(jnp.where(mask_BN > 0, x_BN, 0.0)) / jnp.maximum(totals["tokens"], 1.0)
 
 
 def advantage_step(
@@ -181,13 +186,11 @@ def policy_objective(
     aggregation: str,
     kl_loss_estimator: str,
     recompute_old_logps: bool,
-    top_k: int,
-    top_p: float,
 ):
     """Clipped-surrogate policy loss of a (micro)batch (+ KL, entropy terms), scaled by minibatch totals."""
     model = nnx.merge(graphdef, params)
     mask_BN = batch["response_mask"].astype(jnp.float32)
-    logp_BN, entropy_BN = policy_logps(model, batch, hp.temperature, top_k=top_k, top_p=top_p)
+    logp_BN, entropy_BN = policy_logps(model, batch, hp.temperature)
     # The original implementation's bug, kept as a flag: old log-probs from this very forward, so ratio ≡ 1.
     old_BN = jax.lax.stop_gradient(logp_BN) if recompute_old_logps else batch["old_logps"]
     pg_BN, stats = ppo_policy_loss(logp_BN, old_BN, batch["advantages"], hp)
@@ -249,7 +252,7 @@ def online_dpo_objective(params, batch, hp: losses.LossHParams, totals, *, graph
         "response": batch["response"].reshape(2 * R, N),
     }
     mask_MN = batch["response_mask"].reshape(2 * R, N).astype(jnp.float32)
-    logp_MN, _ = policy_logps(model, flat, 1.0, top_k=0, top_p=1.0)
+    logp_MN, _ = policy_logps(model, flat, 1.0)
     logp_R2 = jnp.sum(logp_MN * mask_MN, axis=-1).reshape(R, 2)
     len_R2 = jnp.sum(mask_MN, axis=-1).reshape(R, 2)
     ref_R2 = batch["ref_logps"]
@@ -288,17 +291,17 @@ def nash_md_data(rollout, stats, scores_B, adv):
     return out | {"probability": probability_R, "weight": jnp.ones_like(probability_R)}
 
 
-def nash_md_objective(params, batch, hp: RLHParams, totals, *, graphdef, top_k: int, top_p: float):
+def nash_md_objective(params, batch, hp: RLHParams, totals, *, graphdef):
     """Nash-MD's loss of a (micro)batch of policy samples [R, N] (TRL's NashMDTrainer form), scaled by
     minibatch totals: β·Σ_t sg(log π/π_ref)·log π − (P − ½)·Σ_t log π, P the preference probability over the
     mixture sample. The first term's gradient is the REINFORCE estimate of ∇KL(π‖π_ref), the second raises a
     sample preferred to the mixture's (½ a control variate); β is the KL coefficient (hp.kl_coef). Log-probs
-    are those of the processed sampling distribution (temperature, top-k, top-p) the samples came from."""
+    are the policy's at the sampling temperature, untruncated (`policy_logps`)."""
     model = nnx.merge(graphdef, params)
     mask_RN = batch["response_mask"].astype(jnp.float32)
-    logp_RN, entropy_RN = policy_logps(model, batch, hp.temperature, top_k=top_k, top_p=top_p)
-    logp_RN = logp_RN * mask_RN
-    log_ratio_RN = jax.lax.stop_gradient(logp_RN - batch["ref_logps"]) * mask_RN
+    logp_RN, entropy_RN = policy_logps(model, batch, hp.temperature)
+    logp_RN = jnp.where(mask_RN > 0, logp_RN, 0.0)
+    log_ratio_RN = jax.lax.stop_gradient(jnp.where(mask_RN > 0, logp_RN - batch["ref_logps"], 0.0))
     logp_R, ref_R = jnp.sum(logp_RN, axis=-1), jnp.sum(batch["ref_logps"] * mask_RN, axis=-1)
     score_R = (batch["probability"] - 0.5) * logp_R
     loss_R = hp.kl_coef * jnp.sum(log_ratio_RN * logp_RN, axis=-1) - score_R
@@ -315,7 +318,7 @@ def nash_md_objective(params, batch, hp: RLHParams, totals, *, graphdef, top_k: 
         "rewards/accuracies": (margin_R > 0).astype(jnp.float32),
     }
     metrics = {k: jnp.sum(v * weight_R) / n for k, v in per_pair.items()}
-    metrics["policy/entropy_avg"] = jnp.sum(entropy_RN * mask_RN) / jnp.maximum(totals["tokens"], 1.0)
+    metrics["policy/entropy_avg"] = _token_mean(entropy_RN, mask_RN, totals)
     return jnp.sum(loss_R * weight_R) / n, metrics
 
 
