@@ -158,6 +158,8 @@ def ppo_config(dataset: str, rm: str, prompts: str) -> dict:
         "rl.samples_per_prompt": 1,
         "rl.max_new_tokens": 1024,
         "rl.num_prompts": 60_908,
+        "rl.eval_prompts": 500,  # held out from the prompt file: RM score, KL, length, EOS rate as val/*
+        "train.eval_every": 100,
         "rl.value_init": "reward_model",
         "optim.lr": 1e-6,
         "optim.schedule": "constant",
@@ -212,8 +214,8 @@ def evaluation():
 def metrics():
     """Table columns, each one a run of this study logs or its evaluation writes (tests/test_tulu25_metrics.py
     runs a tiny version of every stage and its evaluation, and checks): DPO's held-out loss and reward
-    accuracy, the RM's held-out accuracy, PPO's rollout RM score and KL to the reference from training, and
-    each benchmark's headline score (harness/<task>, from evaluation())."""
+    accuracy, the RM's held-out accuracy, PPO's rollout RM score and KL to the reference from training and
+    on its held-out prompts, and each benchmark's headline score (harness/<task>, from evaluation())."""
     from jaxrl.eval import suites
 
     benchmarks = [f"harness/{t.task}" for t in suites.expand(list(evaluation()["tasks"]))]
@@ -223,6 +225,8 @@ def metrics():
         "eval/accuracy",
         "train/objective/scores",
         "train/objective/kl",
+        "val/score",
+        "val/kl",
         *benchmarks,
     ]
 

@@ -234,7 +234,7 @@ def selection() -> dict:
 
 def findings(rows: list[dict]) -> list[dict]:
     """The paper's headline claims beside what this study measured (test gold, 95% intervals)."""
-    from jaxrl.sweep import compare, verdict
+    from jaxrl.results import compare, verdict
 
     dpo = lambda data: {"stage": "dpo", "data.synthetic_kind": data, "loss.name": "dpo"}
     ppo = lambda rm, prompts="in_domain": {"stage": "ppo", "rl.reward_model": rm, "rl.prompt_set": prompts}

@@ -55,22 +55,24 @@ def add_sweep(sub) -> None:
 
 def cmd_sweep(args) -> int:
     from jaxrl import config as config_lib
+    from jaxrl import results as results_lib
+    from jaxrl import study as study_lib
     from jaxrl import sweep
 
-    module = sweep.variant(config_lib.load_experiment(args.config), full=args.full, label=args.config)
+    module = study_lib.variant(config_lib.load_experiment(args.config), full=args.full, label=args.config)
     rows = sweep.run_sweep(module, args.workdir, args.set or [], group=args.group)
     from pathlib import Path
 
     workdir = Path(args.workdir).absolute()
     metrics = list(module.metrics()) if hasattr(module, "metrics") else ["eval/loss"]
-    md, csv_path, markdown = sweep.write_results(rows, metrics, workdir)
-    plots = sweep.write_plots(rows, workdir)
+    md, csv_path, markdown = results_lib.write_results(rows, metrics, workdir)
+    plots = results_lib.write_plots(rows, workdir)
     print()
     print(markdown)
     print(f"results: {md} and {csv_path}")
     if hasattr(module, "findings"):
         print()
-        print(sweep.write_findings(module.findings(rows), workdir))
+        print(results_lib.write_findings(module.findings(rows), workdir))
         print(f"findings: {workdir / 'findings.md'}")
     for p in plots:
         print(f"plot: {p}")
@@ -136,7 +138,7 @@ def cmd_validate(args) -> int:
     import tempfile
 
     from jaxrl import config as config_lib
-    from jaxrl import sweep
+    from jaxrl import study as study_lib
     from jaxrl.validate import validate
 
     module = config_lib.load_experiment(args.config)
@@ -144,9 +146,9 @@ def cmd_validate(args) -> int:
     if not hasattr(module, "sweep"):
         print(f"{args.config}: 1 configuration valid")
         return 0
-    module = sweep.variant(module, full=sweep.has_full(module), label=args.config)  # the larger grid
+    module = study_lib.variant(module, full=study_lib.has_full(module), label=args.config)  # the larger grid
     with tempfile.TemporaryDirectory() as tmp:  # expand() validates every run, shared bases included
-        runs = sweep.expand(module, tmp, args.set or [])
+        runs = study_lib.expand(module, tmp, args.set or [])
     points = sum(r.kind == "point" for r in runs)
     print(
         f"{args.config}: {len(runs)} configuration(s) valid "

@@ -52,6 +52,8 @@ RANGES: tuple[tuple[str, Range], ...] = (
     ("model.rope_high_freq_factor", POSITIVE),
     ("model.rope_original_max_positions", POSITIVE_INT),
     ("model.init_std", POSITIVE),
+    ("model.lora_rank", NON_NEGATIVE_INT),  # 0: off
+    ("model.lora_alpha", POSITIVE),
     ("mesh.data", MESH_AXIS),
     ("mesh.fsdp", MESH_AXIS),
     ("mesh.tensor", MESH_AXIS),
@@ -101,6 +103,7 @@ LABEL_SMOOTHING_RANGES = {"robust": interval(0, 0.5, hi_open=True), "cdpo": inte
 
 RL_RANGES: tuple[tuple[str, Range], ...] = (
     ("rl.num_prompts", POSITIVE_INT),
+    ("rl.eval_prompts", NON_NEGATIVE_INT),  # 0: no held-out evaluation
     ("rl.rollout_batch", POSITIVE_INT),
     ("rl.samples_per_prompt", POSITIVE_INT),
     ("rl.minibatch", POSITIVE_INT),

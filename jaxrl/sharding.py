@@ -109,8 +109,25 @@ def path_str(path) -> str:
     return "/".join(parts)
 
 
+def adapter_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    """A LoRA adapter's logical axes (jaxrl.models.lora), derived from its kernel's rule in the same table:
+    A [*layers, *in, r] keeps the kernel's input axes, B [*layers, r, *out] its output axes; the rank axis is
+    replicated (it is small)."""
+    kernel_path = path.rsplit("/", 1)[0] + "/kernel"
+    for pattern, axes in PARAM_AXES:
+        if re.search(pattern, kernel_path):
+            lead = axes[:1] if axes[0] == "layers" else ()
+            body, n = axes[len(lead) :], ndim - 1 - len(lead)
+            if not 0 < n < len(body):
+                raise ValueError(f"{path}: {ndim} dims do not fit the rule {pattern!r} of its kernel")
+            return lead + body[:n] + (None,) if path.endswith("lora_a") else lead + (None,) + body[-n:]
+    raise ValueError(f"no sharding rule matches the kernel of adapter {path}; add one to PARAM_AXES")
+
+
 def logical_axes(path: str, ndim: int, size: int) -> tuple[str | None, ...]:
     """The logical axis names of one leaf from the rule table; large unmatched leaves are an error."""
+    if path.endswith(("/lora_a", "/lora_b")):
+        return adapter_axes(path, ndim)
     for pattern, axes in PARAM_AXES:
         if re.search(pattern, path):
             if len(axes) == ndim:

@@ -31,13 +31,18 @@ class TrainState:
     ref_params: Any = None  # frozen reference for on-the-fly DPO log-probs (no optimiser state)
     # A loss's state carried across steps: the running mean of implicit rewards (bco_pair's shift δ), or None.
     loss_state: Any = None
+    # A LoRA run's frozen base (jaxrl.models.lora.split): `params` then holds only the trainables (adapters,
+    # a scalar head) and the optimiser only their moments; never updated, never checkpointed (setup rebuilds
+    # it).
+    frozen: Any = None
 
 
 def new_train_state(
-    params, tx: optax.GradientTransformation, seed: int, ref_params=None, loss_state=None
+    params, tx: optax.GradientTransformation, seed: int, ref_params=None, loss_state=None, frozen=None
 ) -> TrainState:
     """The state before the first update: `tx`'s fresh moments for `params`; a frozen `ref_params` or None;
-    the loss's carried state (losses.RunningMean for a running-shift loss) or None."""
+    the loss's carried state (losses.RunningMean for a running-shift loss) or None; a LoRA run's `frozen`
+    base (`params` its trainables) or None."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -46,6 +51,31 @@ def new_train_state(
         skipped=jnp.zeros((), jnp.int32),
         ref_params=ref_params,
         loss_state=loss_state,
+        frozen=frozen,
+    )
+
+
+def model_params(state: TrainState):
+    """The whole model's params of a state: a LoRA run's frozen base with its trainables, else `params`."""
+    from jaxrl.models import lora
+
+    return state.params if state.frozen is None else lora.combine(state.frozen, state.params)
+
+
+def on_frozen_base(objective: Callable, frozen) -> Callable:
+    """`objective` of the whole model as a function of a LoRA run's trainables (the gradient is theirs)."""
+    from jaxrl.models import lora
+
+    return lambda trainable, *args, **kwargs: objective(lora.combine(frozen, trainable), *args, **kwargs)
+
+
+def base_as_reference(objective: Callable) -> Callable:
+    """A LoRA run's objective whose reference is its own base with the adapters off (lora.adapters_off): the
+    reference forward reads the same base arrays, so no second model is held."""
+    from jaxrl.models import lora
+
+    return lambda params, *args, **kwargs: objective(
+        params, *args, ref_params=lora.adapters_off(params), **kwargs
     )
 
 
@@ -348,6 +378,8 @@ def train_step(
         objective = functools.partial(objective, ref_params=state.ref_params)
     if state.loss_state is not None:
         objective = functools.partial(objective, delta=state.loss_state.mean)
+    if state.frozen is not None:
+        objective = on_frozen_base(objective, state.frozen)
     totals = totals_fn(batch)
     loss, metrics, grads = accumulate(objective, state.params, batch, hp, totals, grad_accum)
     grad_norm = optax.tree.norm(grads)
@@ -406,10 +438,64 @@ def bind_step(objective: Callable, totals_fn: Callable, optimizer: tuple, grad_a
     )
 
 
+def _is_train_state(x) -> bool:
+    return isinstance(x, TrainState)
+
+
+def frozen_apart(state):
+    """(the state with its TrainStates' frozen bases taken out, those bases): `state` is a TrainState or a
+    pytree of them (an RL state)."""
+    rest = jax.tree.map(
+        lambda s: s.replace(frozen=None) if _is_train_state(s) else s, state, is_leaf=_is_train_state
+    )
+    frozen = jax.tree.map(lambda s: s.frozen if _is_train_state(s) else None, state, is_leaf=_is_train_state)
+    return rest, frozen
+
+
+def frozen_joined(rest, frozen):
+    """The inverse of `frozen_apart`."""
+    return jax.tree.map(
+        lambda s, f: s.replace(frozen=f) if _is_train_state(s) else s, rest, frozen, is_leaf=_is_train_state
+    )
+
+
+class _FrozenArgument:
+    """A step jitted as (state without frozen bases, frozen bases, batch, hp): only the first is donated, so a
+    LoRA run's base is neither copied nor invalidated (the reference and the sampler keep reading it)."""
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+
+    def __call__(self, state, batch, hp):
+        rest, frozen = frozen_apart(state)
+        new_rest, metrics = self.jitted(rest, frozen, batch, hp)
+        return frozen_joined(new_rest, frozen), metrics
+
+    def lower(self, state, batch, hp):
+        return self.jitted.lower(*frozen_apart(state), batch, hp)
+
+
 def make_step(step_fn: Callable, abstract_state, abstract_batch, mesh, preset: str, *, donate: bool = True):
-    """jit(step_fn(state, batch, hp)) with state/batch shardings from the rule table and state donation."""
+    """jit(step_fn(state, batch, hp)) with state/batch shardings from the rule table and state donation (a
+    LoRA run's frozen base is a separate argument, never donated)."""
     state_shardings = sharding.tree_shardings(abstract_state, preset, mesh)
     batch_shardings = jax.tree.map(lambda _: sharding.batch_sharding(mesh, preset), abstract_batch)
+    rest_shardings, frozen_shardings = frozen_apart(state_shardings)
+    if jax.tree.leaves(frozen_shardings):
+
+        def traced_apart(rest, frozen, batch, hp):
+            with sharding.use_mesh(mesh, preset):
+                new_state, metrics = step_fn(frozen_joined(rest, frozen), batch, hp)
+                return frozen_apart(new_state)[0], metrics
+
+        return _FrozenArgument(
+            jax.jit(
+                traced_apart,
+                in_shardings=(rest_shardings, frozen_shardings, batch_shardings, None),
+                out_shardings=(rest_shardings, None),
+                donate_argnums=(0,) if donate else (),
+            )
+        )
 
     def traced(state, batch, hp):
         with sharding.use_mesh(mesh, preset):

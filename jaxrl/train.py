@@ -20,7 +20,7 @@ from jaxrl import workdir as workdir_lib
 from jaxrl.config import Config
 from jaxrl.data import pipeline
 from jaxrl.metrics import MetricWriter
-from jaxrl.models import attention
+from jaxrl.models import attention, lora
 from jaxrl.models import init as model_init
 from jaxrl.models.transformer import flops_per_token
 
@@ -128,7 +128,9 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
     model_cfg = model_init.stage_model_config(cfg)
     log(attention.describe(model_cfg, platform=mesh.devices.flat[0].platform))
     graphdef, abstract_params = model_init.abstract_model(model_cfg)
-    params = model_init.init_params(model_cfg, cfg.seed, mesh, preset)
+    # A LoRA run's base is the model without adapters (the same initialisation, or init_from's weights).
+    base_cfg = lora.base_config(model_cfg)
+    params = model_init.init_params(base_cfg, cfg.seed, mesh, preset)
     if t.init_from:
         loaded, _ = model_init.load_run_params(t.init_from, mesh, preset)
         params = model_init.merge_init(params, loaded, log)
@@ -137,9 +139,17 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
     ref_params = ref = None
     train_arrays, eval_arrays = dict(data.train), dict(data.eval)
     needs_ref = cfg.stage == "dpo" and listwise.offline_loss(cfg.loss.name).needs_reference
+    # LoRA: the reference is the base itself, the adapters off (no second model), unless another is named.
+    base_is_ref = model_cfg.lora_rank > 0 and t.reference_from in ("", t.init_from)
+    if needs_ref and model_cfg.lora_rank and not base_is_ref and t.reference == "on_the_fly":
+        raise config_lib.ConfigError(
+            "with model.lora_rank > 0 the on-the-fly reference is the base (adapters off); for another "
+            "train.reference_from use train.reference=cache"
+        )
     if needs_ref:
         source = t.reference_from or t.init_from
-        ref = model_init.load_run_params(source, mesh, preset)[0] if source else params
+        loads = source and not base_is_ref
+        ref = model_init.load_run_params(source, mesh, preset)[0] if loads else params
         if not source:
             log(
                 "warning: no train.init_from or train.reference_from: "
@@ -152,7 +162,7 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
                 if arrays["tokens"].shape[0]:
                     arrays["ref_logps"], _, _ = reference.cached_reference_logps(
                         cache_dir,
-                        graphdef,
+                        model_init.abstract_model(base_cfg)[0],
                         ref,
                         arrays,
                         batch_size=micro,
@@ -161,18 +171,28 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
                         log=log,
                         bucket_multiple=cfg.data.bucket_multiple if cfg.data.padding == "bucket" else None,
                     )
-        else:
+        elif not model_cfg.lora_rank:
             ref_params = ref
 
     tx, schedule = steps.make_optimizer(cfg.optim, t.steps)
     loss_state = steps.initial_loss_state(cfg)
     make_state = lambda p, r: steps.new_train_state(p, tx, cfg.seed, r, loss_state)
+    frozen = None
+    if model_cfg.lora_rank:
+        # Only the adapters (and a scalar head) train: the optimiser holds their moments alone.
+        frozen, params = lora.split(lora.init_params(model_cfg, params, cfg.seed, mesh, preset))
+        log(f"LoRA rank {model_cfg.lora_rank}: {lora.count(params):,} adapter parameters train, base frozen")
     # The frozen reference (on-the-fly mode) is placed by the same rules as the policy.
     state_shardings = sharding.tree_shardings(jax.eval_shape(make_state, params, ref_params), preset, mesh)
     state = jax.jit(make_state, out_shardings=state_shardings)(params, ref_params)
+    if frozen is not None:  # joined outside the jit: the base is never copied
+        state = state.replace(frozen=frozen)
+        state_shardings = state_shardings.replace(frozen=sharding.tree_shardings(frozen, preset, mesh))
     del params
 
     objective, totals_fn = steps.stage_objective(cfg, graphdef)
+    if needs_ref and base_is_ref and t.reference == "on_the_fly":
+        objective = steps.base_as_reference(objective)
     step_fn = steps.bind_step(objective, totals_fn, (tx, schedule), t.grad_accum)
     example = {
         k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype) for k, v in train_arrays.items()
@@ -187,15 +207,22 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
     if cfg.data.source == "synthetic" and cfg.stage != "rm" and cfg.data.eval_prompts_per_domain:
         from jaxrl.evaluate import synthetic_eval
 
-        # KL is to where the policy started, also for losses that train without a reference (SimPO).
+        # KL is to where the policy started, also for losses that train without a reference (SimPO); a LoRA
+        # run started at its base, the adapters off.
         eval_ref = (
             ref
-            if ref is not None or not t.init_from
+            if ref is not None or not t.init_from or model_cfg.lora_rank
             else model_init.load_run_params(t.init_from, mesh, preset)[0]
         )
         # The SFT base also measures the best-of-N ceilings every arm is read against.
         world_eval = lambda params, split, final=False: synthetic_eval(
-            cfg, graphdef, params, eval_ref, data.tokenizer, split=split, best_of=cfg.stage == "sft" and final
+            cfg,
+            graphdef,
+            params,
+            lora.adapters_off(params) if model_cfg.lora_rank else eval_ref,
+            data.tokenizer,
+            split=split,
+            best_of=cfg.stage == "sft" and final,
         )
     final_eval = None
     d = cfg.data
@@ -228,7 +255,7 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
         eval_step=eval_step,
         world_eval=world_eval,
         final_eval=final_eval,
-        has_ref=ref_params is not None,
+        has_ref=ref_params is not None or (needs_ref and base_is_ref and t.reference == "on_the_fly"),
     )
 
 
@@ -244,7 +271,7 @@ def restore(m: Member, log) -> None:
     )
     if restored is not None:
         latest, restored_state, meta = restored
-        m.state = restored_state.replace(ref_params=m.state.ref_params)
+        m.state = restored_state.replace(ref_params=m.state.ref_params, frozen=m.state.frozen)
         m.start = int(meta["step"])
         log(f"resumed from {m.workdir}/checkpoints/{latest} at step {m.start}")
     metrics_lib.truncate_after(m.workdir, m.start if m.start else -1, final=m.start >= t.steps)
@@ -376,7 +403,7 @@ def train_members(members: list[Member], program, log, stop_after: int | None) -
             if m.world_eval and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
                 if lp.pending is not None:  # rows stay in step order
                     lp.log_pending(lambda mt, s=step + 1, i=i: values(s, mt, i))
-                val = m.world_eval(program.member_state(i).params, "validation")[0]
+                val = m.world_eval(steps.model_params(program.member_state(i)), "validation")[0]
                 lp.writer.write(step + 1, {f"val/{k}": v for k, v in val.items()})
             if (step + 1) % m.ckpt.every == 0:
                 m.ckpt.save(step + 1, _saveable(program.member_state(i)), {"step": step + 1})
@@ -437,9 +464,10 @@ def _finish(m: Member, lp: _MemberLoop, program, i: int, log, stop_after, end: i
 
     m.ckpt.save(t.steps, _saveable(state), {"step": t.steps}, force=True)
     m.ckpt.close()
+    params = steps.model_params(state)
     eval_metrics = evaluate(
         m.eval_step,
-        state.params,
+        params,
         m.eval_arrays,
         m.hp,
         t.batch_size // t.grad_accum,
@@ -450,13 +478,11 @@ def _finish(m: Member, lp: _MemberLoop, program, i: int, log, stop_after, end: i
     )
     val_metrics, per_prompt = {}, None
     if m.world_eval:
-        val_metrics = (
-            m.world_eval(state.params, "validation", True)[0] if m.cfg.data.val_prompts_per_domain else {}
-        )
-        test_metrics, per_prompt = m.world_eval(state.params, "test", True)
+        val_metrics = m.world_eval(params, "validation", True)[0] if m.cfg.data.val_prompts_per_domain else {}
+        test_metrics, per_prompt = m.world_eval(params, "test", True)
         eval_metrics |= test_metrics
     if m.final_eval:
-        eval_metrics |= m.final_eval(state.params)
+        eval_metrics |= m.final_eval(params)
     lp.writer.write(
         t.steps,
         {f"val/{k}": v for k, v in val_metrics.items()} | {f"eval/{k}": v for k, v in eval_metrics.items()},
@@ -473,7 +499,10 @@ def _finish(m: Member, lp: _MemberLoop, program, i: int, log, stop_after, end: i
             train=lp.last,
             eval=eval_metrics,
         ).summary
-    checkpoint.save_params(checkpoint.final_params_dir(m.workdir), state.params)
+    # A LoRA run's final parameters are its adapters merged into the base: a full model, as any run's (what
+    # init_from, reference_from and `jaxrl convert` read); its adapters stay in the last checkpoint.
+    final = lora.merge(params, m.model_cfg) if m.model_cfg.lora_rank else params
+    checkpoint.save_params(checkpoint.final_params_dir(m.workdir), final)
     summary = {
         "stage": m.cfg.stage,
         "status": "finished",
@@ -512,8 +541,9 @@ def _on_policy_responder(cfg: Config, mesh, preset: str):
 
 
 def _saveable(state: steps.TrainState) -> steps.TrainState:
-    # The frozen reference is reloaded from its source run, never written into every checkpoint.
-    return state.replace(ref_params=None)
+    # The frozen reference (and a LoRA run's frozen base) is rebuilt from its source run, never written into
+    # every checkpoint.
+    return state.replace(ref_params=None, frozen=None)
 
 
 def _with_mesh(fn, mesh, preset):

@@ -8,12 +8,15 @@ from jaxrl import config as config_lib
 from jaxrl import losses, rewards
 from jaxrl.config import Config, ConfigError
 from jaxrl.data import pipeline
+from jaxrl.models import lora
 from jaxrl.rl import advantages, algorithms, heldout, kl
 
 
 def validate(cfg: Config) -> Config:
     """Checks `cfg` (jaxrl.config.validate), then every name it gives a registry; returns cfg."""
     config_lib.validate(cfg)
+    if cfg.model.lora_rank:
+        lora.check_targets(cfg.model)  # the adapters' path regex (jaxrl.models.lora)
     if cfg.stage == "dpo" or (cfg.stage in algorithms.ALGORITHMS and algorithms.of(cfg).preference_loss):
         _check_preference_loss(cfg)
     pipeline.check_config(cfg)

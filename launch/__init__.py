@@ -94,13 +94,13 @@ def train_args(config: str, workdir: str, sets: Sequence[str] = ()) -> tuple[str
 
 
 def jobs(config: str, workdir: str, overrides: Sequence[str] = (), *, sweep: bool = False) -> list[Job]:
-    """The runs to launch: one job for the config, or (sweep) one per run of `jaxrl.sweep.expand`, shared base
-    runs first, then (a study with evaluation()) one `jaxrl eval` job per evaluated run, after it. Each
+    """The runs to launch: one job for the config, or (sweep) one per run of `jaxrl.study.expand`, shared
+    base runs first, then (a study with evaluation()) one `jaxrl eval` job per evaluated run, after it. Each
     training job's overrides are the given ones, then the sweep point's, then what the sweep adds (shared
     cache, init_from of a base run; all of a base run's own settings); checked to rebuild the run's exact
     config."""
     from jaxrl import config as config_lib
-    from jaxrl import sweep as sweep_lib
+    from jaxrl import study as study_lib
     from jaxrl.eval import jobs as eval_jobs
     from jaxrl.validate import validate
 
@@ -113,7 +113,7 @@ def jobs(config: str, workdir: str, overrides: Sequence[str] = (), *, sweep: boo
         return [Job("train", workdir, train_args(config, workdir, overrides))]
     base = config_lib.override(module.get_config(), overrides)
     out = []
-    runs = sweep_lib.expand(module, workdir, overrides)
+    runs = study_lib.expand(module, workdir, overrides)
     for run in runs:
         point = [f"{k.replace('__', '.')}={_value_text(v)}" for k, v in run.point.items()]
         sets = overrides + point + config_diff(config_lib.override(base, run.point), run.cfg)

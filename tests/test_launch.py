@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 import launch  # noqa: E402
 from jaxrl import cli  # noqa: E402
 from jaxrl import config as config_lib  # noqa: E402
-from jaxrl import sweep as sweep_lib  # noqa: E402
+from jaxrl import study as study_lib  # noqa: E402
 from launch import local, slurm, tpu  # noqa: E402
 
 CONFIG = "experiments/tiny_pipeline.py"
@@ -62,7 +62,7 @@ def test_sweep_one_job_per_point(tmp_path):
     assert jobs == expected
     # Each job's overrides rebuild exactly the config the in-process sweep runner would train.
     module = config_lib.load_experiment(CONFIG)
-    runs = sweep_lib.expand(module, study, ["train.steps=5"])
+    runs = study_lib.expand(module, study, ["train.steps=5"])
     for job, run in zip(jobs, runs, strict=True):
         sets = [job.args[i + 1] for i, a in enumerate(job.args) if a == "--set"]
         assert config_lib.override(module.get_config(), sets) == run.cfg

@@ -15,6 +15,7 @@ from chat_fixtures import word_tokenizer
 
 from jaxrl import checkpoint, sweep, train
 from jaxrl import config as config_lib
+from jaxrl import results as results_lib
 from jaxrl import workdir as workdir_lib
 from jaxrl.config import ConfigError
 from jaxrl.metrics import read_metrics
@@ -211,7 +212,7 @@ def test_sweep_marks_failed_arms_and_does_not_start_their_dependents(study, tmp_
     rows = sweep.run_sweep(study, tmp_path / "w", log=QUIET)
     by_loss = {r.get("loss.name"): r for r in rows}
     assert by_loss["ipo"]["status"] == "failed" and by_loss["dpo"]["status"] == "finished"
-    _, _, markdown = sweep.write_results(rows, ["eval/loss"], tmp_path / "w")
+    _, _, markdown = results_lib.write_results(rows, ["eval/loss"], tmp_path / "w")
     assert "FAILED 1 of 1" in markdown and "skipped" in markdown
     # A failed base takes its dependents down with it, and they are marked, not dropped.
     study.sft_config = lambda cfg: config_lib.override(

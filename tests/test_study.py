@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from jaxrl import evaluate, sweep
+from jaxrl import results as results_lib
+from jaxrl import search as search_lib
+from jaxrl import study as study_lib
 from jaxrl.config import ConfigError
 
 
@@ -55,15 +58,17 @@ def test_paired_difference_cancels_what_two_runs_share():
 
 
 def test_intervals_over_seeds_and_over_prompts():
-    assert sweep.interval([0.5], [0.01]) == pytest.approx(0.0196)
+    assert results_lib.interval([0.5], [0.01]) == pytest.approx(0.0196)
     values = [0.5, 0.6, 0.7]
-    assert sweep.interval(values, [0.01] * 3) == pytest.approx(4.303 * np.std(values, ddof=1) / math.sqrt(3))
+    assert results_lib.interval(values, [0.01] * 3) == pytest.approx(
+        4.303 * np.std(values, ddof=1) / math.sqrt(3)
+    )
     rows = [
         {"stage": "dpo", "seed": s, "status": "finished", "eval/gold_reward": v, "eval/gold_reward_se": 0.01}
         for s, v in enumerate(values)
     ]
-    table = sweep.aggregate(rows, ["eval/gold_reward"], ["stage"])
-    assert table[0]["eval/gold_reward ci95"] == pytest.approx(sweep.interval(values, []))
+    table = results_lib.aggregate(rows, ["eval/gold_reward"], ["stage"])
+    assert table[0]["eval/gold_reward ci95"] == pytest.approx(results_lib.interval(values, []))
     assert table[0]["eval/gold_reward seed_ci95"] == pytest.approx(0.0196)
 
 
@@ -82,11 +87,11 @@ def test_selection_reads_validation_only_and_picks_setting_and_checkpoint(tmp_pa
     # Test scores rank the recipes the other way round: a selection that looked at them would pick "b".
     a = write_curve(tmp_path / "a", val=[0.40, 0.55, 0.50], test=[0.10, 0.10, 0.10])
     b = write_curve(tmp_path / "b", val=[0.30, 0.35, 0.45], test=[0.90, 0.95, 0.99])
-    setting, step, score = sweep.select_recipe(
+    setting, step, score = search_lib.select_recipe(
         [({"loss.beta": 1.0}, a), ({"loss.beta": 0.1}, b)], "val/gold_reward"
     )
     assert (setting, step, score) == ({"loss.beta": 1.0}, 20, 0.55)
-    assert sweep.validation_scores(b, "eval/gold_reward") == []  # test rows are invisible to selection
+    assert search_lib.validation_scores(b, "eval/gold_reward") == []  # test rows are invisible to selection
 
 
 def test_selection_refuses_a_test_metric():
@@ -96,7 +101,7 @@ def test_selection_refuses_a_test_metric():
             return {"metric": "eval/gold_reward"}
 
     with pytest.raises(ConfigError, match="validation split only"):
-        sweep.selection(Study)
+        study_lib.selection(Study)
 
 
 SEARCH_STUDY = """
@@ -149,7 +154,9 @@ def test_a_search_study_selects_on_validation_and_reruns_with_fresh_seeds(tmp_pa
         run_dir = (
             workdir
             / "runs"
-            / sweep.run_id(config_lib.Config(stage="dpo"), {"loss.name": "dpo", "loss.beta": beta, "seed": 0})
+            / study_lib.run_id(
+                config_lib.Config(stage="dpo"), {"loss.name": "dpo", "loss.beta": beta, "seed": 0}
+            )
         )
         scores[beta] = max(r["val/gold_reward"] for r in read_metrics(run_dir) if "val/gold_reward" in r)
     assert scores[recipe["loss.beta"]] == max(scores.values())
@@ -158,9 +165,9 @@ def test_a_search_study_selects_on_validation_and_reruns_with_fresh_seeds(tmp_pa
     assert "eval/gold_reward_delta" in arm and "eval/gold_reward_se" in arm
     (base,) = [r for r in rows if r["kind"] == "base"]
     assert base["seed"] == 1 and "eval/best_of_4" in base and "val/best_of_4" in base
-    _, _, markdown = sweep.write_results(rows, study.metrics(), workdir)
+    _, _, markdown = results_lib.write_results(rows, study.metrics(), workdir)
     assert "recipe" in markdown.splitlines()[0] and " ± " in markdown
-    assert len(sweep.write_plots(rows, workdir)) == 2
+    assert len(results_lib.write_plots(rows, workdir)) == 2
 
 
 RECIPE_ARM_STUDY = SEARCH_STUDY.replace(
@@ -182,13 +189,13 @@ def test_arms_of_one_algorithm_share_the_recipe_their_recipe_arm_selects(tmp_pat
     study = config_lib.load_experiment(path)
     workdir = tmp_path / "w"
     # Only the recipe arm (clean) is searched: two settings, not six.
-    points = sweep.search_points(study)
+    points = study_lib.search_points(study)
     assert points == [{"data.synthetic_kind": "clean", "loss.beta": beta, "seed": 0} for beta in (0.1, 1.0)]
-    runs = {r.point["loss.beta"]: r for r in sweep.expand(study, workdir) if r.kind == "point"}
+    runs = {r.point["loss.beta"]: r for r in study_lib.expand(study, workdir) if r.kind == "point"}
     # beta 1.0 is best on validation at step 20 (its test score is the worst: selection must not see it).
     write_curve(workdir / "runs" / runs[0.1].id, val=[0.30, 0.35, 0.45], test=[0.9, 0.9, 0.9])
     write_curve(workdir / "runs" / runs[1.0].id, val=[0.40, 0.55, 0.50], test=[0.1, 0.1, 0.1])
-    final, chosen = sweep.final_points(study, workdir)
+    final, chosen = search_lib.final_points(study, workdir)
     assert final == [
         {"data.synthetic_kind": kind, "loss.beta": 1.0, "train.steps": 20, "seed": 1}
         for kind in ("clean", "noisy", "length_biased")
@@ -213,7 +220,7 @@ def test_a_recipe_arm_without_a_grid_is_refused():
             return {"loss.name": "ipo"}
 
     with pytest.raises(ConfigError, match="has no search grid"):
-        sweep.search_points(Study)
+        study_lib.search_points(Study)
 
 
 def test_compare_pairs_arms_by_seed_and_verdicts_follow_the_interval():
@@ -221,17 +228,20 @@ def test_compare_pairs_arms_by_seed_and_verdicts_follow_the_interval():
     for seed, (a, b) in enumerate([(0.60, 0.50), (0.62, 0.51), (0.61, 0.49)]):
         rows.append({"stage": "ppo", "seed": seed, "eval/gold_reward": a})
         rows.append({"stage": "dpo", "seed": seed, "eval/gold_reward": b})
-    result = sweep.compare(rows, {"stage": "ppo"}, {"stage": "dpo"})
+    result = results_lib.compare(rows, {"stage": "ppo"}, {"stage": "dpo"})
     diffs = [0.10, 0.11, 0.12]
     assert result["difference"] == pytest.approx(0.11) and result["seeds"] == 3
-    assert result["ci95"] == pytest.approx(sweep.interval(diffs, []))
-    assert sweep.verdict(result) == "agrees" and sweep.verdict(result, expected_sign=-1) == "disagrees"
+    assert result["ci95"] == pytest.approx(results_lib.interval(diffs, []))
+    assert (
+        results_lib.verdict(result) == "agrees"
+        and results_lib.verdict(result, expected_sign=-1) == "disagrees"
+    )
     one_seed = [
         {"stage": "ppo", "seed": 0, "eval/gold_reward": 0.52, "eval/gold_reward_se": 0.02},
         {"stage": "dpo", "seed": 0, "eval/gold_reward": 0.50, "eval/gold_reward_se": 0.02},
     ]
-    result = sweep.compare(one_seed, {"stage": "ppo"}, {"stage": "dpo"})
+    result = results_lib.compare(one_seed, {"stage": "ppo"}, {"stage": "dpo"})
     assert result["ci95"] == pytest.approx(1.96 * math.hypot(0.02, 0.02))
-    assert sweep.verdict(result) == "cannot tell"
-    assert sweep.compare(one_seed, {"stage": "grpo"}, {"stage": "dpo"}) is None
-    assert sweep.verdict(None) == "cannot tell"
+    assert results_lib.verdict(result) == "cannot tell"
+    assert results_lib.compare(one_seed, {"stage": "grpo"}, {"stage": "dpo"}) is None
+    assert results_lib.verdict(None) == "cannot tell"

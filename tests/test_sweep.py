@@ -8,7 +8,9 @@ import jax
 import pytest
 
 from jaxrl import config as config_lib
+from jaxrl import results as results_lib
 from jaxrl import steps, sweep, train
+from jaxrl import study as study_lib
 from jaxrl.models import init as model_init
 
 TINY_STUDY = textwrap.dedent("""
@@ -43,7 +45,7 @@ def study(tmp_path):
 
 
 def test_expand_ids_from_overrides_and_shared_bases(study, tmp_path):
-    runs = sweep.expand(study, tmp_path / "w")
+    runs = study_lib.expand(study, tmp_path / "w")
     points = [r for r in runs if r.kind == "point"]
     bases = [r for r in runs if r.kind == "base"]
     assert [r.id for r in points] == [
@@ -59,15 +61,17 @@ def test_expand_ids_from_overrides_and_shared_bases(study, tmp_path):
         assert r.cfg.train.init_from == str(tmp_path.absolute() / "w" / "runs" / base.id)
         assert r.cfg.train.cache_dir == str(tmp_path.absolute() / "w" / "cache")
     # Ids depend only on the overrides: expanding again gives the same ids.
-    assert [r.id for r in sweep.expand(study, tmp_path / "w")] == [r.id for r in runs]
+    assert [r.id for r in study_lib.expand(study, tmp_path / "w")] == [r.id for r in runs]
 
 
 def test_equal_points_collapse_and_colliding_ids_are_an_error(study, tmp_path):
     study.sweep = lambda: [{"loss.name": "dpo"}, {"loss__name": "dpo"}]
-    assert len([r for r in sweep.expand(study, tmp_path) if r.kind == "point"]) == 1  # same config: one run
+    assert (
+        len([r for r in study_lib.expand(study, tmp_path) if r.kind == "point"]) == 1
+    )  # same config: one run
     study.sweep = lambda: [{"name": "a/b"}, {"name": "a_b"}]  # both slug to name=a_b
     with pytest.raises(config_lib.ConfigError, match="run id"):
-        sweep.expand(study, tmp_path)
+        study_lib.expand(study, tmp_path)
 
 
 @pytest.mark.slow
@@ -99,11 +103,11 @@ def test_sweep_is_idempotent_and_resumes_after_a_kill(study, tmp_path, monkeypat
     rows_again = sweep.run_sweep(study, workdir, log=lambda *a: None)
     assert calls == [] and rows_again == rows  # everything already finished
 
-    md, csv_path, markdown = sweep.write_results(rows, study.metrics(), workdir)
+    md, csv_path, markdown = results_lib.write_results(rows, study.metrics(), workdir)
     assert "eval/rewards/accuracies" in markdown and md.exists() and csv_path.exists()
     dpo_line = next(line for line in markdown.splitlines() if "| dpo | dpo |" in line)
     assert "±" in dpo_line and "| 2 |" in dpo_line  # two seeds aggregated with a spread
-    assert [p.name for p in sweep.write_plots(rows, workdir)] == [
+    assert [p.name for p in results_lib.write_plots(rows, workdir)] == [
         "gold_reward_by_domain.png",
         "gold_reward_vs_kl.png",
     ]
@@ -142,7 +146,7 @@ def rl_study(tmp_path):
 
 def test_reward_models_are_shared_dependencies_of_the_rl_points(rl_study, tmp_path):
     workdir = tmp_path.absolute() / "w"
-    runs = sweep.expand(rl_study, workdir)
+    runs = study_lib.expand(rl_study, workdir)
     ids = [r.id for r in runs]
     rms = [r for r in runs if r.cfg.stage == "rm"]
     ppo = [r for r in runs if r.cfg.stage == "ppo"]
@@ -167,7 +171,7 @@ def test_reward_models_are_shared_dependencies_of_the_rl_points(rl_study, tmp_pa
     assert all(r.cfg.train.steps == 3 for r in rms)  # rm has no stage defaults here
     rl_study.reward_model = lambda point: {"stage": "dpo"}
     with pytest.raises(config_lib.ConfigError, match="not an rm run"):
-        sweep.expand(rl_study, workdir)
+        study_lib.expand(rl_study, workdir)
 
 
 def test_reward_model_sources_keep_a_path_with_commas_whole(tmp_path):
@@ -200,7 +204,7 @@ def test_sweep_trains_the_reward_model_before_the_ppo_points_that_use_it(rl_stud
 
 def test_aggregate_mean_and_spread():
     rows = [{"stage": "dpo", "loss.name": "dpo", "seed": s, "eval/x": v} for s, v in ((0, 1.0), (1, 3.0))]
-    (agg,) = sweep.aggregate(rows, ["eval/x"], ["stage", "loss.name"])
+    (agg,) = results_lib.aggregate(rows, ["eval/x"], ["stage", "loss.name"])
     assert agg["eval/x"] == 2.0 and agg["eval/x std"] == pytest.approx(2**0.5) and agg["seeds"] == 2
 
 
@@ -222,7 +226,7 @@ def test_every_sweep_point_validates_and_builds_an_abstract_state(study_file, tm
     if "full" in inspect.signature(module.sweep).parameters:
         original = module.sweep
         module.sweep = lambda: original(full=True)
-    runs = sweep.expand(module, tmp_path)  # validates every run, shared bases and reward models included
+    runs = study_lib.expand(module, tmp_path)  # validates every run, shared bases and reward models included
     assert any(r.kind == "point" for r in runs)
     shapes, built = set(), set()
     for run in runs:
@@ -242,10 +246,10 @@ def test_shared_bases_are_told_apart_in_the_table(study, tmp_path):
     study.sweep = lambda: [
         {"loss.name": "dpo", "seed": s, "model.hidden": h} for s in (0, 1) for h in (32, 48)
     ]
-    runs = sweep.expand(study, tmp_path)
+    runs = study_lib.expand(study, tmp_path)
     bases = [r for r in runs if r.kind == "base"]
     assert len(bases) == 4
-    labels = sweep.base_labels(runs)
+    labels = results_lib.base_labels(runs)
     assert sorted(labels[b.id]["model.hidden"] for b in bases) == [32, 32, 48, 48]
     assert all(set(labels[b.id]) == {"model.hidden"} for b in bases)  # the seed is a column of its own
 
@@ -256,12 +260,12 @@ def test_a_study_variant_is_chosen_in_one_place():
     study = types.ModuleType("study")
     study.sweep = lambda full=False: [{"seed": s} for s in (range(4) if full else range(1))]
     study.metrics = lambda: ["eval/loss"]
-    assert sweep.has_full(study) and sweep.variant(study, full=False) is study
-    full = sweep.variant(study, full=True)
+    assert study_lib.has_full(study) and study_lib.variant(study, full=False) is study
+    full = study_lib.variant(study, full=True)
     assert full.sweep() == [{"seed": s} for s in range(4)] and full.metrics() == ["eval/loss"]
     assert study.sweep() == [{"seed": 0}]  # the study module itself is left as it was
     plain = types.ModuleType("plain")
     plain.sweep = lambda: [{}]
-    assert not sweep.has_full(plain)
+    assert not study_lib.has_full(plain)
     with pytest.raises(config_lib.ConfigError, match="no `full` argument"):
-        sweep.variant(plain, full=True, label="plain.py")
+        study_lib.variant(plain, full=True, label="plain.py")

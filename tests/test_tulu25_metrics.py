@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 from tiny_hf import CORPUS, write_llama  # noqa: E402
 
 from jaxrl import config as config_lib  # noqa: E402
+from jaxrl import results as results_lib  # noqa: E402
 from jaxrl import sweep  # noqa: E402
 
 # The study's own points with sizes cut to seconds (every other setting, loss and RL recipe kept).
@@ -26,6 +27,7 @@ TINY = {
         "rl.minibatch": 8,
         "rl.max_new_tokens": 4,
         "rl.num_prompts": 16,
+        "rl.eval_prompts": 4,
         "data.max_prompt_len": 64,
         "data.max_len": 72,
     },
@@ -145,7 +147,7 @@ def test_every_tulu25_metric_is_logged_by_a_tiny_run_of_its_stage(tiny_tulu25, t
     # Each stage contributes a column: the table compares every arm, not only one stage's.
     for stage, keys in logged.items():
         assert any(name in keys for name in metrics), f"no metrics() column for the {stage} runs: {keys}"
-    _, _, markdown = sweep.write_results(rows, metrics, tmp_path / "study")
+    _, _, markdown = results_lib.write_results(rows, metrics, tmp_path / "study")
     assert all(name in markdown.splitlines()[0] for name in metrics)
     # The benchmark columns: every policy arm is evaluated (with a standard error), the reward model is not.
     for row in rows:

@@ -45,7 +45,8 @@ def load_run_params(source: str | Path, mesh, preset: str):
     if not source_cfg_file.exists():
         raise ConfigError(f"{source} is neither a jaxrl run directory nor an HF checkpoint (no config.json)")
     source_cfg = config_lib.from_dict(json.loads(source_cfg_file.read_text()))
-    source_model = stage_model_config(source_cfg)
+    # A LoRA run's final parameters are merged into its base: a model without adapters.
+    source_model = dataclasses.replace(stage_model_config(source_cfg), lora_rank=0)
     _, abstract = abstract_model(source_model)
     target = checkpoint.abstract_with_shardings(abstract, sharding.tree_shardings(abstract, preset, mesh))
     return checkpoint.load_params(checkpoint.final_params_dir(source_dir), target), source_model

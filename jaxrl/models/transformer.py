@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +27,26 @@ def _dtype(name: str):
 
 
 class Linear(nnx.Module):
-    """A kernel of arbitrary shape (stacked over layers when `layers` > 0), with optional bias."""
+    """A kernel of arbitrary shape (stacked over layers when `layers` > 0), with optional bias, and LoRA
+    adapter slots when `lora_rank` > 0: A [*in, r] over the kernel's first `inputs` dims, B [r, *out]. The
+    slots start at zero (no RNG drawn, so the base's initialisation is the same with or without them);
+    jaxrl.models.lora.init_params fills them."""
 
-    def __init__(self, shape, *, std, param_dtype, rngs, bias_shape=None, layers=0):
+    def __init__(self, shape, *, std, param_dtype, rngs, bias_shape=None, layers=0, lora_rank=0, inputs=1):
         lead = (layers,) if layers else ()
         init = jax.nn.initializers.normal(std)
         self.kernel = nnx.Param(init(rngs.params(), lead + tuple(shape), param_dtype))
         if bias_shape is not None:
             self.bias = nnx.Param(jnp.zeros(lead + tuple(bias_shape), param_dtype))
+        if lora_rank:
+            self.lora_a = nnx.Param(jnp.zeros(lead + tuple(shape[:inputs]) + (lora_rank,), param_dtype))
+            self.lora_b = nnx.Param(jnp.zeros(lead + (lora_rank,) + tuple(shape[inputs:]), param_dtype))
+
+
+def _lora_rank(cfg: ModelConfig, path: str) -> int:
+    """The adapter rank of the kernel at `path` (its parameter path): model.lora_rank where model.lora_targets
+    matches it, else 0."""
+    return cfg.lora_rank if cfg.lora_rank and re.search(cfg.lora_targets, path) else 0
 
 
 class Norm(nnx.Module):
@@ -51,10 +64,11 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs, layers):
         D, H, K, Dh = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_size
         kw = dict(std=cfg.init_std, param_dtype=_dtype(cfg.param_dtype), rngs=rngs, layers=layers)
-        self.q = Linear((D, H, Dh), bias_shape=(H, Dh) if cfg.qkv_bias else None, **kw)
-        self.k = Linear((D, K, Dh), bias_shape=(K, Dh) if cfg.qkv_bias else None, **kw)
-        self.v = Linear((D, K, Dh), bias_shape=(K, Dh) if cfg.qkv_bias else None, **kw)
-        self.o = Linear((H, Dh, D), **kw)
+        rank = lambda name: _lora_rank(cfg, f"layers/attn/{name}/kernel")
+        self.q = Linear((D, H, Dh), bias_shape=(H, Dh) if cfg.qkv_bias else None, lora_rank=rank("q"), **kw)
+        self.k = Linear((D, K, Dh), bias_shape=(K, Dh) if cfg.qkv_bias else None, lora_rank=rank("k"), **kw)
+        self.v = Linear((D, K, Dh), bias_shape=(K, Dh) if cfg.qkv_bias else None, lora_rank=rank("v"), **kw)
+        self.o = Linear((H, Dh, D), lora_rank=rank("o"), inputs=2, **kw)
         pd = _dtype(cfg.param_dtype)
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = (
@@ -69,9 +83,10 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs, layers):
         kw = dict(std=cfg.init_std, param_dtype=_dtype(cfg.param_dtype), rngs=rngs, layers=layers)
-        self.gate = Linear((cfg.hidden, cfg.mlp), **kw)
-        self.up = Linear((cfg.hidden, cfg.mlp), **kw)
-        self.down = Linear((cfg.mlp, cfg.hidden), **kw)
+        rank = lambda name: _lora_rank(cfg, f"layers/mlp/{name}/kernel")
+        self.gate = Linear((cfg.hidden, cfg.mlp), lora_rank=rank("gate"), **kw)
+        self.up = Linear((cfg.hidden, cfg.mlp), lora_rank=rank("up"), **kw)
+        self.down = Linear((cfg.mlp, cfg.hidden), lora_rank=rank("down"), **kw)
 
 
 class Layers(nnx.Module):
@@ -117,16 +132,32 @@ def apply_rope(x_BTNH, positions_BT, inv_freq):
     return out.astype(x_BTNH.dtype)
 
 
-def _proj(x_BTD, p, dtype):
-    out = jnp.einsum("btd,dnh->btnh", x_BTD, p["kernel"].astype(dtype))
+def lora_scale(cfg: ModelConfig) -> float:
+    """The factor on the adapters' output, lora_alpha / lora_rank (0 without adapters)."""
+    return cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+
+
+def with_lora(out, x, p, inputs: int, cfg: ModelConfig):
+    """`out` (x times p's kernel over x's last `inputs` dims) plus the adapter's (x @ A) @ B scaled by
+    lora_alpha / rank, when p has adapter slots. The kernel is never changed: the base stays frozen and shared
+    (a reference with adapters off is the same arrays), and the extra work is 2r per output, r << D."""
+    if "lora_a" not in p:
+        return out
+    dtype = _dtype(cfg.dtype)
+    xa = jnp.tensordot(x, p["lora_a"].astype(dtype), axes=inputs) * jnp.asarray(lora_scale(cfg), dtype)
+    return out + jnp.tensordot(xa, p["lora_b"].astype(dtype), axes=1)
+
+
+def _proj(x_BTD, p, cfg: ModelConfig):
+    dtype = _dtype(cfg.dtype)
+    out = with_lora(jnp.einsum("btd,dnh->btnh", x_BTD, p["kernel"].astype(dtype)), x_BTD, p, 1, cfg)
     return out + p["bias"].astype(dtype) if "bias" in p else out
 
 
 def project_qkv(x_BTD, p, positions_BT, cfg: ModelConfig, inv_freq):
     """One layer's roped (and QK-normed) q [B, T, H, Dh], k and v [B, T, K, Dh]."""
-    dtype = _dtype(cfg.dtype)
     B, T, _ = x_BTD.shape
-    q_BTNH, k_BTKH, v_BTKH = (_proj(x_BTD, p[n], dtype) for n in ("q", "k", "v"))
+    q_BTNH, k_BTKH, v_BTKH = (_proj(x_BTD, p[n], cfg) for n in ("q", "k", "v"))
     if cfg.qk_norm == "head":
         q_BTNH = rms_norm(q_BTNH, p["q_norm"]["scale"], cfg.norm_eps)
         k_BTKH = rms_norm(k_BTKH, p["k_norm"]["scale"], cfg.norm_eps)
@@ -138,9 +169,10 @@ def project_qkv(x_BTD, p, positions_BT, cfg: ModelConfig, inv_freq):
     return q_BTNH, k_BTKH, constrain(v_BTKH, ("batch", None, "kv_heads", None))
 
 
-def attention_output(out_BTNH, p, dtype):
+def attention_output(out_BTNH, p, cfg: ModelConfig):
     """The output projection of attention heads back to the model width [B, T, D]."""
-    return jnp.einsum("btnh,nhd->btd", out_BTNH, p["o"]["kernel"].astype(dtype))
+    h_BTD = jnp.einsum("btnh,nhd->btd", out_BTNH, p["o"]["kernel"].astype(_dtype(cfg.dtype)))
+    return with_lora(h_BTD, out_BTNH, p["o"], 2, cfg)
 
 
 def attention_block(x_BTD, p, positions_BT, segment_ids_BT, cfg: ModelConfig, inv_freq, windowed=None):
@@ -148,16 +180,16 @@ def attention_block(x_BTD, p, positions_BT, segment_ids_BT, cfg: ModelConfig, in
     window when the layer is `windowed` (a traced bool from the layer scan), by `model.attention`."""
     q_BTNH, k_BTKH, v_BTKH = project_qkv(x_BTD, p, positions_BT, cfg, inv_freq)
     out_BTNH = attention.attend(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, cfg, windowed)
-    return attention_output(out_BTNH, p, _dtype(cfg.dtype))
+    return attention_output(out_BTNH, p, cfg)
 
 
 def mlp_block(x_BTD, p, cfg: ModelConfig):
     """SwiGLU feed-forward of one layer."""
     dtype = _dtype(cfg.dtype)
-    gate_BTF = x_BTD @ p["gate"]["kernel"].astype(dtype)
-    up_BTF = x_BTD @ p["up"]["kernel"].astype(dtype)
+    gate_BTF = with_lora(x_BTD @ p["gate"]["kernel"].astype(dtype), x_BTD, p["gate"], 1, cfg)
+    up_BTF = with_lora(x_BTD @ p["up"]["kernel"].astype(dtype), x_BTD, p["up"], 1, cfg)
     h_BTF = constrain(jax.nn.silu(gate_BTF) * up_BTF, ("batch", None, "mlp"))
-    return h_BTF @ p["down"]["kernel"].astype(dtype)
+    return with_lora(h_BTF @ p["down"]["kernel"].astype(dtype), h_BTF, p["down"], 1, cfg)
 
 
 def residual_block(x_BTD, p, cfg: ModelConfig, attend):

@@ -18,6 +18,7 @@ from jaxrl import config as config_lib
 from jaxrl import listwise, losses, sharding, steps
 from jaxrl.config import Config, ConfigError
 from jaxrl.models import init as model_init
+from jaxrl.models import lora
 from jaxrl.preflight.report import Holding, ProgramReport, compile_program, tree_device_bytes
 from jaxrl.rl import algorithms
 from jaxrl.rl import programs as rl_programs
@@ -82,11 +83,15 @@ class Builder:
         shardings = sharding.tree_shardings(abstract_tree, self.preset, self.mesh)
         self.holdings.append(Holding(name, tree_device_bytes(abstract_tree, shardings), offloaded))
 
-    def hold_state(self, role: str, state: steps.TrainState) -> tuple[str, str]:
-        """Holds a train state as its parameters and the rest (optimizer moments, counters)."""
+    def hold_state(self, role: str, state: steps.TrainState) -> tuple[str, ...]:
+        """Holds a train state as its parameters, the rest (optimizer moments, counters) and a LoRA run's
+        frozen base."""
         self.hold(f"{role} params", state.params)
-        self.hold(f"{role} optimizer state", state.replace(params=None, ref_params=None))
-        return f"{role} params", f"{role} optimizer state"
+        self.hold(f"{role} optimizer state", state.replace(params=None, ref_params=None, frozen=None))
+        if state.frozen is None:
+            return f"{role} params", f"{role} optimizer state"
+        self.hold(f"{role} frozen base params", state.frozen)
+        return f"{role} params", f"{role} optimizer state", f"{role} frozen base params"
 
     def check_rows(self, rows: int, what: str) -> None:
         divisor = sharding.batch_divisor(self.mesh, self.preset)
@@ -115,15 +120,28 @@ def offline_programs(b: Builder, cfg: Config, model_cfg) -> None:
     if needs_ref and not on_the_fly:
         batch["ref_logps"] = _spec(batch["tokens"].shape[:2], np.float32)  # [B, 2] pairs, [B, K] lists
     graphdef, params = model_init.abstract_model(model_cfg)
-    ref = model_init.abstract_model(ref_cfg)[1] if on_the_fly else None
+    # LoRA (as jaxrl.train.setup): adapters (and a scalar head) train over a frozen base, which is also the
+    # reference (adapters off) unless train.reference_from names another run (then cached).
+    lora_run = model_cfg.lora_rank > 0
+    base_is_ref = lora_run and t.reference_from in ("", t.init_from)
+    frozen = None
+    if lora_run:
+        frozen, params = lora.split(params)
+        ref_cfg = lora.base_config(ref_cfg)
+    ref = model_init.abstract_model(ref_cfg)[1] if on_the_fly and not lora_run else None
     tx, schedule = steps.make_optimizer(cfg.optim, t.steps)
     loss_state = steps.initial_loss_state(cfg)
-    state = jax.eval_shape(lambda p, r: steps.new_train_state(p, tx, cfg.seed, r, loss_state), params, ref)
+    state = jax.eval_shape(
+        lambda p, r, f: steps.new_train_state(p, tx, cfg.seed, r, loss_state, f), params, ref, frozen
+    )
     holdings = b.hold_state("train", state)
-    if on_the_fly:
+    if on_the_fly and not lora_run:
         b.hold("reference params", state.ref_params)
         holdings += ("reference params",)
     objective, totals_fn = steps.stage_objective(cfg, graphdef)
+    if on_the_fly and base_is_ref:
+        objective = steps.base_as_reference(objective)
+        b.notes.append("LoRA: the reference is the frozen base with the adapters off (no second model)")
     step_fn = steps.bind_step(objective, totals_fn, (tx, schedule), t.grad_accum)
     hp = jax.eval_shape(lambda: steps.loss_hparams(cfg))
     b.compile(
@@ -134,10 +152,14 @@ def offline_programs(b: Builder, cfg: Config, model_cfg) -> None:
         micro = t.batch_size // t.grad_accum
         ref_batch = {k: batch[k].update(shape=(micro,) + batch[k].shape[1:]) for k in ("tokens", "loss_mask")}
         ref_graphdef, ref_params = model_init.abstract_model(ref_cfg)
-        b.hold("reference params", ref_params)
+        ref_holding = "reference params"
+        if base_is_ref:  # the frozen base itself: held once
+            ref_holding = "train frozen base params"
+        else:
+            b.hold("reference params", ref_params)
         forward = lambda p, batch, hp: steps.policy_seq_logps(nnx.merge(ref_graphdef, p), batch)[0]
         jitted = steps.make_eval_step(forward, ref_params, ref_batch, b.mesh, b.preset)
-        b.compile("reference_logps", jitted, (ref_params, ref_batch, None), ("reference params",))
+        b.compile("reference_logps", jitted, (ref_params, ref_batch, None), (ref_holding,))
         b.notes.append(
             "reference log-probs are computed once and cached; the runner keeps the reference "
             "parameters on the device for the final evaluation"

@@ -21,6 +21,7 @@ from jaxrl import rewards, sampling, sharding
 from jaxrl.config import Config, ConfigError
 from jaxrl.data import pipeline
 from jaxrl.models import init as model_init
+from jaxrl.models import lora
 from jaxrl.rl import algorithms, programs
 
 
@@ -29,6 +30,14 @@ def fixed_left_pad(prompts: list[list[int]], width: int, pad_id: int) -> tuple[n
     ids, mask = sampling.left_pad(prompts, pad_id)
     extra = width - ids.shape[1]
     return (np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id), np.pad(mask, ((0, 0), (extra, 0))))
+
+
+@jax.jit
+def stream_key(seed_stream_step):
+    """A sampling key folded from (seed, stream, step) [3] int32 on device: each use of randomness in a run
+    (rollouts, held-out evaluation) has its own stream."""
+    seed, stream, step = seed_stream_step
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), step)
 
 
 def _synthetic_prompt_sets() -> tuple[str, ...]:
@@ -52,9 +61,10 @@ def prompt_set(cfg: Config, tok) -> tuple[list, np.ndarray, np.ndarray, list[str
                 f"rl.prompt_set {r.prompt_set!r} is neither a synthetic prompt set "
                 f"{_synthetic_prompt_sets()} nor an existing prompts file"
             )
-        records = list(readers.read(r.prompt_set, "prompts", on_error=cfg.data.on_error).records)[
-            : r.num_prompts
-        ]
+        records = list(readers.read(r.prompt_set, "prompts", on_error=cfg.data.on_error).records)
+        # Held-out prompts from this file are its last rl.eval_prompts (jaxrl.rl.heldout): not trained on.
+        held = 0 if r.eval_prompt_set else r.eval_prompts
+        records = records[: min(r.num_prompts, max(len(records) - held, 0))]
     encoded = [tok.encode_prompt(rec.prompt) for rec in records]
     keep = [i for i, ids in enumerate(encoded) if len(ids) <= cfg.data.max_prompt_len]
     report = [
@@ -111,9 +121,13 @@ def _value_params(cfg: Config, reward_fn, policy_params, mesh, preset, log):
     if cfg.rl.value_init == "reward_model":
         rm = reward_fn.models[0]
         return rm.graphdef, rm.params
-    value_cfg = dataclasses.replace(model_init.stage_model_config(cfg), head="scalar")
+    # A LoRA policy's value model is its merged weights with a fresh head, trained in full.
+    policy_cfg = model_init.stage_model_config(cfg)
+    value_cfg = dataclasses.replace(lora.base_config(policy_cfg), head="scalar")
     graphdef, _ = model_init.abstract_model(value_cfg)
     fresh = model_init.init_params(value_cfg, cfg.seed + 1, mesh, preset)
+    if policy_cfg.lora_rank:
+        policy_params = lora.merge(policy_params, policy_cfg)
     return graphdef, model_init.merge_init(fresh, policy_params, log)
 
 
@@ -161,6 +175,7 @@ class Context:
     update_hp: object  # the update's fixed hyperparameters on device, or None: the iteration's RLHParams
     units: int  # what a rollout batch trains on: sequences, or pairs of them
     mb_units: int  # ... per minibatch
+    heldout: object = None  # held-out prompts (jaxrl.rl.heldout.HeldOut; the runner loads them), or None
 
 
 def mixture_coefs(cfg: Config, batch_sharding):
@@ -211,13 +226,21 @@ def build(cfg: Config, workdir: Path, log) -> tuple[Context, dict, list[str]]:
 
     model_cfg = model_init.stage_model_config(cfg)
     graphdef, abstract_params = model_init.abstract_model(model_cfg)
-    params = model_init.init_params(model_cfg, cfg.seed, mesh, preset)
+    params = model_init.init_params(lora.base_config(model_cfg), cfg.seed, mesh, preset)
     if t.init_from:
         params = model_init.merge_init(params, model_init.load_run_params(t.init_from, mesh, preset)[0], log)
     else:
         log("warning: no train.init_from: the policy and its reference are the random initialisation")
-    # The train state is built from these by a jit, so it holds new buffers: donating it never frees the ref.
-    ref = Frozen(params, sharding.tree_shardings(abstract_params, preset, mesh), r.offload_frozen)
+    shardings = sharding.tree_shardings(abstract_params, preset, mesh)
+    if model_cfg.lora_rank:
+        # LoRA: the reference is the policy's own frozen base with the adapters off (the same arrays, which
+        # the train step never donates), so it is neither a second copy nor offloaded.
+        params = lora.init_params(model_cfg, params, cfg.seed, mesh, preset)
+        ref = Frozen(lora.adapters_off(params), shardings, offload=False)
+    else:
+        # The train state is built from these by a jit, so it holds new buffers: donating it never frees
+        # the ref.
+        ref = Frozen(params, shardings, r.offload_frozen)
     responder = ReferenceResponder(replicated)
     reward_fn = rewards.make_reward_fn(
         r, tokenizer=tok, mesh=mesh, preset=preset, reference_responder=responder

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl import rewards, sampling, sharding, steps
 from jaxrl.config import Config, ConfigError
+from jaxrl.models import lora
 from jaxrl.rl import advantages, algorithms, mixture, objectives
 from jaxrl.rl.losses import RLHParams
 from jaxrl.rl.objectives import RLState
@@ -126,9 +127,10 @@ def optimizers(cfg: Config) -> dict:
     return out
 
 
-def init_state(policy_params, value_params, *, optimizers: dict, seed: int) -> RLState:
-    """The run's first train state: fresh optimizer states for the policy and (with one) the value model."""
-    policy = steps.new_train_state(policy_params, optimizers["policy"][0], seed)
+def init_state(policy_params, value_params, *, optimizers: dict, seed: int, policy_frozen=None) -> RLState:
+    """The run's first train state: fresh optimizer states for the policy and (with one) the value model; a
+    LoRA policy's `policy_params` are its trainables and `policy_frozen` its base."""
+    policy = steps.new_train_state(policy_params, optimizers["policy"][0], seed, frozen=policy_frozen)
     if value_params is None:
         return RLState(policy=policy)
     return RLState(policy=policy, value=steps.new_train_state(value_params, optimizers["value"][0], seed))
@@ -168,8 +170,12 @@ def _residents(cfg: Config, roles: Roles, state: RLState) -> tuple[Resident, ...
     for role, train_state in (("policy", state.policy), ("value", state.value)):
         if train_state is not None:
             out.append(Resident(f"{role} params", train_state.params))
-            out.append(Resident(f"{role} optimizer state", train_state.replace(params=None, ref_params=None)))
-    out.append(Resident("reference params", roles.params, cfg.rl.offload_frozen))
+            rest = train_state.replace(params=None, ref_params=None, frozen=None)
+            out.append(Resident(f"{role} optimizer state", rest))
+    if state.policy.frozen is not None:  # LoRA: the policy's frozen base is also the reference (adapters off)
+        out.append(Resident("reference params", state.policy.frozen))
+    else:
+        out.append(Resident("reference params", roles.params, cfg.rl.offload_frozen))
     for k, (_, params) in enumerate(roles.rewards):
         out.append(Resident(_reward_name("reward params", k, roles), params, cfg.rl.offload_frozen))
     return tuple(out)
@@ -188,7 +194,8 @@ def _sampling_programs(cfg: Config, mesh, preset: str, roles: Roles, **ids) -> l
     temperature = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
     params = _placed_by_rules(roles.params, mesh, preset)
     static = dict(max_new=r.max_new_tokens, active_mesh=(mesh, preset), **ids)
-    truncation = dict(top_p=float(r.top_p), top_k=int(r.top_k))
+    # top-k / top-p shape the draws; the log-probs reported are the trainer's (tempered, untruncated).
+    truncation = dict(top_p=float(r.top_p), top_k=int(r.top_k), logps_under="tempered")
     if algorithms.of(cfg).comparison == "mixture":
         # The reference's parameters are placed as the policy's (one rule table); row b mixes by coef_B[b].
         coef = jax.ShapeDtypeStruct((spec["prompt"].shape[0],), jnp.float32, sharding=batch)
@@ -197,7 +204,9 @@ def _sampling_programs(cfg: Config, mesh, preset: str, roles: Roles, **ids) -> l
         generate = Program("generate", MIXTURE_SAMPLE, args, holdings, static | truncation)
     else:
         args = (roles.graphdef, params, *prompt, key, temperature)
-        generate = Program("generate", SAMPLE, args, ("policy params",), static | truncation)
+        # A LoRA policy samples with its adapters applied over the frozen base (held as the reference's).
+        holdings = ("policy params", "reference params") if cfg.model.lora_rank else ("policy params",)
+        generate = Program("generate", SAMPLE, args, holdings, static | truncation)
     out = [generate]
     if roles.rewards and r.reward_transform in rewards.NEEDS_REFERENCE_SCORES:
         out.append(
@@ -238,7 +247,7 @@ def _scoring_programs(cfg: Config, mesh, roles: Roles, state: RLState) -> list[P
     batch, replicated = sharding.batch_sharding(mesh, preset), NamedSharding(mesh, PartitionSpec())
     rollout = _placed(rollout_spec(cfg), batch)
     inputs = {k: rollout[k] for k in objectives.ROLLOUT_KEYS}
-    stats_params = {"policy": state.policy.params, "ref": roles.params}
+    stats_params = {"policy": steps.model_params(state.policy), "ref": roles.params}
     holdings = ("policy params", "reference params")
     if state.value is not None:
         stats_params["value"] = state.value.params
@@ -247,8 +256,6 @@ def _scoring_programs(cfg: Config, mesh, roles: Roles, state: RLState) -> list[P
         objectives.rollout_stats,
         graphdef=roles.graphdef,
         value_graphdef=roles.value_graphdef,
-        top_k=r.top_k,
-        top_p=r.top_p,
         sequence_logps=algorithm.sequence_logps,
     )
     rl_hp = _placed(jax.eval_shape(RLHParams.create), replicated)
@@ -303,7 +310,10 @@ def programs(cfg: Config, mesh, roles: Roles, *, eos_id: int, pad_id: int) -> Ru
     check_divisible(cfg, mesh, cfg.mesh.preset)
     run_optimizers = optimizers(cfg)
     init = functools.partial(init_state, optimizers=run_optimizers, seed=cfg.seed)
-    state = jax.eval_shape(init, roles.params, roles.value_params)
+    frozen, policy_params = lora.split(roles.params) if cfg.model.lora_rank else (None, roles.params)
+    state = jax.eval_shape(
+        lambda p, v, f: init(p, v, policy_frozen=f), policy_params, roles.value_params, frozen
+    )
     residents = _residents(cfg, roles, state)
     trained = tuple(res.name for res in residents if res.name.startswith(("policy ", "value ")))
     listed = _sampling_programs(cfg, mesh, cfg.mesh.preset, roles, eos_id=eos_id, pad_id=pad_id)

@@ -36,23 +36,20 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxrl import checkpoint, rewards, sharding
+from jaxrl import checkpoint, rewards, sharding, steps
 from jaxrl import metrics as metrics_lib
 from jaxrl import workdir as workdir_lib
 from jaxrl.config import Config
 from jaxrl.metrics import MetricWriter
-from jaxrl.rl import algorithms, constraints, context, programs
+from jaxrl.models import lora
+from jaxrl.rl import algorithms, constraints, context, heldout, programs
 from jaxrl.rl.context import Context
 from jaxrl.rl.objectives import ROLLOUT_KEYS, RLState
 
 ROLLOUT_STREAM, MINIBATCH_STREAM = 1, 2
 
 
-@jax.jit
-def _rollout_key(seed_stream_iteration):
-    """The sampling key of an iteration, folded from (seed, stream, iteration) [3] int32 on device."""
-    seed, stream, iteration = seed_stream_iteration
-    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), iteration)
+_rollout_key = context.stream_key  # the sampling key of an iteration: (seed, ROLLOUT_STREAM, iteration)
 
 
 def _mean_rows(rows: list[dict]) -> dict[str, float]:
@@ -91,7 +88,9 @@ def _world_eval(
 
 
 def _world_eval_of(ctx: Context, state: RLState, split: str = "test") -> tuple[dict, dict | None]:
-    return _world_eval(ctx.cfg, ctx.graphdef, state.policy.params, ctx.ref.get(), ctx.tok, split)
+    if ctx.heldout is not None and split == "validation":  # real data: its held-out prompts (rl.eval_prompts)
+        return heldout.evaluate(ctx, state, ctx.heldout), None
+    return _world_eval(ctx.cfg, ctx.graphdef, steps.model_params(state.policy), ctx.ref.get(), ctx.tok, split)
 
 
 @dataclasses.dataclass
@@ -145,7 +144,7 @@ def _score(ctx: Context, state: RLState, gen: _Generation, kl_coef: float, multi
     components = ctx.reward_fn.components(gen.prompts, gen.tokens, gen.mask, gen.texts)
     components = constraints.lagrangian_components(components, multipliers)
     rl_hp, adv_hp = jax.device_put(algorithms.hparams(ctx.cfg, kl_coef), ctx.replicated)
-    params = {"policy": state.policy.params, "ref": ctx.ref.get()}
+    params = {"policy": steps.model_params(state.policy), "ref": ctx.ref.get()}
     if ctx.value_graphdef is not None:
         params["value"] = state.value.params
     stats = ctx.programs["rollout_stats"](params, {k: gen.rollout[k] for k in ROLLOUT_KEYS}, rl_hp)
@@ -191,7 +190,7 @@ def iterate(
     `multipliers`: the Lagrange multipliers of rl.constraints this iteration's reward is weighed with."""
     multipliers = multipliers or {}
     t0 = time.perf_counter()
-    gen = _generate(ctx, state.policy.params, iteration)
+    gen = _generate(ctx, steps.model_params(state.policy), iteration)
     t1 = time.perf_counter()
     data, hp, rollout_metrics, components = _score(ctx, state, gen, kl_coef, multipliers)
     jax.block_until_ready(data)
@@ -228,15 +227,24 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
 def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dict:
     t = cfg.train
     ctx, trainable, report = context.build(cfg, workdir, log)
+    ctx.heldout, held_out_report = heldout.load(cfg, ctx.tok)
+    report += held_out_report
     for line in report:
         log(line)
     run_lineage = context.lineage(cfg)
     if jax.process_index() == 0:
         (workdir / "lineage.json").write_text(json.dumps(run_lineage, indent=2) + "\n")
-    abstract_state = ctx.programs.abstract_state
+    # A LoRA policy's frozen base stays out of the jit (never copied) and out of checkpoints (rebuilt here).
+    abstract_state, _ = steps.frozen_apart(ctx.programs.abstract_state)
     state_shardings = sharding.tree_shardings(abstract_state, ctx.preset, ctx.mesh)
     init = functools.partial(programs.init_state, optimizers=ctx.programs.optimizers, seed=cfg.seed)
-    state = jax.jit(init, out_shardings=state_shardings)(trainable["policy"], trainable["value"])
+    policy_frozen, policy_params = None, trainable["policy"]
+    if cfg.model.lora_rank:
+        policy_frozen, policy_params = lora.split(policy_params)
+    state = jax.jit(init, out_shardings=state_shardings)(policy_params, trainable["value"])
+    with_base = lambda s: s.replace(policy=s.policy.replace(frozen=policy_frozen))
+    state = with_base(state)
+    saveable = lambda s: steps.frozen_apart(s)[0]
     del trainable
 
     commit()  # the run has started: from here on the workdir belongs to this config
@@ -248,6 +256,7 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
     )
     if restored is not None:
         latest, state, meta = restored
+        state = with_base(state)
         start, kl_coef, eval_initial = int(meta["step"]), float(meta["kl_coef"]), meta.get("eval_initial")
         initial_per_prompt = meta.get("eval_initial_per_prompt")
         multipliers = {name: float(v) for name, v in meta.get("multipliers", multipliers).items()}
@@ -265,7 +274,10 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
     writer = MetricWriter(workdir, tensorboard=t.tensorboard)
     if start == 0:
         eval_initial, initial_per_prompt = _world_eval_of(ctx, state)
-        writer.write(0, {f"eval/{k}": v for k, v in eval_initial.items()})
+        row = {f"eval/{k}": v for k, v in eval_initial.items()}
+        if ctx.heldout is not None:  # the held-out curve starts at the initial policy
+            row |= {f"val/{k}": v for k, v in _world_eval_of(ctx, state, "validation")[0].items()}
+        writer.write(0, row)
     progress = workdir_lib.progress(start, t.steps, enabled=t.progress and jax.process_index() == 0)
     last: dict[str, float] = resumed_last
     end = t.steps if stop_after is None else min(stop_after, t.steps)
@@ -289,7 +301,7 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
             writer.write(
                 it + 1, {f"val/{k}": v for k, v in _world_eval_of(ctx, state, "validation")[0].items()}
             )
-        ckpt.save(it + 1, state, meta(it + 1))
+        ckpt.save(it + 1, saveable(state), meta(it + 1))
         progress.update(1)
         progress.set_postfix(score=f"{values['objective/scores']:.3f}", kl=f"{values['objective/kl']:.3f}")
     progress.close()
@@ -302,12 +314,12 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
         )
 
     if stop_after is not None and end < t.steps:
-        ckpt.save(end, state, meta(end), force=True)
+        ckpt.save(end, saveable(state), meta(end), force=True)
         ckpt.close()
         writer.close()
         return {"stopped_at": end}
 
-    ckpt.save(t.steps, state, meta(t.steps), force=True)
+    ckpt.save(t.steps, saveable(state), meta(t.steps), force=True)
     ckpt.close()
     val_metrics = _world_eval_of(ctx, state, "validation")[0]
     eval_metrics, per_prompt = _world_eval_of(ctx, state)
@@ -327,7 +339,9 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
             train=last,
             eval=eval_metrics,
         )
-    checkpoint.save_params(checkpoint.final_params_dir(workdir), state.policy.params)
+    final = steps.model_params(state.policy)  # a LoRA policy's adapters merged into its base: a full model
+    final = lora.merge(final, cfg.model) if cfg.model.lora_rank else final
+    checkpoint.save_params(checkpoint.final_params_dir(workdir), final)
     summary = {
         "stage": cfg.stage,
         "status": "finished",
