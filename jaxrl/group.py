@@ -233,6 +233,7 @@ def run_group(
     it ended with (RunFailed, WorkdirLocked: another process holds it). A finished run is answered from its
     summary, resumed runs continue from their own checkpoints (runs at different steps train in separate
     groups)."""
+    from jaxrl import member as member_lib
     from jaxrl import train
 
     distributed.initialize()
@@ -262,9 +263,9 @@ def run_group(
         mesh = sharding.make_mesh(cfgs[todo[0]].mesh)
         members = {}
         for i in todo:
-            members[i] = train.setup(cfgs[i], workdirs[i], mesh, log)
+            members[i] = member_lib.setup(cfgs[i], workdirs[i], mesh, log)
             workdir_lib.commit_config(workdirs[i], cfgs[i])
-            train.restore(members[i], log)
+            member_lib.restore(members[i], log)
         parts: dict[tuple, list[int]] = {}
         for i in todo:
             parts.setdefault(array_signature(members[i]), []).append(i)

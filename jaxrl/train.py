@@ -3,7 +3,6 @@ evaluates; online-RL stages go to jaxrl.rl.runner."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -12,16 +11,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrl import checkpoint, distributed, listwise, reference, sharding, steps
+from jaxrl import checkpoint, distributed, sharding, steps
 from jaxrl import config as config_lib
-from jaxrl import metrics as metrics_lib
 from jaxrl import validate as validate_lib
 from jaxrl import workdir as workdir_lib
 from jaxrl.config import Config
 from jaxrl.data import pipeline
+from jaxrl.member import Member, restore, saveable, setup
 from jaxrl.metrics import MetricWriter
-from jaxrl.models import attention, lora
-from jaxrl.models import init as model_init
+from jaxrl.models import lora
 from jaxrl.models.transformer import flops_per_token
 
 DONE_FILE = workdir_lib.SUMMARY_FILE
@@ -87,195 +85,6 @@ def _train(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> d
     if summary.get("status") == "failed":
         raise workdir_lib.RunFailed(workdir, summary)
     return summary
-
-
-@dataclasses.dataclass
-class Member:
-    """One offline run's host-side pieces: its data, model, initial state, programs, and (after restore)
-    where it starts and what it has logged."""
-
-    cfg: Config
-    workdir: Path
-    mesh: Any
-    data: Any
-    train_arrays: dict
-    eval_arrays: dict
-    model_cfg: Any
-    graphdef: Any
-    hp: Any
-    state: steps.TrainState
-    state_shardings: Any
-    objective: Any
-    totals_fn: Any
-    train_step: Any  # the solo program (jitted, donating); a vmapped group has its own
-    eval_step: Any
-    world_eval: Any
-    final_eval: Any = None  # params -> final-evaluation metrics only (a reward model's proxy best-of-N)
-    has_ref: bool = False  # a frozen reference in the state (its forward pass is in every step's cost)
-    start: int = 0
-    last: dict = dataclasses.field(default_factory=dict)
-    ckpt: Any = None
-
-
-def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
-    """Builds a run's data, initial state and programs (nothing is written to the workdir yet)."""
-    preset, t = cfg.mesh.preset, cfg.train
-    sharding.check_batch(t.batch_size, t.grad_accum, mesh, preset)
-    data = pipeline.build_stage_data(cfg, _on_policy_responder(cfg, mesh, preset))
-    for line in data.report:
-        log(line)
-
-    model_cfg = model_init.stage_model_config(cfg)
-    log(attention.describe(model_cfg, platform=mesh.devices.flat[0].platform))
-    graphdef, abstract_params = model_init.abstract_model(model_cfg)
-    # A LoRA run's base is the model without adapters (the same initialisation, or init_from's weights).
-    base_cfg = lora.base_config(model_cfg)
-    params = model_init.init_params(base_cfg, cfg.seed, mesh, preset)
-    if t.init_from:
-        loaded, _ = model_init.load_run_params(t.init_from, mesh, preset)
-        params = model_init.merge_init(params, loaded, log)
-    hp = steps.loss_hparams(cfg)
-
-    ref_params = ref = None
-    train_arrays, eval_arrays = dict(data.train), dict(data.eval)
-    needs_ref = cfg.stage == "dpo" and listwise.offline_loss(cfg.loss.name).needs_reference
-    # LoRA: the reference is the base itself, the adapters off (no second model), unless another is named.
-    base_is_ref = model_cfg.lora_rank > 0 and t.reference_from in ("", t.init_from)
-    if needs_ref and model_cfg.lora_rank and not base_is_ref and t.reference == "on_the_fly":
-        raise config_lib.ConfigError(
-            "with model.lora_rank > 0 the on-the-fly reference is the base (adapters off); for another "
-            "train.reference_from use train.reference=cache"
-        )
-    if needs_ref:
-        source = t.reference_from or t.init_from
-        loads = source and not base_is_ref
-        ref = model_init.load_run_params(source, mesh, preset)[0] if loads else params
-        if not source:
-            log(
-                "warning: no train.init_from or train.reference_from: "
-                "the reference is the random initialisation"
-            )
-        if t.reference == "cache":
-            cache_dir = Path(t.cache_dir) if t.cache_dir else workdir / "cache"
-            micro = t.batch_size // t.grad_accum
-            for arrays in (train_arrays, eval_arrays):
-                if arrays["tokens"].shape[0]:
-                    arrays["ref_logps"], _, _ = reference.cached_reference_logps(
-                        cache_dir,
-                        model_init.abstract_model(base_cfg)[0],
-                        ref,
-                        arrays,
-                        batch_size=micro,
-                        mesh=mesh,
-                        preset=preset,
-                        log=log,
-                        bucket_multiple=cfg.data.bucket_multiple if cfg.data.padding == "bucket" else None,
-                    )
-        elif not model_cfg.lora_rank:
-            ref_params = ref
-
-    tx, schedule = steps.make_optimizer(cfg.optim, t.steps)
-    loss_state = steps.initial_loss_state(cfg)
-    make_state = lambda p, r: steps.new_train_state(p, tx, cfg.seed, r, loss_state)
-    frozen = None
-    if model_cfg.lora_rank:
-        # Only the adapters (and a scalar head) train: the optimiser holds their moments alone.
-        frozen, params = lora.split(lora.init_params(model_cfg, params, cfg.seed, mesh, preset))
-        log(f"LoRA rank {model_cfg.lora_rank}: {lora.count(params):,} adapter parameters train, base frozen")
-    # The frozen reference (on-the-fly mode) is placed by the same rules as the policy.
-    state_shardings = sharding.tree_shardings(jax.eval_shape(make_state, params, ref_params), preset, mesh)
-    state = jax.jit(make_state, out_shardings=state_shardings)(params, ref_params)
-    if frozen is not None:  # joined outside the jit: the base is never copied
-        state = state.replace(frozen=frozen)
-        state_shardings = state_shardings.replace(frozen=sharding.tree_shardings(frozen, preset, mesh))
-    del params
-
-    objective, totals_fn = steps.stage_objective(cfg, graphdef)
-    if needs_ref and base_is_ref and t.reference == "on_the_fly":
-        objective = steps.base_as_reference(objective)
-    step_fn = steps.bind_step(objective, totals_fn, (tx, schedule), t.grad_accum)
-    example = {
-        k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype) for k, v in train_arrays.items()
-    }
-    train_step = steps.make_step(step_fn, jax.eval_shape(lambda: state), example, mesh, preset)
-    eval_fn = lambda p, b, h, r, d: steps.eval_step(
-        p, b, h, objective=objective, totals_fn=totals_fn, ref_params=r, delta=d
-    )
-    eval_step = jax.jit(_with_mesh(eval_fn, mesh, preset))
-
-    world_eval = None
-    if cfg.data.source == "synthetic" and cfg.stage != "rm" and cfg.data.eval_prompts_per_domain:
-        from jaxrl.evaluate import synthetic_eval
-
-        # KL is to where the policy started, also for losses that train without a reference (SimPO); a LoRA
-        # run started at its base, the adapters off.
-        eval_ref = (
-            ref
-            if ref is not None or not t.init_from or model_cfg.lora_rank
-            else model_init.load_run_params(t.init_from, mesh, preset)[0]
-        )
-        # The SFT base also measures the best-of-N ceilings every arm is read against.
-        world_eval = lambda params, split, final=False: synthetic_eval(
-            cfg,
-            graphdef,
-            params,
-            lora.adapters_off(params) if model_cfg.lora_rank else eval_ref,
-            data.tokenizer,
-            split=split,
-            best_of=cfg.stage == "sft" and final,
-        )
-    final_eval = None
-    d = cfg.data
-    sampled_eval = d.source == "synthetic" and d.eval_prompts_per_domain and d.eval_best_of
-    if cfg.stage == "rm" and t.init_from and sampled_eval:
-        from jaxrl.evaluate import proxy_best_of
-
-        # The policy the reward model will judge: its init_from run (the SFT base), sampled as the base's
-        # own best-of-N ceilings are (same prompts, same draws).
-        policy_params, source_model = model_init.load_run_params(t.init_from, mesh, preset)
-        policy_graphdef, _ = model_init.abstract_model(dataclasses.replace(source_model, head="lm"))
-        final_eval = lambda params: proxy_best_of(
-            cfg, policy_graphdef, policy_params, graphdef, params, data.tokenizer
-        )
-    return Member(
-        cfg=cfg,
-        workdir=workdir,
-        mesh=mesh,
-        data=data,
-        train_arrays=train_arrays,
-        eval_arrays=eval_arrays,
-        model_cfg=model_cfg,
-        graphdef=graphdef,
-        hp=hp,
-        state=state,
-        state_shardings=state_shardings,
-        objective=objective,
-        totals_fn=totals_fn,
-        train_step=train_step,
-        eval_step=eval_step,
-        world_eval=world_eval,
-        final_eval=final_eval,
-        has_ref=ref_params is not None or (needs_ref and base_is_ref and t.reference == "on_the_fly"),
-    )
-
-
-def restore(m: Member, log) -> None:
-    """Resumes `m` from its latest checkpoint (if any); truncates metrics logged after it."""
-    preset, t = m.cfg.mesh.preset, m.cfg.train
-    if jax.process_index() == 0 and hasattr(m.data.tokenizer, "save"):
-        m.data.tokenizer.save(m.workdir / "tokenizer.json")
-    m.ckpt = checkpoint.Checkpointer(m.workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
-    saved = jax.eval_shape(lambda: _saveable(m.state))
-    restored = m.ckpt.restore_latest(
-        checkpoint.abstract_with_shardings(saved, sharding.tree_shardings(saved, preset, m.mesh)), log=log
-    )
-    if restored is not None:
-        latest, restored_state, meta = restored
-        m.state = restored_state.replace(ref_params=m.state.ref_params, frozen=m.state.frozen)
-        m.start = int(meta["step"])
-        log(f"resumed from {m.workdir}/checkpoints/{latest} at step {m.start}")
-    metrics_lib.truncate_after(m.workdir, m.start if m.start else -1, final=m.start >= t.steps)
-    m.last = metrics_lib.last_logged(m.workdir) if m.start else {}
 
 
 class SoloProgram:
@@ -406,7 +215,7 @@ def train_members(members: list[Member], program, log, stop_after: int | None) -
                 val = m.world_eval(steps.model_params(program.member_state(i)), "validation")[0]
                 lp.writer.write(step + 1, {f"val/{k}": v for k, v in val.items()})
             if (step + 1) % m.ckpt.every == 0:
-                m.ckpt.save(step + 1, _saveable(program.member_state(i)), {"step": step + 1})
+                m.ckpt.save(step + 1, saveable(program.member_state(i)), {"step": step + 1})
             lp.progress.update(1)
     return [
         _finish(m, lp, program, i, log, stop_after, end, values)
@@ -457,12 +266,12 @@ def _finish(m: Member, lp: _MemberLoop, program, i: int, log, stop_after, end: i
     skipped = program.skipped()[i]
 
     if stop_after is not None and end < t.steps:
-        m.ckpt.save(end, _saveable(state), {"step": end}, force=True)
+        m.ckpt.save(end, saveable(state), {"step": end}, force=True)
         m.ckpt.close()
         lp.writer.close()
         return {"stopped_at": end}
 
-    m.ckpt.save(t.steps, _saveable(state), {"step": t.steps}, force=True)
+    m.ckpt.save(t.steps, saveable(state), {"step": t.steps}, force=True)
     m.ckpt.close()
     params = steps.model_params(state)
     eval_metrics = evaluate(
@@ -518,40 +327,6 @@ def _finish(m: Member, lp: _MemberLoop, program, i: int, log, stop_after, end: i
     workdir_lib.write_summary(m.workdir, summary)
     log(f"finished {m.cfg.stage}: eval {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
     return summary
-
-
-def _on_policy_responder(cfg: Config, mesh, preset: str):
-    """For synthetic on-policy pairs: responder(prompts, seed) -> one sampled text per prompt from the policy
-    in train.init_from (at temperature 1); None for every other data source."""
-    if (
-        cfg.data.source != "synthetic"
-        or cfg.data.synthetic_kind != pipeline.ON_POLICY
-        or not cfg.train.init_from
-    ):
-        return None
-    from jaxrl.evaluate import sample_texts
-    from jaxrl.synthetic import SyntheticTokenizer
-
-    params, source_model = model_init.load_run_params(cfg.train.init_from, mesh, preset)
-    graphdef, _ = model_init.abstract_model(dataclasses.replace(source_model, head="lm"))
-    tok = SyntheticTokenizer()
-    return lambda prompts, seed: sample_texts(
-        graphdef, params, tok, prompts, temperature=1.0, max_new=cfg.data.eval_max_new, seed=seed
-    )
-
-
-def _saveable(state: steps.TrainState) -> steps.TrainState:
-    # The frozen reference (and a LoRA run's frozen base) is rebuilt from its source run, never written into
-    # every checkpoint.
-    return state.replace(ref_params=None, frozen=None)
-
-
-def _with_mesh(fn, mesh, preset):
-    def traced(*args):
-        with sharding.use_mesh(mesh, preset):
-            return fn(*args)
-
-    return traced
 
 
 def _log_metrics(writer, pending, window_start, window, progress):

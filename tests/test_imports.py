@@ -98,3 +98,17 @@ def test_config_imports_no_jaxrl_module_but_its_leaves():
 def test_no_import_cycle_but_the_known_ones():
     found = sorted(sorted(c) for c in cycles(import_graph()))
     assert found == sorted(sorted(c) for c in KNOWN_CYCLES), f"import cycles: {found}"
+
+
+# "About 500 lines": a module reads in one sitting (config, steps and sampling sit just over 500 today).
+MAX_MODULE_LINES = 530
+
+
+def test_every_module_reads_in_one_sitting():
+    sizes = {
+        str(path.relative_to(PACKAGE.parent)): len(path.read_text().splitlines())
+        for path in PACKAGE.rglob("*.py")
+    }
+    assert len(sizes) > 50  # the walk found the package
+    too_long = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert not too_long, f"modules over {MAX_MODULE_LINES} lines (split them along their seams): {too_long}"

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrl import checkpoint, evaluate, sharding, steps, train
 from jaxrl import config as config_lib
+from jaxrl import member as member_lib
 from jaxrl.config import ConfigError, MeshConfig, ModelConfig
 from jaxrl.data import pipeline
 from jaxrl.metrics import read_metrics
@@ -269,7 +270,7 @@ def test_lora_dpo_equals_its_merged_weights_evaluated_as_a_full_weight_model(lor
     eval_fn = lambda p, b, h, r, d: steps.eval_step(
         p, b, h, objective=objective, totals_fn=totals_fn, ref_params=r
     )
-    eval_step = jax.jit(train._with_mesh(eval_fn, mesh, preset))
+    eval_step = jax.jit(member_lib.with_mesh(eval_fn, mesh, preset))
     t = full_cfg.train
     full = train.evaluate(
         eval_step,

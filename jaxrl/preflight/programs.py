@@ -120,7 +120,7 @@ def offline_programs(b: Builder, cfg: Config, model_cfg) -> None:
     if needs_ref and not on_the_fly:
         batch["ref_logps"] = _spec(batch["tokens"].shape[:2], np.float32)  # [B, 2] pairs, [B, K] lists
     graphdef, params = model_init.abstract_model(model_cfg)
-    # LoRA (as jaxrl.train.setup): adapters (and a scalar head) train over a frozen base, which is also the
+    # LoRA (as jaxrl.member.setup): adapters (and a scalar head) train over a frozen base, which is also the
     # reference (adapters off) unless train.reference_from names another run (then cached).
     lora_run = model_cfg.lora_rank > 0
     base_is_ref = lora_run and t.reference_from in ("", t.init_from)
