@@ -204,3 +204,85 @@ def test_two_processes_match_one(tmp_path, padding):
     assert multi_eval["eval/examples"] == single_eval["eval/examples"]
     assert (multi / "final" / "summary.json").exists()
     assert not (multi / "tensorboard").exists()
+
+
+def _eval_rm_argv(rm_dir: Path, policy_dir: Path, data: Path, prompts: Path, out: Path) -> list[str]:
+    argv = [sys.executable, "-m", "jaxrl.cli", "eval-rm", "--model", str(rm_dir), "--out", str(out)]
+    argv += ["--data", str(data), "--batch-size", "4", "--mesh-data", "2", "--mesh-fsdp", "4"]
+    argv += ["--policy", str(policy_dir), "--prompts", str(prompts), "--best-of", "2", "--temperature", "1.0"]
+    return argv + ["--max-new-tokens", "4", "--policy-arg", "dtype=float32", "--policy-arg", "bucket=8"]
+
+
+@pytest.mark.slow
+def test_eval_rm_two_processes_match_one(tmp_path):
+    """`jaxrl eval-rm` on two processes (4 fake CPU devices each) scores every pair as one process with 8
+    does, samples best-of-N across both and scores the samples as transformers does; process 0 alone writes
+    files and logs."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("lm_eval")
+    sys.path.insert(0, str(REPO))
+    from test_rm_eval import PREFS, reference_scores, write_jsonl, write_models
+
+    from jaxrl.eval import rm_eval
+    from launch.local import free_port
+
+    policy_dir, rm_dir = tmp_path / "policy", tmp_path / "rm"
+    rm, tok = write_models(policy_dir, rm_dir)
+    rows = [{**r, "id": str(i)} for i, r in enumerate((PREFS + PREFS)[:16])]
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    prompt_texts = ["the cat sat on", "one two three", "how many apples"]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompt_texts])
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    port = free_port()
+    procs, logs = [], []
+    for pid in range(2):  # each its own --out, so a file written by process 1 would show
+        log = tmp_path / f"process{pid}.log"
+        env = _env(
+            4,
+            JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(pid),
+            **offline,
+        )
+        argv = _eval_rm_argv(rm_dir, policy_dir, data, prompts, tmp_path / f"multi{pid}")
+        procs.append(
+            subprocess.Popen(argv, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        )
+        logs.append(log)
+    _wait(procs, logs, timeout_s=240)
+    log = tmp_path / "single.log"
+    argv = _eval_rm_argv(rm_dir, policy_dir, data, prompts, tmp_path / "single")
+    single_proc = subprocess.Popen(
+        argv, cwd=REPO, env=_env(8, **offline), stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+    _wait([single_proc], [log], timeout_s=180)
+
+    multi, single = tmp_path / "multi0", tmp_path / "single"
+    assert not (tmp_path / "multi1").exists() or not any((tmp_path / "multi1").iterdir())
+    assert "Score: " in logs[0].read_text() and "Score: " not in logs[1].read_text()
+    results = {d: json.loads((d / rm_eval.RESULTS_FILE).read_text()) for d in (multi, single)}
+    accuracy = {
+        d: {k: v["accuracy"] for k, v in r["preferences"]["subsets"].items()} for d, r in results.items()
+    }
+    assert accuracy[multi] == accuracy[single]
+    assert results[multi]["preferences"]["sections"] == pytest.approx(
+        results[single]["preferences"]["sections"]
+    )
+    per_row = {
+        d: [json.loads(line) for line in (d / rm_eval.SCORES_FILE).read_text().splitlines()] for d in results
+    }
+    assert [r["id"] for r in per_row[multi]] == [r["id"] for r in per_row[single]] == [r["id"] for r in rows]
+    for field in ("chosen_score", "rejected_score"):
+        np.testing.assert_allclose(
+            [r[field] for r in per_row[multi]], [r[field] for r in per_row[single]], atol=1e-5, rtol=0
+        )
+    # Best-of-N: samples from both processes' shares, each scored as transformers scores it.
+    samples = [json.loads(line) for line in (multi / rm_eval.BEST_OF_N_FILE).read_text().splitlines()]
+    assert [len(s["samples"]) for s in samples] == [2, 2, 2]
+    pairs = [
+        {"prompt": p, "text": t} for p, s in zip(prompt_texts, samples, strict=True) for t in s["samples"]
+    ]
+    reference = reference_scores(rm, tok, pairs, "text").reshape(3, 2)
+    np.testing.assert_allclose([s["scores"] for s in samples], reference, atol=1e-4, rtol=0)
+    assert results[multi]["best_of_n"]["best"] == pytest.approx(reference.max(axis=1).mean(), abs=1e-4)

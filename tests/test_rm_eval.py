@@ -50,16 +50,22 @@ def test_sections_follow_rewardbench_weighting():
     assert sum(rewardbench.EXAMPLE_COUNTS[s] for s in rewardbench.SUBSET_MAPPING["Reasoning"]) == 2 * 984
 
 
+def write_models(policy_dir, rm_dir):
+    """(torch reward model, HF tokenizer): a tiny random Llama policy in `policy_dir` and a reward model of
+    its shape in `rm_dir` (also used by tests/test_multihost.py)."""
+    model, tok = write_llama(policy_dir, seed=0)
+    return write_reward_model(rm_dir, model, tok, seed=1), tok
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(policy dir, reward-model dir, torch reward model, HF tokenizer): tiny random Llamas."""
     policy_dir, rm_dir = tmp_path_factory.mktemp("policy"), tmp_path_factory.mktemp("rm")
-    model, tok = write_llama(policy_dir, seed=0)
-    rm = write_reward_model(rm_dir, model, tok, seed=1)
+    rm, tok = write_models(policy_dir, rm_dir)
     return policy_dir, rm_dir, rm, tok
 
 
-def _jsonl(path, rows):
+def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -94,7 +100,7 @@ def _messages(prompt):
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
-def _reference_scores(rm, tok, rows, field, max_len=4096, max_prompt_len=2048):
+def reference_scores(rm, tok, rows, field, max_len=4096, max_prompt_len=2048):
     """transformers' own: the conversation rendered by transformers' apply_chat_template (the Tulu 2 template
     jaxrl falls back to), cut as the rm stage cuts, scored by LlamaForSequenceClassification at its last
     token."""
@@ -142,7 +148,7 @@ def test_rm_accuracy_matches_transformers(models, tmp_path, capsys, mesh):
 
         rm_dir = hf_to_run(rm_dir, tmp_path / "rm_run")
         assert json.loads((rm_dir / "config.json").read_text())["stage"] == "rm"
-    data = _jsonl(tmp_path / "prefs.jsonl", PREFS)
+    data = write_jsonl(tmp_path / "prefs.jsonl", PREFS)
     limits = {} if mesh == "dp" else {"max_len": 12, "max_prompt_len": 8}
     flags = ["--batch-size", "4"]
     if mesh == "fsdp":
@@ -152,8 +158,8 @@ def test_rm_accuracy_matches_transformers(models, tmp_path, capsys, mesh):
     assert code == 0, err
     results = json.loads((tmp_path / "out" / rm_eval.RESULTS_FILE).read_text())["preferences"]
     per_row = [json.loads(line) for line in (tmp_path / "out" / rm_eval.SCORES_FILE).read_text().splitlines()]
-    chosen = _reference_scores(rm, tok, PREFS, "chosen", **limits)
-    rejected = _reference_scores(rm, tok, PREFS, "rejected", **limits)
+    chosen = reference_scores(rm, tok, PREFS, "chosen", **limits)
+    rejected = reference_scores(rm, tok, PREFS, "rejected", **limits)
     np.testing.assert_allclose([r["chosen_score"] for r in per_row], chosen, atol=TOL, rtol=0)
     np.testing.assert_allclose([r["rejected_score"] for r in per_row], rejected, atol=TOL, rtol=0)
     assert len(set(np.round(chosen, 3))) > len(PREFS) // 2  # the scores tell the texts apart
@@ -199,7 +205,7 @@ def test_best_of_n(models, tmp_path, capsys):
     scores them; the report's best is the mean of each prompt's maximum, first the mean of its first
     sample."""
     policy_dir, rm_dir, rm, tok = models
-    prompts = _jsonl(
+    prompts = write_jsonl(
         tmp_path / "prompts.jsonl",
         [{"prompt": "the cat sat on", "id": "a"}, {"prompt": "one two three"}, {"prompt": "how many apples"}],
     )
@@ -235,7 +241,7 @@ def test_best_of_n(models, tmp_path, capsys):
     rows = [
         {"prompt": p, "text": t} for p, s in zip(prompts_text, samples, strict=True) for t in s["samples"]
     ]
-    reference = _reference_scores(rm, tok, rows, "text").reshape(3, 4)
+    reference = reference_scores(rm, tok, rows, "text").reshape(3, 4)
     scores = np.asarray([s["scores"] for s in samples])
     np.testing.assert_allclose(scores, reference, atol=TOL, rtol=0)
     assert [s["best"] for s in samples] == list(np.argmax(scores, axis=1))
@@ -259,7 +265,7 @@ def test_eval_rm_user_errors(models, tmp_path, capsys, case):
         "no_chosen": [good, {k: v for k, v in good.items() if k != "chosen"}],
         "bad_prompt": [good, good, {**good, "prompt": 3}],
     }.get(case, [good])
-    data = _jsonl(tmp_path / "prefs.jsonl", rows)
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
     if case == "bad_json":
         data.write_text(json.dumps(good) + "\n{not json\n")
     (tmp_path / "empty").mkdir()

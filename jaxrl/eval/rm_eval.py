@@ -10,7 +10,12 @@ the first one.
 
 The files are read by `jaxrl.eval.rm_data`, the RM scores them through `jaxrl.eval.rm_scorer` (which says
 how a pair is tokenised) and `jaxrl.eval.rewardbench` weighs the accuracies as RewardBench v1 does. Texts, not
-token ids, cross from policy to RM, so the two may have different tokenizers. One process only.
+token ids, cross from policy to RM, so the two may have different tokenizers.
+
+Multi-host (joined by `jaxrl.distributed`, as `jaxrl train` is): every process reads the same files and scores
+every pair through one sharded forward, feeding the rows its devices hold; best-of-N prompts are shared out
+among the processes for sampling and the samples gathered, so every process scores them all. Every process
+gets every score; process 0 alone writes the files and logs the summary.
 """
 
 from __future__ import annotations
@@ -84,10 +89,12 @@ def sample_completions(
     seed: int,
     policy_args: dict | None = None,
 ) -> list[list[str]]:
-    """n sampled completions [P][n] of each prompt, in the policy's chat template, by jaxrl's sampler."""
+    """n sampled completions [P][n] of each prompt, in the policy's chat template, by jaxrl's sampler; with
+    several processes each samples a contiguous share of the prompts and every process gets all samples."""
+    import jax
     from lm_eval.api.instance import Instance
 
-    from jaxrl.eval.backend import JaxrlLM
+    from jaxrl.eval.backend import JaxrlLM, allgather_objects
     from jaxrl.eval.model import check_model_dir
 
     if n < 1:
@@ -102,16 +109,20 @@ def sample_completions(
         "temperature": float(temperature),
         "max_gen_toks": max_new_tokens,
     }
+    rank, world = jax.process_index(), jax.process_count()
+    share = prompts[rank * len(prompts) // world : (rank + 1) * len(prompts) // world]
     contexts = [
-        lm.apply_chat_template([{"role": m.role, "content": m.content} for m in p.prompt]) for p in prompts
+        lm.apply_chat_template([{"role": m.role, "content": m.content} for m in p.prompt]) for p in share
     ]
     requests = [
         Instance("generate_until", doc={}, arguments=(c, dict(kwargs)), idx=k)
         for c in contexts
         for k in range(n)
     ]
+    # Every process runs generate_until, even on an empty share: its batches are collective calls.
     texts = lm.generate_until(requests, disable_tqdm=True)
-    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+    mine = [texts[i * n : (i + 1) * n] for i in range(len(share))]
+    return [samples for shares in allgather_objects(mine) for samples in shares]
 
 
 def _write_json(path: Path, data) -> None:
@@ -183,8 +194,9 @@ def run(
     log=print,
 ) -> dict:
     """Accuracy on `data` and/or best-of-N of `policy` on `prompts`, judged by the reward model `model`;
-    writes <out>/rm_results.json (+ per-row scores and samples) and logs summary_lines."""
-    from jaxrl import sharding
+    writes <out>/rm_results.json (+ per-row scores and samples) and logs summary_lines, from process 0 only;
+    every process returns the results."""
+    from jaxrl import distributed, sharding
     from jaxrl.config import MeshConfig
 
     if data is None and policy is None:
@@ -196,6 +208,8 @@ def run(
     prompt_rows = read_prompts(prompts, limit) if prompts is not None else None
     mesh_cfg = MeshConfig(**(mesh or {}))
     check_reward_model_dir(model)
+    distributed.initialize()  # joins the other processes of a multi-host job; a no-op for one process
+    primary, log = distributed.is_primary(), distributed.primary_log(log)
     scorer = RewardScorer(
         model,
         mesh=sharding.make_mesh(mesh_cfg),
@@ -210,7 +224,8 @@ def run(
     if pref_rows is not None:
         report, per_row = evaluate_preferences(scorer, pref_rows)
         results["preferences"] = {"data": str(data), **report}
-        _write_jsonl(out / SCORES_FILE, per_row)
+        if primary:
+            _write_jsonl(out / SCORES_FILE, per_row)
     if prompt_rows is not None:
         samples = sample_completions(
             policy,
@@ -234,19 +249,21 @@ def run(
             **best_of_n_report(scores_PN),
             "mean_length_chars": float(np.mean([len(t) for t in flat_texts])),
         }
-        _write_jsonl(
-            out / BEST_OF_N_FILE,
-            [
-                {
-                    "id": p.id,
-                    "samples": texts,
-                    "scores": [float(s) for s in row],
-                    "best": int(np.argmax(row)),
-                }
-                for p, texts, row in zip(prompt_rows, samples, scores_PN, strict=True)
-            ],
-        )
-    _write_json(out / RESULTS_FILE, results)
+        if primary:
+            _write_jsonl(
+                out / BEST_OF_N_FILE,
+                [
+                    {
+                        "id": p.id,
+                        "samples": texts,
+                        "scores": [float(s) for s in row],
+                        "best": int(np.argmax(row)),
+                    }
+                    for p, texts, row in zip(prompt_rows, samples, scores_PN, strict=True)
+                ],
+            )
+    if primary:
+        _write_json(out / RESULTS_FILE, results)
     for line in summary_lines(results):
         log(line)
     log(f"results: {out / RESULTS_FILE}")

@@ -4,6 +4,10 @@ The RM is a finished jaxrl run of the `rm` stage or an HF *ForSequenceClassifica
 reward models jaxrl loads for RL, `jaxrl.rewards`). A pair is tokenised as jaxrl trains reward models
 (`jaxrl.data.tokenize`): the prompt in the RM's chat template ending with its generation prompt, then the
 assistant turn; the score is read at the completion's last token (its end-of-turn when it has one).
+
+Multi-host: every process is handed the same pairs and encodes and orders them alike, so all agree on the
+sequence of batches and widths; each places only the rows of a global batch that its devices hold, and every
+process gets every score back.
 """
 
 from __future__ import annotations
@@ -112,14 +116,10 @@ class RewardScorer:
 
     def score(self, prompts: list, responses: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(scores [N] float32, truncated [N] bool) of each (prompt messages, response text)."""
-        import jax
-
         from jaxrl import sampling, sharding
         from jaxrl.data.pipeline import bucket_width
         from jaxrl.rewards import score_responses
 
-        if jax.process_count() > 1:
-            raise ConfigError("reward-model evaluation runs on one process")
         encoded = [self.encode(p, r) for p, r in zip(prompts, responses, strict=True)]
         n = len(encoded)
         scores, truncated = np.zeros(n, np.float32), np.asarray([e[2] for e in encoded], bool)
@@ -138,9 +138,27 @@ class RewardScorer:
             response_mask = np.zeros((B, N), np.int32)
             for row, (_, completion, _) in enumerate(rows):
                 response[row, : len(completion)], response_mask[row, : len(completion)] = completion, 1
-            arrays = jax.device_put((ids, mask, response, response_mask), self.placement)
+            arrays = [self._global(x) for x in (ids, mask, response, response_mask)]
             with sharding.use_mesh(self.mesh, self.preset):
                 pending.append((chunk, score_responses(self.graphdef, self.params, *arrays)))
-        for chunk, out in pending:
-            scores[chunk] = np.asarray(jax.device_get(out), np.float32)[: len(chunk)]
+        for chunk, out in pending:  # fetched after every call is dispatched: the device never waits
+            scores[chunk] = _fetch(out)[: len(chunk)]
         return scores, truncated
+
+    def _global(self, batch_BT: np.ndarray):
+        """The global batch from the whole host array every process holds: each process places only the rows
+        its own devices hold (all of them on one process)."""
+        import jax
+
+        return jax.make_array_from_callback(batch_BT.shape, self.placement, lambda index: batch_BT[index])
+
+
+def _fetch(x) -> np.ndarray:
+    """Every row of a batch-sharded output [B] float32 on every process (gathered across hosts)."""
+    import jax
+
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x), np.float32)
