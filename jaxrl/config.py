@@ -135,7 +135,7 @@ class DataConfig:
     aspect_weights: str = ""
     min_margin: float = 0.0  # rated completions -> pairs: a pair whose rating gap is below this is dropped
     # several sources in one (set data.source=mixture): a JSON list of {"source", "format", "count" or
-    # "weight", "binarize", "aspect_weights", "min_margin", "replace"} (jaxrl.data.pipeline.mixture_records)
+    # "weight", "binarize", "aspect_weights", "min_margin", "replace"} (jaxrl.data.sources.mixture_records)
     mixture: str = ""
     truncation: str = "drop"  # "drop" the example | "truncate" (prompt from the left, completion the right)
     on_error: str = "raise"  # "raise" | "skip" (counted) for malformed rows
@@ -402,7 +402,7 @@ def _lookup(cfg: Any, key: str) -> Any:
     return cfg
 
 
-def _check_ranges(cfg: Config, rows: Iterable[tuple[str, Range]]) -> None:
+def check_ranges(cfg: Config, rows: Iterable[tuple[str, Range]]) -> None:
     """Raises ConfigError naming the first field outside its range."""
     for key, allowed in rows:
         value = _lookup(cfg, key)
@@ -440,22 +440,14 @@ def validate(cfg: Config) -> Config:
         "train.reference": (t.reference, ("cache", "on_the_fly")),
     }
     check_choices(choices)
-    _check_ranges(cfg, RANGES)  # before anything divides by a count
+    check_ranges(cfg, RANGES)  # before anything divides by a count
     if [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) > 1:
         raise ConfigError(
             f"mesh.data, mesh.fsdp and mesh.tensor must be -1 (all remaining devices) at most "
             f"once, got {cfg.mesh.data}, {cfg.mesh.fsdp}, {cfg.mesh.tensor}"
         )
-    if cfg.stage in ("dpo", "online_dpo"):
-        smoothing = LABEL_SMOOTHING_RANGES.get(cfg.loss.name, UNIT)
-        _check_ranges(cfg, PREFERENCE_LOSS_RANGES)
-        if not smoothing.test(cfg.loss.label_smoothing):
-            raise ConfigError(
-                f"loss.label_smoothing must be {smoothing.text} for "
-                f"loss.name={cfg.loss.name!r}, got {cfg.loss.label_smoothing!r}"
-            )
     if cfg.stage == "rm":
-        _check_ranges(cfg, [("loss.rm_center", NON_NEGATIVE)])
+        check_ranges(cfg, [("loss.rm_center", NON_NEGATIVE)])
     if m.rope_scaling == "llama3" and m.rope_high_freq_factor <= m.rope_low_freq_factor:
         raise ConfigError(
             f"model.rope_high_freq_factor must be greater than model.rope_low_freq_factor "
@@ -504,7 +496,7 @@ def _validate_rl(cfg: Config) -> None:
             "rl.reward_norm": (r.reward_norm, ("none", "batch")),
         }
     )
-    _check_ranges(cfg, RL_RANGES)
+    check_ranges(cfg, RL_RANGES)
     if not r.reward_model and not r.verifiable:
         raise ConfigError(
             f"stage {cfg.stage} needs a reward: set rl.reward_model (a reward-model run) "

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxrl import losses, sharding
+from jaxrl import losses, pairwise, sharding
 from jaxrl.config import Config, OptimConfig
 from jaxrl.models import logprobs
 
@@ -238,7 +238,7 @@ def listwise_objective(
     return jnp.sum(loss_B) / n, out
 
 
-def _switched_loss(names: tuple[str, ...], index, seq: losses.SeqLogps, hp):
+def _switched_loss(names: tuple[str, ...], index, seq: pairwise.SeqLogps, hp):
     """The loss `names[index]` on the same log-probs (`index` may be traced: one member of a vmapped group per
     loss); its metrics under the union of the names' metric keys, the ones it does not log set to zero."""
     specs = [losses.get_preference_loss(n) for n in names]
@@ -288,7 +288,7 @@ def preference_objective(
         ref_B2 = jax.lax.stop_gradient(ref_B2)
     else:
         ref_B2 = batch["ref_logps"]
-    seq = losses.SeqLogps(
+    seq = pairwise.SeqLogps(
         chosen=logp_B2[:, 0],
         rejected=logp_B2[:, 1],
         ref_chosen=ref_B2[:, 0],
@@ -325,11 +325,11 @@ def stage_objective(cfg: Config, graphdef):
     return (functools.partial(preference_objective, graphdef=graphdef, loss_name=cfg.loss.name), pair_totals)
 
 
-def loss_hparams(cfg: Config) -> losses.LossHParams:
+def loss_hparams(cfg: Config) -> pairwise.LossHParams:
     """The loss hyperparameters as an array pytree (a new value never recompiles): every LossHParams field is
     the loss config's field of the same name, so the defaults live once, in LossConfig."""
-    names = [f.name for f in dataclasses.fields(losses.LossHParams)]
-    return losses.LossHParams.create(**{name: getattr(cfg.loss, name) for name in names})
+    names = [f.name for f in dataclasses.fields(pairwise.LossHParams)]
+    return pairwise.LossHParams.create(**{name: getattr(cfg.loss, name) for name in names})
 
 
 def _microbatches(batch: Batch, grad_accum: int) -> Batch:

@@ -33,7 +33,15 @@ def _check_preference_loss(cfg: Config) -> None:
     """loss.name is a registered preference loss, pairwise or (stage dpo) listwise (whether an algorithm needs
     a paired one is its rule)."""
     from jaxrl import listwise
+    from jaxrl.config_ranges import LABEL_SMOOTHING_RANGES, PREFERENCE_LOSS_RANGES, UNIT
 
+    config_lib.check_ranges(cfg, PREFERENCE_LOSS_RANGES)
+    smoothing = LABEL_SMOOTHING_RANGES.get(cfg.loss.name, UNIT)
+    if not smoothing.test(cfg.loss.label_smoothing):
+        raise ConfigError(
+            f"loss.label_smoothing must be {smoothing.text} for "
+            f"loss.name={cfg.loss.name!r}, got {cfg.loss.label_smoothing!r}"
+        )
     if cfg.stage == "dpo" and listwise.is_listwise(cfg.loss.name):
         if cfg.data.source == "synthetic" and cfg.data.list_size < 2:
             raise ConfigError(

@@ -286,3 +286,83 @@ def test_eval_rm_two_processes_match_one(tmp_path):
     reference = reference_scores(rm, tok, pairs, "text").reshape(3, 2)
     np.testing.assert_allclose([s["scores"] for s in samples], reference, atol=1e-4, rtol=0)
     assert results[multi]["best_of_n"]["best"] == pytest.approx(reference.max(axis=1).mean(), abs=1e-4)
+
+
+def _alpaca_argv(policy_dir: Path, rm_dir: Path, data: Path, out: Path) -> list[str]:
+    argv = [
+        sys.executable,
+        "-m",
+        "jaxrl.cli",
+        "eval",
+        "--model",
+        str(policy_dir),
+        "--tasks",
+        "alpaca_eval_rm",
+    ]
+    argv += ["--out", str(out), "--judge", str(rm_dir), "--alpaca-file", str(data), "--log-samples"]
+    return argv + ["--model-arg", "dtype=float32", "--model-arg", "max_gen_toks=6"]
+
+
+@pytest.mark.slow
+def test_alpaca_eval_rm_two_processes_match_one(tmp_path):
+    """The reward-model-judged win rate on two processes: each answers its share of the instructions, the
+    judge scores all of them; the same answers, rewards and win rate as one process, written once."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("lm_eval")
+    sys.path.insert(0, str(REPO))
+    from test_rm_eval import write_jsonl, write_models
+
+    from launch.local import free_port
+
+    policy_dir, rm_dir = tmp_path / "policy", tmp_path / "rm"
+    write_models(policy_dir, rm_dir)
+    instructions = ["the cat sat on", "one two three", "how many apples", "1 + 2 =", "the red house"]
+    data = write_jsonl(
+        tmp_path / "alpaca.jsonl",
+        [{"instruction": i, "output": "the dog ran to the red house"} for i in instructions],
+    )
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    port = free_port()
+    procs, logs = [], []
+    for pid in range(2):
+        log = tmp_path / f"process{pid}.log"
+        env = _env(
+            4,
+            JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(pid),
+            **offline,
+        )
+        argv = _alpaca_argv(policy_dir, rm_dir, data, tmp_path / f"multi{pid}")
+        procs.append(
+            subprocess.Popen(argv, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        )
+        logs.append(log)
+    _wait(procs, logs, timeout_s=240)
+    log = tmp_path / "single.log"
+    argv = _alpaca_argv(policy_dir, rm_dir, data, tmp_path / "single")
+    single = subprocess.Popen(
+        argv, cwd=REPO, env=_env(8, **offline), stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+    _wait([single], [log], timeout_s=180)
+
+    assert not (tmp_path / "multi1" / "results.json").exists()
+    samples = {
+        name: [
+            json.loads(line)
+            for line in (tmp_path / name / "tasks" / "alpaca_eval_rm.samples.jsonl").read_text().splitlines()
+        ]
+        for name in ("multi0", "single")
+    }
+    assert [s["instruction"] for s in samples["multi0"]] == instructions
+    assert [s["output"] for s in samples["multi0"]] == [s["output"] for s in samples["single"]]
+    np.testing.assert_allclose(
+        [s["reward"] for s in samples["multi0"]], [s["reward"] for s in samples["single"]], atol=1e-5, rtol=0
+    )
+    rates = [
+        json.loads((tmp_path / name / "results.json").read_text())["results"]["alpaca_eval_rm"][
+            "win_rate,none"
+        ]
+        for name in ("multi0", "single")
+    ]
+    assert rates[0] == rates[1]

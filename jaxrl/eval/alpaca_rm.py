@@ -5,7 +5,9 @@ or an HF *ForSequenceClassification checkpoint) scores that answer and the file'
 same instruction; a win counts 1, a tie 1/2. This is NOT AlpacaEval: the paper's judge is GPT-4 (AlpacaEval 1
 against text-davinci-003, AlpacaEval 2 against GPT-4 Turbo, length-controlled), and a reward model's
 preferences, length bias included, are its own. Results are named `alpaca_eval_rm` so they are never mistaken
-for AlpacaEval numbers. One process only (multi-host evaluation of this task is not supported).
+for AlpacaEval numbers. On several processes each generates its share of the answers, the answers are
+gathered, and the judge scores them all on the mesh; process 0 returns the result (the others None, as
+lm-eval's own tasks do).
 """
 
 from __future__ import annotations
@@ -78,8 +80,9 @@ def evaluate(
     limit: int | None = None,
     gen_kwargs: str | None = None,
     chat: bool = True,
-) -> dict:
-    """The win rate of `lm` (a JaxrlLM) against the file's reference answers, as an lm-eval-shaped result."""
+) -> dict | None:
+    """The win rate of `lm` (a JaxrlLM) against the file's reference answers, as an lm-eval-shaped result
+    (on process 0; None on the others)."""
     from lm_eval.api.instance import Instance
     from lm_eval.utils import simple_parse_args_string
 
@@ -89,10 +92,7 @@ def evaluate(
         raise ConfigError(
             "alpaca_eval_rm needs --alpaca-file FILE (AlpacaEval instructions and reference outputs)"
         )
-    if jax.process_count() > 1:
-        raise ConfigError(
-            "alpaca_eval_rm runs on one process; run it separately from a multi-host evaluation"
-        )
+    from jaxrl.eval.backend import allgather_objects
     from jaxrl.eval.rm_scorer import check_reward_model_dir
 
     check_reward_model_dir(judge)  # before generating: a wrong judge fails at once
@@ -103,16 +103,21 @@ def evaluate(
         lm.apply_chat_template([{"role": "user", "content": r["instruction"]}]) if chat else r["instruction"]
         for r in rows
     ]
-    outputs = lm.generate_until(
-        [
-            Instance("generate_until", doc=r, arguments=(c, dict(kwargs)), idx=0)
-            for r, c in zip(rows, contexts, strict=True)
-        ]
+    # Each process answers its share (rows rank, rank + world, ...); every process then holds every answer.
+    mine = list(range(jax.process_index(), len(rows), jax.process_count()))
+    answers = lm.generate_until(
+        [Instance("generate_until", doc=rows[i], arguments=(contexts[i], dict(kwargs)), idx=0) for i in mine]
     )
+    outputs: list[str] = [""] * len(rows)
+    for share in allgather_objects(list(zip(mine, answers, strict=True))):
+        for i, text in share:
+            outputs[i] = text
     instructions = [r["instruction"] for r in rows]
     both = judge_scores(
         judge, lm.mesh, lm.mesh_preset, instructions + instructions, outputs + [r["output"] for r in rows]
     )
+    if jax.process_index() != 0:
+        return None
     policy, reference = both[: len(rows)], both[len(rows) :]
     wins = (policy > reference) + 0.5 * (policy == reference)
     n = len(rows)

@@ -34,7 +34,7 @@ def batch_spec(cfg: Config, rows: int) -> dict[str, jax.ShapeDtypeStruct]:
     if cfg.stage == "sft":
         return {"tokens": _spec((rows, T), np.int32), "loss_mask": _spec((rows, T), np.int8)}
     if cfg.stage == "dpo" and listwise.is_listwise(cfg.loss.name):
-        K = cfg.data.list_size or 4  # data.pipeline.DEFAULT_LIST_SIZE for file sources
+        K = cfg.data.list_size or 4  # data.sources.DEFAULT_LIST_SIZE for file sources
         return {
             "tokens": _spec((rows, K, T), np.int32),
             "loss_mask": _spec((rows, K, T), np.int8),

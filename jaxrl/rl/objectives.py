@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrl import losses, rewards, steps
+from jaxrl import losses, pairwise, rewards, steps
 from jaxrl.rl import advantages, kl
 from jaxrl.rl.losses import RLHParams, ppo_policy_loss, processed_logits, value_loss
 
@@ -242,7 +242,7 @@ def value_objective(
     return hp.value_coef * value_avg, metrics
 
 
-def online_dpo_objective(params, batch, hp: losses.LossHParams, totals, *, graphdef, loss_name: str):
+def online_dpo_objective(params, batch, hp: pairwise.LossHParams, totals, *, graphdef, loss_name: str):
     """A DPO-family loss of a (micro)batch of pairs [R, 2, N], chosen first, weighted (ties weigh 0)."""
     model = nnx.merge(graphdef, params)
     R, _, N = batch["response"].shape  # M = 2R rows once flattened
@@ -256,7 +256,7 @@ def online_dpo_objective(params, batch, hp: losses.LossHParams, totals, *, graph
     logp_R2 = jnp.sum(logp_MN * mask_MN, axis=-1).reshape(R, 2)
     len_R2 = jnp.sum(mask_MN, axis=-1).reshape(R, 2)
     ref_R2 = batch["ref_logps"]
-    seq = losses.SeqLogps(
+    seq = pairwise.SeqLogps(
         chosen=logp_R2[:, 0],
         rejected=logp_R2[:, 1],
         ref_chosen=ref_R2[:, 0],
