@@ -104,6 +104,9 @@ def evaluate(
     if limit is not None and limit >= 1:
         limit = int(limit)
     model_lib.check_model_dir(model)
+    from jaxrl import distributed
+
+    distributed.initialize()  # several processes join before any JAX use (the finished-task check gathers)
     entries = suites.expand(tasks, with_optional=with_optional)
     manager = task_manager(include_path)
     check_tasks(entries, manager)
