@@ -120,14 +120,19 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
         state_shardings = state_shardings.replace(frozen=sharding.tree_shardings(frozen, preset, mesh))
     del params
 
-    objective, totals_fn = steps.stage_objective(cfg, graphdef)
-    if needs_ref and base_is_ref and t.reference == "on_the_fly":
-        objective = steps.base_as_reference(objective)
-    step_fn = steps.bind_step(objective, totals_fn, (tx, schedule), t.grad_accum)
     example = {
         k: jax.ShapeDtypeStruct((t.batch_size,) + v.shape[1:], v.dtype) for k, v in train_arrays.items()
     }
-    train_step = steps.make_step(step_fn, jax.eval_shape(lambda: state), example, mesh, preset)
+    objective, totals_fn, train_step = train_program(
+        cfg,
+        graphdef,
+        (tx, schedule),
+        jax.eval_shape(lambda: state),
+        example,
+        mesh,
+        preset,
+        base_reference=needs_ref and base_is_ref and t.reference == "on_the_fly",
+    )
     eval_fn = lambda p, b, h, r, d: steps.eval_step(
         p, b, h, objective=objective, totals_fn=totals_fn, ref_params=r, delta=d
     )
@@ -187,6 +192,17 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
         final_eval=final_eval,
         has_ref=ref_params is not None or (needs_ref and base_is_ref and t.reference == "on_the_fly"),
     )
+
+
+def train_program(cfg: Config, graphdef, optimizer, state, batch, mesh, preset: str, *, base_reference: bool):
+    """(objective, totals_fn, train step): the stage's objective (a LoRA run's on-the-fly reference is its own
+    base, `base_reference`) and its jitted, donating update for `state` and `batch` (abstract or concrete).
+    The one builder of the offline step: the runner trains with it and `jaxrl preflight` compiles it."""
+    objective, totals_fn = steps.stage_objective(cfg, graphdef)
+    if base_reference:
+        objective = steps.base_as_reference(objective)
+    step_fn = steps.bind_step(objective, totals_fn, optimizer, cfg.train.grad_accum)
+    return objective, totals_fn, steps.make_step(step_fn, state, batch, mesh, preset)
 
 
 def restore(m: Member, log) -> None:

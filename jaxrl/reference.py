@@ -32,7 +32,7 @@ def _tree_sums(params):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "preset"))
-def _reference_forward(params, tokens, mask, *, graphdef, mesh, preset):
+def reference_forward(params, tokens, mask, *, graphdef, mesh, preset):
     """Summed completion log-probs [B, K] of a batch of pairs (K = 2) or ranked lists under the reference."""
     with sharding.use_mesh(mesh, preset):
         batch = {"tokens": tokens, "loss_mask": mask}
@@ -82,7 +82,7 @@ def compute_reference_logps(
     divisor = sharding.batch_divisor(mesh, preset)
     batch_size = max(divisor, batch_size // divisor * divisor)
     batch_sharding = sharding.batch_sharding(mesh, preset)
-    forward = functools.partial(_reference_forward, graphdef=graphdef, mesh=mesh, preset=preset)
+    forward = functools.partial(reference_forward, graphdef=graphdef, mesh=mesh, preset=preset)
     order = np.arange(n)
     if bucket_multiple:
         lengths = pipeline.example_lengths(arrays)

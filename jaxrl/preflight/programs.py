@@ -12,10 +12,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxrl import config as config_lib
-from jaxrl import listwise, losses, sharding, steps
+from jaxrl import listwise, losses, member, reference, sharding, steps
 from jaxrl.config import Config, ConfigError
 from jaxrl.models import init as model_init
 from jaxrl.models import lora
@@ -138,28 +137,49 @@ def offline_programs(b: Builder, cfg: Config, model_cfg) -> None:
     if on_the_fly and not lora_run:
         b.hold("reference params", state.ref_params)
         holdings += ("reference params",)
-    objective, totals_fn = steps.stage_objective(cfg, graphdef)
     if on_the_fly and base_is_ref:
-        objective = steps.base_as_reference(objective)
         b.notes.append("LoRA: the reference is the frozen base with the adapters off (no second model)")
-    step_fn = steps.bind_step(objective, totals_fn, (tx, schedule), t.grad_accum)
-    hp = jax.eval_shape(lambda: steps.loss_hparams(cfg))
-    b.compile(
-        "train_step", steps.make_step(step_fn, state, batch, b.mesh, b.preset), (state, batch, hp), holdings
+    _, _, train_step = member.train_program(
+        cfg,
+        graphdef,
+        (tx, schedule),
+        state,
+        batch,
+        b.mesh,
+        b.preset,
+        base_reference=on_the_fly and base_is_ref,
     )
+    hp = jax.eval_shape(lambda: steps.loss_hparams(cfg))
+    b.compile("train_step", train_step, (state, batch, hp), holdings)
     if needs_ref and not on_the_fly:
-        # As jaxrl.reference.compute_reference_logps: microbatches of pairs, summed completion log-probs.
+        # The runner's own reference pass (jaxrl.reference.reference_forward): microbatches of pairs or lists,
+        # summed completion log-probs, its parameters placed as training places them and the rows sharded.
         micro = t.batch_size // t.grad_accum
-        ref_batch = {k: batch[k].update(shape=(micro,) + batch[k].shape[1:]) for k in ("tokens", "loss_mask")}
+        rows = sharding.batch_sharding(b.mesh, b.preset)
+        tokens, mask = (
+            jax.ShapeDtypeStruct((micro,) + batch[k].shape[1:], batch[k].dtype, sharding=rows)
+            for k in ("tokens", "loss_mask")
+        )
         ref_graphdef, ref_params = model_init.abstract_model(ref_cfg)
         ref_holding = "reference params"
         if base_is_ref:  # the frozen base itself: held once
             ref_holding = "train frozen base params"
         else:
             b.hold("reference params", ref_params)
-        forward = lambda p, batch, hp: steps.policy_seq_logps(nnx.merge(ref_graphdef, p), batch)[0]
-        jitted = steps.make_eval_step(forward, ref_params, ref_batch, b.mesh, b.preset)
-        b.compile("reference_logps", jitted, (ref_params, ref_batch, None), (ref_holding,))
+        placed = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            ref_params,
+            sharding.tree_shardings(ref_params, b.preset, b.mesh),
+        )
+        b.compile(
+            "reference_logps",
+            reference.reference_forward,
+            (placed, tokens, mask),
+            (ref_holding,),
+            graphdef=ref_graphdef,
+            mesh=b.mesh,
+            preset=b.preset,
+        )
         b.notes.append(
             "reference log-probs are computed once and cached; the runner keeps the reference "
             "parameters on the device for the final evaluation"
