@@ -1,4 +1,7 @@
-"""Pure train/eval steps per stage, and make_step(): the one place that jits with shardings and donation."""
+"""Pure train/eval steps per stage, and make_step(): the one place that jits with shardings and donation.
+
+Array names end in their shape: B rows (a pair or a ranked list per row for preference stages), K responses
+per row (spelled 2 where only pairs occur), N the rows' responses flattened (B * K), T positions, D width."""
 
 from __future__ import annotations
 
@@ -150,8 +153,8 @@ def last_token_index(mask_BT):
     return jnp.max(jnp.where(mask_BT > 0, jnp.arange(T), 0), axis=-1)
 
 
-def _flatten_pairs(x_BPT):
-    return x_BPT.reshape((-1,) + x_BPT.shape[2:])
+def _flatten_pairs(x_BKT):
+    return x_BKT.reshape((-1,) + x_BKT.shape[2:])
 
 
 def sft_totals(batch: Batch, aggregation: str) -> Totals:

@@ -1,4 +1,7 @@
-"""A decoder-only transformer (Llama family knobs) in Flax NNX, with stacked layers run by a scan."""
+"""A decoder-only transformer (Llama family knobs) in Flax NNX, with stacked layers run by a scan.
+
+Array names end in their shape: B rows, T positions, D model width, N query heads, K kv heads, H head dim,
+F MLP width, R rotary frequencies (H / 2); a 1 is a broadcast axis."""
 
 from __future__ import annotations
 
@@ -125,10 +128,10 @@ def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
 
 def apply_rope(x_BTNH, positions_BT, inv_freq):
     """Rotates the two halves of each head (the HF rotate_half convention); angles in fp32."""
-    angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
-    cos_BT1F, sin_BT1F = jnp.cos(angles_BTF)[:, :, None], jnp.sin(angles_BTF)[:, :, None]
+    angles_BTR = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    cos_BT1R, sin_BT1R = jnp.cos(angles_BTR)[:, :, None], jnp.sin(angles_BTR)[:, :, None]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F], axis=-1)
+    out = jnp.concatenate([x1 * cos_BT1R - x2 * sin_BT1R, x2 * cos_BT1R + x1 * sin_BT1R], axis=-1)
     return out.astype(x_BTNH.dtype)
 
 
