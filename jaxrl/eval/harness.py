@@ -40,18 +40,12 @@ def check_tasks(entries: list[suites.SuiteTask], manager) -> None:
 
 def summary_line(task: str, result: dict, metric: str = "") -> str:
     """One line: the task's metrics (the suite's first), with standard errors and the number of documents."""
-    row = result.get("groups", {}).get(task) or result.get("results", {}).get(task, {})
-    values = {
-        k: v for k, v in row.items() if k != "alias" and "_stderr" not in k and isinstance(v, (int, float))
-    }
-    keys = sorted(values, key=lambda k: (k != metric, k))
     parts = []
-    for k in keys:
-        name, _, filt = k.partition(",")
-        stderr = row.get(f"{name}_stderr,{filt}")
+    for key, value, stderr in suites.task_metrics(task, result, metric):
+        name, _, filt = key.partition(",")
         label = name if filt in ("none", "") else f"{name}[{filt}]"
-        err = f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else ""
-        parts.append(f"{label}={values[k]:.4f}{err}")
+        err = f" ± {stderr:.4f}" if stderr is not None else ""
+        parts.append(f"{label}={value:.4f}{err}")
     samples = result.get("n-samples", {}).get(task, {})
     n = f" (n={samples.get('effective')})" if isinstance(samples, dict) and "effective" in samples else ""
     return f"{task}: {' '.join(parts) or 'no metrics'}{n}"

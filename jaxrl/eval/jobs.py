@@ -131,16 +131,10 @@ def out_dir(run_dir: str | Path) -> Path:
 
 def headline(task: str, result: dict, metric: str = "") -> tuple[str, float, float | None] | None:
     """(metric key, value, standard error) of a task's results: the suite's metric, else the first one."""
-    row = result.get("groups", {}).get(task) or result.get("results", {}).get(task, {})
-    keys = sorted(
-        (k for k, v in row.items() if k != "alias" and "_stderr" not in k and isinstance(v, (int, float))),
-        key=lambda k: (k != metric, k),
-    )
-    if not keys:
-        return None
-    name, _, filt = keys[0].partition(",")
-    stderr = row.get(f"{name}_stderr,{filt}")
-    return keys[0], float(row[keys[0]]), float(stderr) if isinstance(stderr, (int, float)) else None
+    from jaxrl.eval import suites
+
+    found = suites.task_metrics(task, result, metric)
+    return found[0] if found else None
 
 
 def scores(run_dir: str | Path, evaluation: EvalSpec) -> dict[str, float]:

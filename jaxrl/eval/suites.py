@@ -112,3 +112,19 @@ def expand(names: list[str], *, with_optional: bool = False) -> list[SuiteTask]:
 def safe_name(task: str) -> str:
     """A task name as a file name (results land in <out>/tasks/<safe name>.json)."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
+
+
+def task_metrics(task: str, result: dict, metric: str = "") -> list[tuple[str, float, float | None]]:
+    """(key, value, standard error) of each metric of a task's lm-eval results ("name,filter" keys), the
+    suite's `metric` first, the rest by name."""
+    row = result.get("groups", {}).get(task) or result.get("results", {}).get(task, {})
+    keys = sorted(
+        (k for k, v in row.items() if k != "alias" and "_stderr" not in k and isinstance(v, (int, float))),
+        key=lambda k: (k != metric, k),
+    )
+    out = []
+    for key in keys:
+        name, _, filt = key.partition(",")
+        stderr = row.get(f"{name}_stderr,{filt}")
+        out.append((key, float(row[key]), float(stderr) if isinstance(stderr, (int, float)) else None))
+    return out
