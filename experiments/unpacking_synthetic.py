@@ -16,10 +16,11 @@ The factors:
 
 How the study measures (fixed before any preference run, the same for every arm):
   - the primary metric is the mean gold reward of sampled responses (8 per prompt at temperature 0.7, the
-    temperature the online arms sample at; one temperature for every arm) on the test split (96 prompts per
-    domain, every domain weighted equally), with its standard error; greedy gold beside it; KL to the SFT base
-    from the same samples (both at that temperature); each arm's paired difference against the same seed's
-    SFT base (same prompts, same sampling keys) as `eval/gold_reward_delta`;
+    temperature the online arms sample at; one temperature for every arm) on the test split (144 prompts per
+    domain, every domain weighted equally; 96 left the most spread-out arms of an earlier record at a per-seed
+    95% half-width up to 0.023, over the 0.02 aimed at), with its standard error; greedy gold beside it; KL to
+    the SFT base from the same samples (both at that temperature); each arm's paired difference against the
+    same seed's SFT base (same prompts, same sampling keys) as `eval/gold_reward_delta`;
   - every policy run evaluates on the validation split (48 prompts per domain, disjoint by text from test)
     during training: those curves are plotted against KL, with the SFT base's best-of-N frontier;
   - the SFT base measures the ceilings: best-of-N on gold for N = 1, 4, 16, 64 with their KL bounds;
@@ -113,7 +114,7 @@ def get_config() -> Config:
             num_eval=256,
             max_len=48,
             max_prompt_len=24,
-            eval_prompts_per_domain=96,
+            eval_prompts_per_domain=144,
             val_prompts_per_domain=48,
             eval_samples=8,
             eval_temperature=0.7,
