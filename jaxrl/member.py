@@ -17,6 +17,7 @@ from jaxrl.config import Config
 from jaxrl.data import pipeline
 from jaxrl.models import attention, lora
 from jaxrl.models import init as model_init
+from jaxrl.models.frozen import Frozen, shares_buffers
 
 
 @dataclasses.dataclass
@@ -103,6 +104,10 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
                     )
         elif not model_cfg.lora_rank:
             ref_params = ref
+    world = cfg.data.source == "synthetic" and cfg.stage != "rm" and cfg.data.eval_prompts_per_domain
+    start = _start_of(cfg, model_cfg, ref, mesh) if world else None
+    # Past the cache pass the reference is its log-probs: released, or in the state (on the fly).
+    ref = None
 
     tx, schedule = steps.make_optimizer(cfg.optim, t.steps)
     loss_state = steps.initial_loss_state(cfg)
@@ -114,7 +119,12 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
         log(f"LoRA rank {model_cfg.lora_rank}: {lora.count(params):,} adapter parameters train, base frozen")
     # The frozen reference (on-the-fly mode) is placed by the same rules as the policy.
     state_shardings = sharding.tree_shardings(jax.eval_shape(make_state, params, ref_params), preset, mesh)
-    state = jax.jit(make_state, out_shardings=state_shardings)(params, ref_params)
+    # The state's arrays are new buffers, so what it consumes is donated, but for buffers another role still
+    # holds: the random initialisation as its own reference, or a start kept on the device.
+    kept = None if start is None or start.offload else start.get()
+    donate = () if shares_buffers(params, ref_params) else (0, 1)
+    donate = tuple(i for i in donate if not shares_buffers((params, ref_params)[i], kept))
+    state = jax.jit(make_state, out_shardings=state_shardings, donate_argnums=donate)(params, ref_params)
     if frozen is not None:  # joined outside the jit: the base is never copied
         state = state.replace(frozen=frozen)
         state_shardings = state_shardings.replace(frozen=sharding.tree_shardings(frozen, preset, mesh))
@@ -139,22 +149,15 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
     eval_step = jax.jit(with_mesh(eval_fn, mesh, preset))
 
     world_eval = None
-    if cfg.data.source == "synthetic" and cfg.stage != "rm" and cfg.data.eval_prompts_per_domain:
+    if world:
         from jaxrl.evaluate import synthetic_eval
 
-        # KL is to where the policy started, also for losses that train without a reference (SimPO); a LoRA
-        # run started at its base, the adapters off.
-        eval_ref = (
-            ref
-            if ref is not None or not t.init_from or model_cfg.lora_rank
-            else model_init.load_run_params(t.init_from, mesh, preset)[0]
-        )
         # The SFT base also measures the best-of-N ceilings every arm is read against.
         world_eval = lambda params, split, final=False: synthetic_eval(
             cfg,
             graphdef,
             params,
-            lora.adapters_off(params) if model_cfg.lora_rank else eval_ref,
+            lora.adapters_off(params) if model_cfg.lora_rank else start.get() if start else None,
             data.tokenizer,
             split=split,
             best_of=cfg.stage == "sft" and final,
@@ -203,6 +206,18 @@ def train_program(cfg: Config, graphdef, optimizer, state, batch, mesh, preset: 
         objective = steps.base_as_reference(objective)
     step_fn = steps.bind_step(objective, totals_fn, optimizer, cfg.train.grad_accum)
     return objective, totals_fn, steps.make_step(step_fn, state, batch, mesh, preset)
+
+
+def _start_of(cfg: Config, model_cfg, ref, mesh) -> Frozen | None:
+    """Where the policy started, which the synthetic world evaluation measures KL to: the reference, else
+    train.init_from's parameters (losses that train without one, SimPO), held in host memory between
+    evaluations (a multi-host run keeps them on the device); None with neither, or for a LoRA run (its
+    start is its own base, the adapters off)."""
+    if model_cfg.lora_rank:
+        return None
+    if ref is None and cfg.train.init_from:
+        ref = model_init.load_run_params(cfg.train.init_from, mesh, cfg.mesh.preset)[0]
+    return None if ref is None else Frozen(ref, offload=jax.process_count() == 1)
 
 
 def restore(m: Member, log) -> None:

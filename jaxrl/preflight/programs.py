@@ -164,8 +164,8 @@ def offline_programs(b: Builder, cfg: Config, model_cfg) -> None:
         ref_holding = "reference params"
         if base_is_ref:  # the frozen base itself: held once
             ref_holding = "train frozen base params"
-        else:
-            b.hold("reference params", ref_params)
+        else:  # on the device for the cache pass alone, not while training (jaxrl.member.setup)
+            b.hold("reference params", ref_params, offloaded=True)
         placed = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             ref_params,
@@ -181,8 +181,9 @@ def offline_programs(b: Builder, cfg: Config, model_cfg) -> None:
             preset=b.preset,
         )
         b.notes.append(
-            "reference log-probs are computed once and cached; the runner keeps the reference "
-            "parameters on the device for the final evaluation"
+            "reference log-probs are computed once and cached; the runner then releases the reference "
+            "parameters, or keeps them in host memory between synthetic-world evaluations (their KL), so "
+            "they are not resident on the device while training"
         )
 
 

@@ -22,6 +22,7 @@ from jaxrl.config import Config, ConfigError
 from jaxrl.data import pipeline
 from jaxrl.models import init as model_init
 from jaxrl.models import lora
+from jaxrl.models.frozen import Frozen
 from jaxrl.rl import algorithms, programs
 
 
@@ -103,17 +104,6 @@ def lineage(cfg: Config) -> dict:
     }
     out["verifiable"] = r.verifiable
     return out
-
-
-class Frozen:
-    """Frozen parameters (reference), on device or, with offload, on the host between uses."""
-
-    def __init__(self, params, shardings, offload: bool):
-        self.shardings, self.offload = shardings, offload
-        self._params = jax.device_get(params) if offload else params
-
-    def get(self):
-        return jax.device_put(self._params, self.shardings) if self.offload else self._params
 
 
 def _value_params(cfg: Config, reward_fn, policy_params, mesh, preset, log):
