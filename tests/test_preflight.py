@@ -1,13 +1,20 @@
 """Preflight: TPU slice names, an ahead-of-time compile for a small TPU topology (libtpu), the fake-CPU
-fallback, the memory report and the "does not fit" failure."""
+fallback, the memory report, the cost (FLOPs, bytes, roofline estimate) and the "does not fit" failure."""
 
 import dataclasses
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrl import cli, preflight
 from jaxrl.preflight import GIB, Holding, PreflightReport, ProgramReport
+from jaxrl.preflight.cost import program_cost
+from jaxrl.preflight.report import compile_program
 
 
 def _libtpu_reason() -> str | None:
@@ -117,6 +124,123 @@ def test_tpu_compile_of_a_tiny_dpo_config(run_config):
     assert report.fits and 0 < report.peak < 1 * GIB
     text = report.format()
     assert "TPU compile (libtpu)" in text and "v5e:2x4" in text and "fits" in text
+    _assert_cost_fields(report, cfg)
+    if (
+        "splash" in report.attention
+    ):  # a Mosaic kernel: its work is not in the analysis, and the report says so
+        assert "Pallas kernel" in train.cost_note and f"cost: train_step: {train.cost_note}" in text
+
+
+def _assert_cost_fields(report, cfg):
+    """Every program has a known cost and estimate; the train step's loops are the accumulation loop and the
+    scanned layers inside it, so its cost is per optimizer step; the table and the JSON carry them."""
+    for p in report.programs:
+        assert p.flops > 0 and p.bytes_accessed > 0 and p.estimate_s(report.topology.chip) > 0, p
+    train = report.programs[0]
+    accum, layers = cfg.train.grad_accum, cfg.model.layers
+    if accum > 1:
+        assert str(accum) in train.loops and f"{accum}x{layers}" in train.loops, train.loops
+    else:
+        assert str(layers) in train.loops, train.loops
+    # At least the policy's matmuls over the whole batch, forward and backward (2 + 4 FLOPs per parameter
+    # and token), spread over the chips.
+    tokens = cfg.train.batch_size * (1 if cfg.stage == "sft" else 2) * cfg.data.max_len
+    body = cfg.model.layers * 3 * cfg.model.hidden * cfg.model.mlp
+    assert train.flops > 6 * body * tokens / report.topology.devices
+    text = report.format()
+    assert (
+        "est_ms" in text
+        and "GFLOP" in text
+        and "estimate (roofline from the compiler's cost analysis" in text
+    )
+    row = report.to_dict()["programs"][0]
+    assert row["flops"] == train.flops and row["estimate_s"] == train.estimate_s(report.topology.chip)
+    assert row["measured_s"] is None
+
+
+def _matmul_args(m, k, n, *, layers=0):
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    a = jax.ShapeDtypeStruct((m, k), jnp.float32, sharding=NamedSharding(mesh, P("x", None)))
+    w_shape = (layers, k, n) if layers else (k, n)
+    w = jax.ShapeDtypeStruct(w_shape, jnp.float32, sharding=NamedSharding(mesh, P()))
+    return a, w
+
+
+def test_cost_of_a_known_matmul_is_per_device_and_its_estimate_is_the_roofline():
+    m, k, n = 256, 128, 64
+    report = compile_program(
+        "matmul", jax.jit(lambda a, w: a @ w), _matmul_args(m, k, n), (), lambda *_: None
+    )
+    assert report.flops == 2 * m * n * k / 8  # rows sharded over the 8 devices: per device
+    # a, w and the output once each at least (per device: an eighth of a and of the output, all of w)
+    assert report.bytes_accessed >= 4 * (m * k / 8 + k * n + m * n / 8)
+    v5e = preflight.CHIPS["v5e"]
+    assert (v5e.peak_bf16_tflops, v5e.hbm_gbps) == (197, 819)
+    expected = max(report.flops / 197e12, report.bytes_accessed / 819e9)
+    assert report.estimate_s(v5e) == pytest.approx(expected, rel=1e-12)
+    assert report.loops == () and report.cost_note == ""
+
+
+def test_cost_counts_every_iteration_of_scanned_and_nested_loops():
+    """XLA's cost analysis counts a while body once; the preflight cost multiplies it by the trip count."""
+    m, k, n = 256, 128, 128
+
+    def scanned(a, w):
+        return jax.lax.scan(lambda x, wi: (jnp.tanh(x @ wi), None), a, w)[0]
+
+    def nested(a, w):
+        inner = lambda x, wo: (jax.lax.scan(lambda y, wi: (jnp.tanh(y @ wi), None), x, wo)[0], None)
+        return jax.lax.scan(inner, a, w.reshape(2, 3, k, n))[0]
+
+    per_matmul = 2 * m * n * k / 8
+    one = jax.jit(scanned).lower(*_matmul_args(m, k, n, layers=1)).compile()
+    assert one.cost_analysis()["flops"] == pytest.approx(per_matmul, rel=0.01)
+    six = jax.jit(scanned).lower(*_matmul_args(m, k, n, layers=6)).compile()
+    assert six.cost_analysis()["flops"] == pytest.approx(per_matmul, rel=0.01)  # the compiler's: once
+    cost = program_cost(six)
+    assert cost.flops == pytest.approx(6 * per_matmul, rel=0.01) and cost.loops == ("6",)
+    cost = program_cost(jax.jit(nested).lower(*_matmul_args(m, k, n, layers=6)).compile())
+    assert cost.flops == pytest.approx(6 * per_matmul, rel=0.01) and cost.loops == ("2", "2x3")
+    assert cost.bytes_accessed > 6 * 4 * k * n  # each iteration reads its weight
+
+
+class _Compiled:
+    def __init__(self, analysis):
+        self.analysis = analysis
+
+    def cost_analysis(self):
+        if isinstance(self.analysis, Exception):
+            raise self.analysis
+        return self.analysis
+
+    def as_text(self):
+        return "HloModule m\n"
+
+
+def test_unknown_cost_is_unknown_not_zero():
+    assert program_cost(_Compiled({})).flops is None
+    assert program_cost(_Compiled(None)).bytes_accessed is None
+    assert program_cost(_Compiled(NotImplementedError("no cost analysis here"))).flops is None
+    partial = program_cost(_Compiled([{"flops": 10.0}]))  # a list of one dict (older jaxlibs), no bytes
+    assert partial.flops == 10.0 and partial.bytes_accessed is None
+    unknown = _program("train_step", ())
+    assert unknown.flops is None and unknown.estimate_s(preflight.CHIPS["v5p"]) is None
+    report = PreflightReport(
+        "cfg",
+        "dpo",
+        preflight.parse_topology("v5p-8"),
+        "tpu",
+        "",
+        {"fsdp": 4},
+        "fsdp",
+        GIB,
+        [unknown],
+        [],
+        [],
+    )
+    row = [line for line in report.format().splitlines() if line.startswith("train_step")][0]
+    assert row.split()[-3:] == ["unknown", "unknown", "unknown"]
+    assert report.to_dict()["programs"][0]["estimate_s"] is None
 
 
 # The runner's program list (jaxrl.rl.programs), in the loop's order, for a config with no reward model.
@@ -152,11 +276,12 @@ def test_tpu_compile_of_a_tiny_ppo_config(run_config):
 
 
 def test_fake_cpu_fallback_is_labelled(run_config):
-    cfg = run_config("sft", **{"mesh.data": 1, "mesh.fsdp": -1})
+    cfg = run_config("sft", **{"mesh.data": 1, "mesh.fsdp": -1, "train.grad_accum": 2})
     report = preflight.run(cfg, "v5e-8", backend="cpu", log=lambda *_: None)
     assert report.backend == "cpu"
     assert "NOT A TPU COMPILE" in report.format()
     assert report.programs[0].name == "train_step" and report.programs[0].arguments > 0
+    _assert_cost_fields(report, cfg)
 
 
 def test_online_rl_compiles_the_runner_programs(run_config, monkeypatch):

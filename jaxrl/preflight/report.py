@@ -6,6 +6,12 @@ Memory model, per chip: every program's compiled memory (arguments + outputs - a
 temporaries + generated code), plus the arrays that stay resident on the device between programs but are
 not arguments of that program (e.g. the frozen reference and reward models during a PPO policy update),
 plus the code of the other programs. The peak is the largest of those over the programs.
+
+Cost model, per chip: each program's FLOPs and bytes accessed from the compiler's cost analysis (`cost.py`:
+per device, while loops counted by their trip counts), and an estimated step time, the roofline
+max(FLOPs / the chip's peak bf16 FLOP/s, bytes / its HBM bandwidth). It is an estimate, a lower bound that
+ignores communication, latency and overlap; a measured step, when a device has run the program, goes
+beside it (`ProgramReport.measured_s`) so the estimate's error is known.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxrl.preflight.topology import GIB, PreflightError, Topology
+from jaxrl.preflight.cost import Cost, program_cost
+from jaxrl.preflight.topology import GIB, Chip, PreflightError, Topology
 
 
 def tree_device_bytes(abstract_tree, shardings) -> int:
@@ -41,7 +48,7 @@ class Holding:
 
 @dataclasses.dataclass
 class ProgramReport:
-    """One compiled program's per-device memory (bytes) and compile time."""
+    """One compiled program's per-device memory (bytes), cost and compile time."""
 
     name: str
     holdings: tuple[str, ...]  # the resident arrays it takes as arguments
@@ -53,10 +60,24 @@ class ProgramReport:
     code: int
     host_temporaries: int = 0
     error: str = ""  # the compiler's refusal (e.g. RESOURCE_EXHAUSTED: its temporaries exceed the HBM)
+    # Per device, one call of the program (cost.py); None: unknown (no analysis, a loop not read, refused).
+    flops: float | None = None
+    bytes_accessed: float | None = None
+    transcendentals: float | None = None
+    loops: tuple[str, ...] = ()  # its while loops' executions per call, e.g. ("2", "2x32")
+    cost_note: str = ""
+    measured_s: float | None = None  # a measured call on a device, when one has run it; preflight never does
 
     @property
     def own(self) -> int:
         return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+    def estimate_s(self, chip: Chip) -> float | None:
+        """Roofline seconds per call: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth); None when unknown."""
+        known = self.flops is not None and self.bytes_accessed is not None
+        if not known or not chip.peak_bf16_tflops or not chip.hbm_gbps:
+            return None
+        return max(self.flops / (chip.peak_bf16_tflops * 1e12), self.bytes_accessed / (chip.hbm_gbps * 1e9))
 
 
 @dataclasses.dataclass
@@ -109,7 +130,17 @@ class PreflightReport:
             "peak_bytes": self.peak,
             "fits": self.fits,
             "compile_s": round(self.compile_s, 2),
-            "programs": [dataclasses.asdict(p) | {"peak_bytes": self.peak_of(p)} for p in self.programs],
+            "programs": [
+                dataclasses.asdict(p)
+                | {"peak_bytes": self.peak_of(p), "estimate_s": p.estimate_s(self.topology.chip)}
+                for p in self.programs
+            ],
+            "roofline": {
+                "chip": self.topology.chip.generation,
+                "peak_bf16_flops_per_s": self.topology.chip.peak_bf16_tflops * 1e12,
+                "hbm_bytes_per_s": self.topology.chip.hbm_gbps * 1e9,
+                "estimate": "roofline from the compiler's cost analysis, per device, per call",
+            },
             "holdings": [dataclasses.asdict(h) for h in self.holdings],
             "notes": self.notes,
             "attention": self.attention,
@@ -133,7 +164,8 @@ class PreflightReport:
             *([self.attention] if self.attention else []),
             "",
             f"{'per chip, ' + unit:<26}{'compile_s':>9}  {'arguments':>9}  {'outputs':>8}  {'aliased':>8}  "
-            f"{'temporaries':>11}  {'code':>6}  {'resident_other':>14}  {'peak':>8}",
+            f"{'temporaries':>11}  {'code':>6}  {'resident_other':>14}  {'peak':>8}  "
+            f"{'GFLOP':>9}  {'GB':>7}  {'est_ms':>8}",
         ]
         for p in self.programs:
             resident = self.peak_of(p) - p.own - sum(q.code for q in self.programs if q is not p)
@@ -141,9 +173,27 @@ class PreflightReport:
             lines.append(
                 f"{name:<26}{p.compile_s:>9.1f}  {g(p.arguments):>9}  {g(p.outputs):>8}  "
                 f"{g(p.aliased):>8}  {g(p.temporaries):>11}  {g(p.code):>6}  {g(resident):>14}  "
-                f"{g(self.peak_of(p)):>8}"
+                f"{g(self.peak_of(p)):>8}  {_number(p.flops, 1e9, 1):>9}  "
+                f"{_number(p.bytes_accessed, 1e9, 2):>7}  {_number(p.estimate_s(t.chip), 1e-3, 1):>8}"
             )
         lines.append("")
+        lines.append(
+            f"GFLOP, GB, est_ms: per chip per call, an estimate (roofline from the compiler's cost analysis, "
+            f"loops counted by trip count): max(FLOPs / {t.chip.peak_bf16_tflops:g} TFLOP/s bf16, "
+            f"bytes / {t.chip.hbm_gbps:g} GB/s HBM) on {t.chip.generation}; no communication, not measured"
+        )
+        lines += [
+            f"loops (executions per call, nested as outer x inner): {p.name} {', '.join(p.loops)}"
+            for p in self.programs
+            if p.loops
+        ]
+        lines += [f"cost: {p.name}: {p.cost_note}" for p in self.programs if p.cost_note]
+        measured = [p for p in self.programs if p.measured_s is not None]
+        lines += [
+            f"measured: {p.name} {p.measured_s * 1e3:.1f} ms per call (estimate "
+            f"{_number(p.estimate_s(t.chip), 1e-3, 1)} ms)"
+            for p in measured
+        ]
         lines.append(
             "resident arrays: "
             + ", ".join(
@@ -159,6 +209,10 @@ class PreflightReport:
             f"({100 * self.peak / self.hbm_bytes:.0f}%): {verdict}; compile {self.compile_s:.1f} s"
         )
         return "\n".join(lines)
+
+
+def _number(value: float | None, unit: float, digits: int) -> str:
+    return "unknown" if value is None else f"{value / unit:.{digits}f}"
 
 
 def attention_line(model_cfg, devices) -> str:
@@ -201,17 +255,34 @@ def _refusal(error: Exception) -> tuple[str, int] | None:
 
 
 def compile_program(name: str, jitted, args, holdings: tuple[str, ...], log, **static) -> ProgramReport:
-    """Lowers and compiles `jitted(*args, **static)` (abstract arguments) and reports its memory."""
+    """Lowers and compiles `jitted(*args, **static)` (abstract arguments) and reports its memory and cost."""
     log(f"compiling {name} ...")
     start = time.perf_counter()
+    cost = Cost(None, None, note="refused by the compiler")
+    compiled = None
     try:
-        memory = _memory(jitted.lower(*args, **static).compile())
+        compiled = jitted.lower(*args, **static).compile()
+        memory = _memory(compiled)
     except Exception as e:  # noqa: BLE001 - only an out-of-memory refusal becomes a report; others propagate
         refusal = _refusal(e)
         if refusal is None:
             raise
         log(f"{name}: the compiler refused it: {refusal[0]}")
         memory = dict(arguments=0, outputs=0, aliased=0, temporaries=refusal[1], code=0, error=refusal[0])
-    report = ProgramReport(name=name, holdings=holdings, compile_s=time.perf_counter() - start, **memory)
+    compile_s = time.perf_counter() - start
+    if compiled is not None:
+        cost = program_cost(compiled)
+        log(f"read {name}'s cost in {time.perf_counter() - start - compile_s:.1f} s")
+    report = ProgramReport(
+        name=name,
+        holdings=holdings,
+        compile_s=compile_s,
+        flops=cost.flops,
+        bytes_accessed=cost.bytes_accessed,
+        transcendentals=cost.transcendentals,
+        loops=cost.loops,
+        cost_note=cost.note,
+        **memory,
+    )
     log(f"{'refused' if report.error else 'compiled'} {name} in {report.compile_s:.1f} s")
     return report

@@ -19,7 +19,8 @@ class PreflightError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU generation: HBM per chip, and how its slices are named by gcloud and by libtpu."""
+    """One TPU generation: HBM per chip, its peak bf16 FLOP/s and HBM bandwidth per chip (the vendor's
+    published figures, for the roofline estimate), and how its slices are named by gcloud and by libtpu."""
 
     generation: str
     hbm_gib: float
@@ -28,13 +29,19 @@ class Chip:
     libtpu_prefix: str
     gcloud_prefix: str
     runtime_version: str  # TPU VM software version for JAX
+    peak_bf16_tflops: float = 0.0  # dense bf16 TFLOP/s per chip
+    hbm_gbps: float = 0.0  # HBM bandwidth per chip, GB/s (10^9 bytes)
 
 
+# Peak bf16 TFLOP/s and HBM GB/s per chip, as Google Cloud's system-architecture pages state them:
+# v4 275 and 1200 (https://docs.cloud.google.com/tpu/docs/v4), v5e 197 and 819
+# (https://docs.cloud.google.com/tpu/docs/v5e), v5p 459 and 2765 (https://docs.cloud.google.com/tpu/docs/v5p),
+# v6e 918 and 1638 (https://docs.cloud.google.com/tpu/docs/v6e).
 CHIPS = {
-    "v4": Chip("v4", 32, 2, 3, "v4", "v4", "tpu-ubuntu2204-base"),
-    "v5e": Chip("v5e", 16, 1, 2, "v5e", "v5litepod", "v2-alpha-tpuv5-lite"),
-    "v5p": Chip("v5p", 95, 2, 3, "v5", "v5p", "v2-alpha-tpuv5"),
-    "v6e": Chip("v6e", 32, 1, 2, "v6e", "v6e", "v2-alpha-tpuv6e"),
+    "v4": Chip("v4", 32, 2, 3, "v4", "v4", "tpu-ubuntu2204-base", 275, 1200),
+    "v5e": Chip("v5e", 16, 1, 2, "v5e", "v5litepod", "v2-alpha-tpuv5-lite", 197, 819),
+    "v5p": Chip("v5p", 95, 2, 3, "v5", "v5p", "v2-alpha-tpuv5", 459, 2765),
+    "v6e": Chip("v6e", 32, 1, 2, "v6e", "v6e", "v2-alpha-tpuv6e", 918, 1638),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v5": "v5p"}
 
