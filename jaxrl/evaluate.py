@@ -10,7 +10,10 @@ prompt by prompt (`paired_difference`)."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -99,11 +102,13 @@ def score_samples(
     seed: int = 0,
     batch_size: int = 256,
     reward_model=None,
+    record: list | None = None,
 ) -> dict[str, np.ndarray]:
     """Per prompt and sample [P, S]: gold reward, log-ratio to the reference (teacher-forced on both sides
     under the distributions sampled from, both at `temperature`, so its mean is KL(policy_T || reference_T)
     per response; zeros without a reference), length in tokens and whether the response ended with EOS; with
-    `reward_model` (graphdef, params) of a scalar-head model, its score of each response as "rm"."""
+    `reward_model` (graphdef, params) of a scalar-head model, its score of each response as "rm". `record`:
+    a list that gets each batch's (prompt ids, prompt mask, response tokens, response mask, rows used)."""
     from jaxrl.synthetic import gold_reward
 
     expanded = [record for record in prompts for _ in range(samples)]
@@ -121,6 +126,8 @@ def score_samples(
         seed=seed,
         batch_size=batch_size,
     ):
+        if record is not None:
+            record.append((ids, mask, tokens, resp_mask, n))
         if ref_params is not None:
             arrays = jax.device_put((ids, mask, tokens, resp_mask), placement)
             policy, ref = (
@@ -135,12 +142,7 @@ def score_samples(
         else:
             kl += [0.0] * n
         if reward_model is not None:
-            from jaxrl.rewards import score_responses
-
-            rm_graphdef, rm_params = reward_model
-            arrays = jax.device_put((ids, mask, tokens, resp_mask), _placement(rm_params))
-            scored = _score_jit(rm_graphdef, score_responses)(rm_params, *arrays)
-            rm += list(np.asarray(jax.device_get(scored))[:n])
+            rm += list(_rm_scores(reward_model, ids, mask, tokens, resp_mask)[:n])
         for row in range(n):
             size = int(resp_mask[row].sum())
             gold.append(gold_reward(expanded[index], tok.decode(tokens[row, :size].tolist())))
@@ -157,6 +159,15 @@ def score_samples(
     if reward_model is not None:
         out["rm"] = np.reshape(rm, shape)
     return out
+
+
+def _rm_scores(reward_model, ids, mask, tokens, resp_mask) -> np.ndarray:
+    """A reward model's (graphdef, params) scores of one batch of responses [B]."""
+    from jaxrl.rewards import score_responses
+
+    rm_graphdef, rm_params = reward_model
+    arrays = jax.device_put((ids, mask, tokens, resp_mask), _placement(rm_params))
+    return np.asarray(jax.device_get(_score_jit(rm_graphdef, score_responses)(rm_params, *arrays)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -203,14 +214,18 @@ def sample_ranking_accuracy(gold_PS: np.ndarray, by_PS: np.ndarray) -> float:
 
 
 def proxy_best_of(
-    cfg, policy_graphdef, policy_params, rm_graphdef, rm_params, tok, *, split: str = "test"
+    cfg, policy_graphdef, policy_params, rm_graphdef, rm_params, tok, *, split: str = "test", draws=None
 ) -> dict[str, float]:
     """A reward model judged by the use a study makes of it: best-of-N on `policy` samples picked by the RM,
     scored by gold (proxy_best_of_<n>, beside the policy's gold best-of-N ceilings: the same draws, the SFT
-    base's seed), and the RM's accuracy on those samples' pairs. N runs to data.eval_best_of."""
+    base's seed), and the RM's accuracy on those samples' pairs. N runs to data.eval_best_of. `draws`: the
+    policy run's stored draws (`DRAWS_FILE` in its final/ dir), scored instead of sampled again when they are
+    these draws."""
     prompts = eval_prompts(cfg, split)
     domains = [r.source for r in prompts]
-    many, ns = best_of_draws(cfg, policy_graphdef, policy_params, tok, prompts, (rm_graphdef, rm_params))
+    many, ns = best_of_draws(
+        cfg, policy_graphdef, policy_params, tok, prompts, (rm_graphdef, rm_params), load=draws
+    )
     metrics = {"sample_ranking_accuracy": sample_ranking_accuracy(many["gold"], many["rm"])}
     for n in ns:
         metrics[f"proxy_best_of_{n}"], metrics[f"proxy_best_of_{n}_se"] = domain_mean(
@@ -220,11 +235,48 @@ def proxy_best_of(
     return metrics
 
 
-def best_of_draws(cfg, graphdef, params, tok, prompts, reward_model=None) -> tuple[dict, tuple[int, ...]]:
+DRAWS_FILE = "best_of_draws.npz"  # an SFT base's test-split best-of-N draws, in its final/ dir
+_DRAWS_SEED = 1
+
+
+def _draws_key(cfg, tok, prompts) -> str:
+    """What makes two runs' best-of-N draws the same draws (given the same policy parameters)."""
+    d = cfg.data
+    spec = {
+        "prompts": hashlib.sha256(repr(list(prompts)).encode()).hexdigest(),  # the records gold reads
+        "samples": d.eval_best_of,
+        "temperature": d.eval_temperature,
+        "max_new": d.eval_max_new,
+        "seed": _DRAWS_SEED,
+        "tokenizer": [type(tok).__name__, tok.vocab_size, tok.pad_id, tok.eos_id],
+    }
+    return json.dumps(spec, sort_keys=True)
+
+
+def best_of_draws(
+    cfg, graphdef, params, tok, prompts, reward_model=None, *, save=None, load=None
+) -> tuple[dict, tuple[int, ...]]:
     """data.eval_best_of samples per prompt for the best-of-N curves (score_samples' arrays) and the N that
     fit in them. Drawn with their own seed, apart from the primary samples (which stay the same draws for
-    every run), and the same for a base's gold ceilings and a reward model's proxy curve on that base."""
+    every run), and the same for a base's gold ceilings and a reward model's proxy curve on that base.
+
+    `save`: a file to store the draws in (an SFT base's, for the reward models trained from it); `load`: such
+    a file, whose responses are scored (gold as stored, `reward_model` on the stored tokens, batch by batch
+    as drawn) instead of sampling `params` again, when it holds these draws (same prompts and sampling
+    settings); otherwise they are sampled."""
     d = cfg.data
+    ns = tuple(n for n in (1, 4, 16, 64, 256) if n <= d.eval_best_of)
+    key = _draws_key(cfg, tok, prompts)
+    if jax.process_count() > 1:
+        save = load = None  # every process must take the same path through the sampler's collectives
+    stored = _read_draws(load, key) if load is not None else None
+    if stored is not None:
+        many, batches = stored
+        if reward_model is not None:
+            scores = [_rm_scores(reward_model, *batch[:4])[: batch[4]] for batch in batches]
+            many["rm"] = np.concatenate(scores).reshape(many["gold"].shape)
+        return many, ns
+    batches = [] if save is not None else None
     many = score_samples(
         graphdef,
         params,
@@ -234,10 +286,43 @@ def best_of_draws(cfg, graphdef, params, tok, prompts, reward_model=None) -> tup
         samples=d.eval_best_of,
         temperature=d.eval_temperature,
         max_new=d.eval_max_new,
-        seed=1,
+        seed=_DRAWS_SEED,
         reward_model=reward_model,
+        record=batches,
     )
-    return many, tuple(n for n in (1, 4, 16, 64, 256) if n <= d.eval_best_of)
+    if save is not None:
+        _write_draws(save, key, many, batches)
+    return many, ns
+
+
+def _write_draws(path, key: str, many: dict, batches: list) -> None:
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"batch_{name}": np.stack([b[i] for b in batches]) for i, name in enumerate(_BATCH_FIELDS)}
+    arrays["batch_rows"] = np.asarray([b[4] for b in batches], np.int64)
+    arrays |= {f"score_{k}": v for k, v in many.items() if k != "rm"}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, key=np.asarray(key), **arrays)
+    os.replace(tmp, path)
+
+
+_BATCH_FIELDS = ("ids", "mask", "tokens", "resp_mask")
+
+
+def _read_draws(path, key: str):
+    """(score arrays, batches) of a stored draws file that holds the draws `key` names; None otherwise."""
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as f:
+        if str(f["key"]) != key:
+            return None
+        fields = [f[f"batch_{name}"] for name in _BATCH_FIELDS]
+        rows = f["batch_rows"]
+        batches = [(*(x[i] for x in fields), int(rows[i])) for i in range(len(rows))]
+        many = {k.removeprefix("score_"): f[k] for k in f.files if k.startswith("score_")}
+    return many, batches
 
 
 def summarize(scores: dict[str, np.ndarray], domains: list[str], *, best_of=()) -> dict[str, float]:
@@ -353,12 +438,13 @@ def eval_prompts(cfg, split: str) -> list:
 
 
 def synthetic_eval(
-    cfg, graphdef, params, ref_params, tok, *, split: str = "test", best_of: bool = False
+    cfg, graphdef, params, ref_params, tok, *, split: str = "test", best_of: bool = False, draws=None
 ) -> tuple[dict[str, float], dict]:
     """A policy's evaluation on a split of the synthetic world: (metrics, per-prompt record). Sampled gold
     over data.eval_samples responses per prompt at data.eval_temperature is the primary metric; greedy beside
     it; on test, the ranking accuracy on held-out gold pairs, and with `best_of` the best-of-N ceilings from
-    data.eval_best_of samples per prompt. Every run uses the same prompts and sampling keys."""
+    data.eval_best_of samples per prompt (stored in `draws` when given, on test). Every run uses the same
+    prompts and sampling keys."""
     d = cfg.data
     prompts = eval_prompts(cfg, split)
     domains = [r.source for r in prompts]
@@ -374,7 +460,8 @@ def synthetic_eval(
     )
     metrics = summarize(scores, domains) | greedy_gold(graphdef, params, tok, prompts, max_new=d.eval_max_new)
     if best_of and d.eval_best_of:
-        many, ns = best_of_draws(cfg, graphdef, params, tok, prompts)
+        save = draws if split == "test" else None
+        many, ns = best_of_draws(cfg, graphdef, params, tok, prompts, save=save)
         metrics |= {k: v for k, v in summarize(many, domains, best_of=ns).items() if k.startswith("best_of")}
     if split == "test":
         metrics |= ranking_accuracy(graphdef, params, gold_pair_arrays(cfg, tok))

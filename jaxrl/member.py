@@ -150,9 +150,11 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
 
     world_eval = None
     if world:
-        from jaxrl.evaluate import synthetic_eval
+        from jaxrl.evaluate import DRAWS_FILE, synthetic_eval
 
-        # The SFT base also measures the best-of-N ceilings every arm is read against.
+        # The SFT base also measures the best-of-N ceilings every arm is read against, and stores their draws
+        # for the reward models trained from it (their proxy best-of-N scores the same draws).
+        draws = Path(workdir).absolute() / "final" / DRAWS_FILE
         world_eval = lambda params, split, final=False: synthetic_eval(
             cfg,
             graphdef,
@@ -161,19 +163,26 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
             data.tokenizer,
             split=split,
             best_of=cfg.stage == "sft" and final,
+            draws=draws,
         )
     final_eval = None
     d = cfg.data
     sampled_eval = d.source == "synthetic" and d.eval_prompts_per_domain and d.eval_best_of
     if cfg.stage == "rm" and t.init_from and sampled_eval:
-        from jaxrl.evaluate import proxy_best_of
+        from jaxrl.evaluate import DRAWS_FILE, proxy_best_of
 
         # The policy the reward model will judge: its init_from run (the SFT base), sampled as the base's
         # own best-of-N ceilings are (same prompts, same draws).
         policy_params, source_model = model_init.load_run_params(t.init_from, mesh, preset)
         policy_graphdef, _ = model_init.abstract_model(dataclasses.replace(source_model, head="lm"))
         final_eval = lambda params: proxy_best_of(
-            cfg, policy_graphdef, policy_params, graphdef, params, data.tokenizer
+            cfg,
+            policy_graphdef,
+            policy_params,
+            graphdef,
+            params,
+            data.tokenizer,
+            draws=Path(t.init_from).absolute() / "final" / DRAWS_FILE,
         )
     return Member(
         cfg=cfg,

@@ -4,11 +4,15 @@ searches, evaluate the arms on benchmarks when it asks, and return the result ro
 table and plots).
 
 The pieces: jaxrl.study (expansion into runs), jaxrl.search (recipe selection), jaxrl.results (rows, table,
-plots, findings), jaxrl.group (runs that share shapes trained as one program)."""
+plots, findings), jaxrl.group (runs that share shapes trained as one program). `start_workers` adds sweep
+processes on the same workdir (`jaxrl sweep --workers N`)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,7 +63,7 @@ def run_sweep(
     log("search: every arm's recipe grid on the search seed")
     _run_all(expand(module, workdir, overrides), workdir, log, poll_s, group)
     points, chosen = final_points(module, workdir, overrides)
-    (workdir / "selected.json").write_text(json.dumps(chosen, indent=2) + "\n")
+    _write_atomic(workdir / "selected.json", json.dumps(chosen, indent=2) + "\n")  # workers write it too
     log("selected recipes (validation) rerun with fresh seeds")
     runs = evaluated(_run_all(expand(module, workdir, overrides, points), workdir, log, poll_s, group))
     rows = collect(runs, workdir, evaluation)
@@ -73,6 +77,51 @@ def run_sweep(
                     row.pop(k, None)  # the arm is one row whatever was selected; the recipe column says what
                 break
     return rows
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def start_workers(count: int, argv: list[str], workdir: str | Path) -> list[tuple[subprocess.Popen, Path]]:
+    """`count` more sweep processes on the same workdir, each running `python -m jaxrl.cli <argv>` (a sweep
+    command line that only trains: `jaxrl sweep ... --worker`). Every process walks the same runs and
+    trains whichever unfinished one is free: a run's workdir lock decides who trains it, so none is trained
+    twice, and a process waits for the runs others hold (the sweep's concurrency, tests/test_chaos.py).
+    Each worker's output goes to <workdir>/logs/worker-<k>.log. Returns (process, log path) pairs for
+    `join_workers`.
+
+    On a CPU machine a second process uses the cores a small model's run leaves idle (dispatch, host-side
+    evaluation); on one accelerator every worker would hold its own share of the device's memory."""
+    logs = Path(workdir).absolute() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TQDM_DISABLE": "1"}  # the log keeps the "finished <run>" lines, not the bar
+    procs = []
+    for k in range(1, count + 1):
+        path = logs / f"worker-{k}.log"
+        with open(path, "w") as out:
+            cmd = [sys.executable, "-m", "jaxrl.cli", *argv]
+            procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), path))
+    return procs
+
+
+def join_workers(procs: list[tuple[subprocess.Popen, Path]], *, stop: bool = False) -> list[str]:
+    """Waits for the workers (`stop`: terminates them first, as when this sweep itself failed or was
+    interrupted; their runs resume on the next sweep). Returns a line per worker that failed, naming its
+    log."""
+    if stop:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.terminate()
+    problems = []
+    for proc, path in procs:
+        code = proc.wait()
+        if code != 0 and not stop:
+            tail = path.read_text().strip().splitlines()[-1:] if path.exists() else []
+            problems.append(f"worker exited with status {code} ({path}): {' '.join(tail)}")
+    return problems
 
 
 def _finished(run_dir: Path) -> bool:

@@ -40,9 +40,9 @@ STUDY = textwrap.dedent("""
 """)
 
 
-def start_sweep(study: Path, workdir: Path) -> subprocess.Popen:
+def start_sweep(study: Path, workdir: Path, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "jaxrl.cli", "sweep", str(study), "--workdir", str(workdir)],
+        [sys.executable, "-m", "jaxrl.cli", "sweep", str(study), "--workdir", str(workdir), *flags],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -92,10 +92,17 @@ def test_concurrent_sweeps_and_kills_end_with_the_undisturbed_table(tmp_path):
     # And the long-lived one goes down too, mid-run.
     time.sleep(rng.uniform(1.0, 4.0))
     kill(other)
-    # Two clean sweeps at once finish the work between them; a third has nothing left to do.
-    a, b = start_sweep(study, chaos), start_sweep(study, chaos)
-    finish(a)
-    finish(b)
+    # One sweep with a second worker process finishes the work between them (each run trained by one of
+    # them, once); a third sweep has nothing left to do.
+    both = finish(start_sweep(study, chaos, "--workers", "2"))
+    worker_log = (chaos / "logs" / "worker-1.log").read_text()
+    trained = [
+        line.split()[1]
+        for text in (both, worker_log)
+        for line in text.splitlines()
+        if line.startswith("finished ")
+    ]
+    assert len(trained) == len(set(trained)), trained
     last = finish(start_sweep(study, chaos))
     assert "0 to run" in last
 

@@ -40,3 +40,58 @@ def test_a_reward_model_run_reports_its_proxy_best_of_n(tmp_path, sft_run):
     assert abs(ev["proxy_best_of_1"] - ev["best_of_1"]) < 1e-9  # one sample: nothing to pick
     assert ev["proxy_best_of_4"] <= ev["best_of_4"] + 1e-9  # no proxy beats picking by gold
     assert 0.0 <= ev["sample_ranking_accuracy"] <= 1.0
+
+
+def test_reward_models_score_their_base_s_stored_draws_as_if_sampled_again(tmp_path, monkeypatch):
+    """An SFT base stores its best-of-N draws; a reward model trained from it scores those (no sampling) and
+    reports exactly what sampling them again gives."""
+    world = {"data.eval_prompts_per_domain": 3, "data.eval_best_of": 4, "data.eval_samples": 2}
+    base = tmp_path / "sft"
+    train.run(tiny_run_config("sft", **{"train.steps": 4, **world}), base, log=lambda *a, **k: None)
+    stored = base / "final" / evaluate.DRAWS_FILE
+    assert stored.exists()
+
+    sampled = []
+    generate = evaluate._generate
+    monkeypatch.setattr(evaluate, "_generate", lambda *a, **k: sampled.append(1) or generate(*a, **k))
+    rm = tiny_run_config("rm", **{"train.init_from": str(base), "train.steps": 4, **world})
+    reused = train.run(rm, tmp_path / "rm_reused", log=lambda *a, **k: None)["eval"]
+    assert sampled == []  # the proxy curve read the base's draws
+
+    stored.rename(tmp_path / "moved.npz")  # now the reward model must sample the base again
+    fresh = train.run(rm, tmp_path / "rm_fresh", log=lambda *a, **k: None)["eval"]
+    assert sampled
+    keys = [k for k in fresh if "best_of" in k or k == "sample_ranking_accuracy"]
+    assert len(keys) >= 5
+    assert {k: reused[k] for k in keys} == {k: fresh[k] for k in keys}
+
+
+def test_stored_draws_answer_only_for_the_same_prompts_and_sampling(tmp_path):
+    from types import SimpleNamespace
+
+    tok = SimpleNamespace(vocab_size=256, pad_id=0, eos_id=1)
+    prompts = [SimpleNamespace(prompt="a"), SimpleNamespace(prompt="b")]
+    cfg = tiny_run_config("sft", **{"data.eval_best_of": 4})
+    path = tmp_path / "draws.npz"
+    batch = (
+        np.zeros((2, 3), np.int32),
+        np.ones((2, 3), bool),
+        np.zeros((2, 5), np.int32),
+        np.ones((2, 5), bool),
+        2,
+    )
+    many = {"gold": np.arange(8.0).reshape(2, 4)}
+    evaluate._write_draws(path, evaluate._draws_key(cfg, tok, prompts), many, [batch])
+    got, batches = evaluate._read_draws(path, evaluate._draws_key(cfg, tok, prompts))
+    np.testing.assert_array_equal(got["gold"], many["gold"])
+    assert batches[0][4] == 2 and batches[0][2].shape == (2, 5)
+    for other in (
+        evaluate._draws_key(tiny_run_config("sft", **{"data.eval_best_of": 8}), tok, prompts),
+        evaluate._draws_key(
+            tiny_run_config("sft", **{"data.eval_best_of": 4, "data.eval_temperature": 0.5}), tok, prompts
+        ),
+        evaluate._draws_key(cfg, tok, prompts[::-1]),
+        evaluate._draws_key(cfg, SimpleNamespace(vocab_size=300, pad_id=0, eos_id=1), prompts),
+    ):
+        assert evaluate._read_draws(path, other) is None
+    assert evaluate._read_draws(tmp_path / "absent.npz", evaluate._draws_key(cfg, tok, prompts)) is None
