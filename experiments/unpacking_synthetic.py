@@ -1,7 +1,10 @@
 """The four-factor study ("Unpacking DPO and PPO") in the synthetic world, where the gold reward is known.
 
-    jaxrl sweep experiments/unpacking_synthetic.py --workdir runs/unpacking          # the default grid
-    jaxrl sweep experiments/unpacking_synthetic.py --workdir runs/unpacking_full --full
+    jaxrl sweep experiments/unpacking_synthetic.py --workdir runs/unpacking --workers 2            # default
+    jaxrl sweep experiments/unpacking_synthetic.py --workdir runs/unpacking_full --full --workers 2
+
+(`--workers 2`: two sweep processes share the workdir, which on a 2-core machine runs the study about 1.4x
+faster than one; the results are the same.)
 
 The factors:
   data         preference datasets of stated quality: clean (no gold ties), noisy (flipped labels),

@@ -172,6 +172,11 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float, group: str = "a
                 continue
             if any(s != "finished" for s in states):
                 continue  # its base or reward model is still being trained (here or by another sweep)
+            if status(r) != "missing":  # another sweep (a worker) ended it meanwhile
+                todo.remove(r)
+                bar.update(1)
+                progressed = True
+                continue
             bar.set_postfix_str(r.id[:60])
             start = time.perf_counter()
             key = group_lib.group_key(r.cfg) if group_lib.grouping(group) else None
@@ -209,11 +214,15 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float, group: str = "a
                     progressed = True
                     break
                 continue
+            answered = []  # run_in's word that another process finished it after the check above
             try:
                 train.run(
-                    config_lib.override(r.cfg, {"train.progress": False}), workdir / "runs" / r.id, log=quiet
+                    config_lib.override(r.cfg, {"train.progress": False}),
+                    workdir / "runs" / r.id,
+                    log=_noting_answers(answered),
                 )
-                bar.write(f"finished {r.id} in {time.perf_counter() - start:.0f}s")
+                if not any(answered):
+                    bar.write(f"finished {r.id} in {time.perf_counter() - start:.0f}s")
             except workdir_lib.WorkdirLocked:
                 continue  # another sweep is training it; come back to it
             except workdir_lib.RunFailed as e:
@@ -226,6 +235,11 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float, group: str = "a
             time.sleep(poll_s)
     bar.close()
     return runs
+
+
+def _noting_answers(answered: list):
+    """A quiet run log that notes whether the run was answered as already finished (by another sweep)."""
+    return lambda msg, *a, **k: answered.append(str(msg).endswith(": already finished"))
 
 
 def _enable_compilation_cache(path: Path) -> None:
