@@ -37,8 +37,10 @@ How the study measures (fixed before any preference run, the same for every arm)
     model on in-domain prompts for PPO; GRPO, online DPO and gold-reward PPO are their own): one recipe per
     algorithm across the data, reward-model and prompt factors, as the paper fixes one per algorithm. The
     setting and checkpoint with the best validation gold is rerun with seeds 1, 2, 3 on every arm of that
-    algorithm, and only those runs' test scores enter the table (`jaxrl.sweep.run_sweep`). The default grid
-    runs fixed recipes.
+    algorithm, and only those runs' test scores enter the table (`jaxrl.sweep.run_sweep`). Reward models
+    have a learning-rate grid of four, searched first on the clean reward model of each size and selected by
+    validation best-of-16 by the RM (scored by gold): every reward model of that size, in the search and in
+    the fresh-seed runs, is trained with it. The default grid runs fixed recipes.
 
 The SFT base is chosen by algorithm-neutral criteria: it is trained until its held-out NLL on demonstrations
 stops falling (750 steps; 250 left it under-trained: held-out NLL 1.79 vs 1.55, and every domain's gold
@@ -66,6 +68,8 @@ OFFLINE_GRID = {
     "simpo": [{"loss.beta": b, "optim.lr": lr} for b, lr in itertools.product((2.0, 10.0), (1e-4, 5e-4))],
 }
 ONLINE_GRID = [{"rl.kl_coef": kl, "optim.lr": lr} for kl, lr in itertools.product((0.02, 0.1), (1e-4, 3e-4))]
+# Reward models vary the learning rate (the default grid's 1e-3 among them), one recipe per model size.
+RM_GRID = [{"optim.lr": lr} for lr in (1e-4, 3e-4, 1e-3, 3e-3)]
 # The default grid's fixed recipes.
 OFFLINE_RECIPE = {"loss.beta": 1.0, "optim.lr": 5e-4}
 ONLINE_RECIPE = {"rl.kl_coef": 0.05, "optim.lr": 3e-4}
@@ -100,6 +104,7 @@ _ONLINE = {
 # Every online arm samples 32 sequences per rollout batch: GRPO 4 for each of 8 prompts, online DPO 2 for each
 # of 16 (its minibatch counts sequences, two per pair; its loss is the study's loss section: DPO, beta 0.1).
 _STAGE_DEFAULTS = {
+    "rm": {"optim.lr": 1e-3},
     "ppo": _ONLINE,
     "grpo": {**_ONLINE, "rl.samples_per_prompt": 4, "rl.rollout_batch": 8},
     "online_dpo": {**_ONLINE, "rl.samples_per_prompt": 2, "rl.rollout_batch": 16, "rl.minibatch": 16},
@@ -159,7 +164,7 @@ def sft_config(cfg: Config) -> Config:
 
 def rm_point(data: str, size: str, seed: int) -> dict:
     """The sweep point of a reward model trained on one dataset."""
-    return {"stage": "rm", "data.synthetic_kind": data, "optim.lr": 1e-3, **RM_SIZES[size], "seed": seed}
+    return {"stage": "rm", "data.synthetic_kind": data, **RM_SIZES[size], "seed": seed}
 
 
 def reward_model(point: dict):
@@ -218,6 +223,8 @@ def search(arm: dict) -> list[dict] | None:
     """The recipe grid of an arm of the full study; None for the default grid's (fixed recipe and seed)."""
     if "seed" in arm:
         return None
+    if arm.get("stage") == "rm":
+        return RM_GRID
     if arm.get("stage") in ("ppo", "grpo", "online_dpo"):
         return ONLINE_GRID
     return OFFLINE_GRID[arm["loss.name"]]
@@ -225,7 +232,7 @@ def search(arm: dict) -> list[dict] | None:
 
 def recipe_arm(arm: dict) -> dict:
     """The arm whose search chooses `arm`'s recipe: one recipe per algorithm (see the module's docstring)."""
-    if arm.get("stage", "dpo") == "dpo":
+    if arm.get("stage", "dpo") in ("dpo", "rm"):  # a reward model's: the clean one of its size
         return {**arm, "data.synthetic_kind": "clean"}
     if arm.get("stage") == "ppo" and arm.get("rl.reward_model"):
         return online_point("ppo", "clean-small", "in_domain")
@@ -233,7 +240,14 @@ def recipe_arm(arm: dict) -> dict:
 
 
 def selection() -> dict:
-    return {"search_seed": 0, "seeds": [1, 2, 3], "metric": "val/gold_reward"}
+    # A reward model is selected by the use the study makes of it: best-of-16 by the RM on its SFT base's
+    # validation samples, scored by gold.
+    return {
+        "search_seed": 0,
+        "seeds": [1, 2, 3],
+        "metric": "val/gold_reward",
+        "metrics": {"rm": "val/proxy_best_of_16"},
+    }
 
 
 def findings(rows: list[dict]) -> list[dict]:

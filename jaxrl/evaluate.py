@@ -214,18 +214,17 @@ def sample_ranking_accuracy(gold_PS: np.ndarray, by_PS: np.ndarray) -> float:
 
 
 def proxy_best_of(
-    cfg, policy_graphdef, policy_params, rm_graphdef, rm_params, tok, *, split: str = "test", draws=None
+    cfg, policy, rm_graphdef, rm_params, tok, *, split: str = "test", draws=None
 ) -> dict[str, float]:
-    """A reward model judged by the use a study makes of it: best-of-N on `policy` samples picked by the RM,
-    scored by gold (proxy_best_of_<n>, beside the policy's gold best-of-N ceilings: the same draws, the SFT
-    base's seed), and the RM's accuracy on those samples' pairs. N runs to data.eval_best_of. `draws`: the
-    policy run's stored draws (`DRAWS_FILE` in its final/ dir), scored instead of sampled again when they are
-    these draws."""
+    """A reward model judged by the use a study makes of it: best-of-N on the policy's samples of a split
+    picked by the RM, scored by gold (proxy_best_of_<n>, beside the policy's gold best-of-N ceilings: the same
+    draws, the SFT base's seed), and the RM's accuracy on those samples' pairs. N runs to data.eval_best_of.
+    `policy`: a function returning the policy's (graphdef, params), called only if the draws are sampled;
+    `draws`: the policy run's stored draws of the split (`draws_path`), scored instead of sampled again when
+    they are these draws."""
     prompts = eval_prompts(cfg, split)
     domains = [r.source for r in prompts]
-    many, ns = best_of_draws(
-        cfg, policy_graphdef, policy_params, tok, prompts, (rm_graphdef, rm_params), load=draws
-    )
+    many, ns = best_of_draws(cfg, policy, tok, prompts, (rm_graphdef, rm_params), load=draws)
     metrics = {"sample_ranking_accuracy": sample_ranking_accuracy(many["gold"], many["rm"])}
     for n in ns:
         metrics[f"proxy_best_of_{n}"], metrics[f"proxy_best_of_{n}_se"] = domain_mean(
@@ -236,6 +235,17 @@ def proxy_best_of(
 
 
 DRAWS_FILE = "best_of_draws.npz"  # an SFT base's test-split best-of-N draws, in its final/ dir
+
+
+def draws_path(run_dir, split: str = "test"):
+    """Where a run stores its best-of-N draws of a split (an SFT base's, for the reward models trained from
+    it): DRAWS_FILE for test, best_of_draws_<split>.npz otherwise, in the run's final/ dir."""
+    from pathlib import Path
+
+    name = DRAWS_FILE if split == "test" else f"best_of_draws_{split}.npz"
+    return Path(run_dir).absolute() / "final" / name
+
+
 _DRAWS_SEED = 1
 
 
@@ -254,7 +264,7 @@ def _draws_key(cfg, tok, prompts) -> str:
 
 
 def best_of_draws(
-    cfg, graphdef, params, tok, prompts, reward_model=None, *, save=None, load=None
+    cfg, policy, tok, prompts, reward_model=None, *, save=None, load=None
 ) -> tuple[dict, tuple[int, ...]]:
     """data.eval_best_of samples per prompt for the best-of-N curves (score_samples' arrays) and the N that
     fit in them. Drawn with their own seed, apart from the primary samples (which stay the same draws for
@@ -262,8 +272,9 @@ def best_of_draws(
 
     `save`: a file to store the draws in (an SFT base's, for the reward models trained from it); `load`: such
     a file, whose responses are scored (gold as stored, `reward_model` on the stored tokens, batch by batch
-    as drawn) instead of sampling `params` again, when it holds these draws (same prompts and sampling
-    settings); otherwise they are sampled."""
+    as drawn) instead of sampling the policy again, when it holds these draws (same prompts and sampling
+    settings); otherwise they are sampled from `policy()`, the policy's (graphdef, params) (a function, so
+    that a replay never reads the policy's parameters)."""
     d = cfg.data
     ns = tuple(n for n in (1, 4, 16, 64, 256) if n <= d.eval_best_of)
     key = _draws_key(cfg, tok, prompts)
@@ -277,6 +288,7 @@ def best_of_draws(
             many["rm"] = np.concatenate(scores).reshape(many["gold"].shape)
         return many, ns
     batches = [] if save is not None else None
+    graphdef, params = policy()
     many = score_samples(
         graphdef,
         params,
@@ -303,9 +315,10 @@ def _write_draws(path, key: str, many: dict, batches: list) -> None:
     arrays = {f"batch_{name}": np.stack([b[i] for b in batches]) for i, name in enumerate(_BATCH_FIELDS)}
     arrays["batch_rows"] = np.asarray([b[4] for b in batches], np.int64)
     arrays |= {f"score_{k}": v for k, v in many.items() if k != "rm"}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, key=np.asarray(key), **arrays)
-    os.replace(tmp, path)
+    from jaxrl.workdir import replacing
+
+    with replacing(path) as tmp:
+        np.savez_compressed(tmp, key=np.asarray(key), **arrays)
 
 
 _BATCH_FIELDS = ("ids", "mask", "tokens", "resp_mask")
@@ -438,13 +451,13 @@ def eval_prompts(cfg, split: str) -> list:
 
 
 def synthetic_eval(
-    cfg, graphdef, params, ref_params, tok, *, split: str = "test", best_of: bool = False, draws=None
+    cfg, graphdef, params, ref_params, tok, *, split: str = "test", best_of: bool = False, draws_run=None
 ) -> tuple[dict[str, float], dict]:
     """A policy's evaluation on a split of the synthetic world: (metrics, per-prompt record). Sampled gold
     over data.eval_samples responses per prompt at data.eval_temperature is the primary metric; greedy beside
     it; on test, the ranking accuracy on held-out gold pairs, and with `best_of` the best-of-N ceilings from
-    data.eval_best_of samples per prompt (stored in `draws` when given, on test). Every run uses the same
-    prompts and sampling keys."""
+    data.eval_best_of samples per prompt (on either split; stored at `draws_path(draws_run, split)` when
+    `draws_run` is given). Every run uses the same prompts and sampling keys."""
     d = cfg.data
     prompts = eval_prompts(cfg, split)
     domains = [r.source for r in prompts]
@@ -460,8 +473,8 @@ def synthetic_eval(
     )
     metrics = summarize(scores, domains) | greedy_gold(graphdef, params, tok, prompts, max_new=d.eval_max_new)
     if best_of and d.eval_best_of:
-        save = draws if split == "test" else None
-        many, ns = best_of_draws(cfg, graphdef, params, tok, prompts, save=save)
+        save = draws_path(draws_run, split) if draws_run is not None else None
+        many, ns = best_of_draws(cfg, lambda: (graphdef, params), tok, prompts, save=save)
         metrics |= {k: v for k, v in summarize(many, domains, best_of=ns).items() if k.startswith("best_of")}
     if split == "test":
         metrics |= ranking_accuracy(graphdef, params, gold_pair_arrays(cfg, tok))

@@ -5,6 +5,7 @@ vmapped group, is jaxrl.train's."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,9 @@ class Member:
     train_step: Any  # the solo program (jitted, donating); a vmapped group has its own
     eval_step: Any
     world_eval: Any
-    final_eval: Any = None  # params -> final-evaluation metrics only (a reward model's proxy best-of-N)
+    final_eval: Any = (
+        None  # (params, split) -> final-evaluation metrics only (a reward model's proxy best-of-N)
+    )
     has_ref: bool = False  # a frozen reference in the state (its forward pass is in every step's cost)
     start: int = 0
     last: dict = dataclasses.field(default_factory=dict)
@@ -150,11 +153,10 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
 
     world_eval = None
     if world:
-        from jaxrl.evaluate import DRAWS_FILE, synthetic_eval
+        from jaxrl.evaluate import synthetic_eval
 
         # The SFT base also measures the best-of-N ceilings every arm is read against, and stores their draws
         # for the reward models trained from it (their proxy best-of-N scores the same draws).
-        draws = Path(workdir).absolute() / "final" / DRAWS_FILE
         world_eval = lambda params, split, final=False: synthetic_eval(
             cfg,
             graphdef,
@@ -163,26 +165,24 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
             data.tokenizer,
             split=split,
             best_of=cfg.stage == "sft" and final,
-            draws=draws,
+            draws_run=workdir,
         )
     final_eval = None
     d = cfg.data
     sampled_eval = d.source == "synthetic" and d.eval_prompts_per_domain and d.eval_best_of
     if cfg.stage == "rm" and t.init_from and sampled_eval:
-        from jaxrl.evaluate import DRAWS_FILE, proxy_best_of
+        from jaxrl.evaluate import draws_path, proxy_best_of
 
-        # The policy the reward model will judge: its init_from run (the SFT base), sampled as the base's
-        # own best-of-N ceilings are (same prompts, same draws).
-        policy_params, source_model = model_init.load_run_params(t.init_from, mesh, preset)
-        policy_graphdef, _ = model_init.abstract_model(dataclasses.replace(source_model, head="lm"))
-        final_eval = lambda params: proxy_best_of(
-            cfg,
-            policy_graphdef,
-            policy_params,
-            graphdef,
-            params,
-            data.tokenizer,
-            draws=Path(t.init_from).absolute() / "final" / DRAWS_FILE,
+        # The policy the reward model will judge: its init_from run (the SFT base), whose stored best-of-N
+        # draws it scores (the base's own ceilings'), on each split; the base is read only if they must be
+        # sampled again.
+        @functools.cache
+        def policy():
+            policy_params, source_model = model_init.load_run_params(t.init_from, mesh, preset)
+            return model_init.abstract_model(dataclasses.replace(source_model, head="lm"))[0], policy_params
+
+        final_eval = lambda params, split: proxy_best_of(
+            cfg, policy, graphdef, params, data.tokenizer, split=split, draws=draws_path(t.init_from, split)
         )
     return Member(
         cfg=cfg,

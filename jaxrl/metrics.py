@@ -124,10 +124,10 @@ def truncate_after(workdir: str | Path, step: int, *, final: bool = False) -> in
             kept.append(line)
         else:
             dropped += 1
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with tmp.open("w") as f:
+    from jaxrl.workdir import replacing  # workdir imports this module
+
+    with replacing(path) as tmp, tmp.open("w") as f:
         f.write("".join(line + "\n" for line in kept))
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
     return dropped

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -14,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl import sharding, steps
+from jaxrl import workdir as workdir_lib
 
 CACHE_VERSION = 1
 
@@ -160,9 +160,8 @@ def cached_reference_logps(
     )
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, logps)
-        os.replace(tmp, path)  # atomic, so concurrent runs sharing the cache never read half a file
+        with workdir_lib.replacing(path) as tmp:  # concurrent runs sharing the cache never read half a file
+            np.save(tmp, logps)
         path.with_suffix(".json").write_text(json.dumps({"examples": int(logps.shape[0])}) + "\n")
     log(f"reference log-probs: computed {logps.shape[0]} pairs -> {path}")
     return logps, path, False

@@ -47,7 +47,9 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(config_lib.to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def expand(module, workdir: str | Path, overrides=(), points: list[dict] | None = None) -> list[Run]:
+def expand(
+    module, workdir: str | Path, overrides=(), points: list[dict] | None = None, rm_recipes=None
+) -> list[Run]:
     """All runs of a study, each after the runs it depends on.
 
     A study module defines get_config() and sweep() (a list of override dicts, one per point) and optionally:
@@ -64,6 +66,10 @@ def expand(module, workdir: str | Path, overrides=(), points: list[dict] | None 
       recipe_arm(arm) -> dict         the arm whose search selects this arm's recipe (default: the arm
                                       itself), so that arms of one algorithm share one recipe: only recipe
                                       arms are searched.
+
+    `rm_recipes` ({reward-model arm as JSON: {"recipe": ...}}, jaxrl.search.reward_model_recipes): the
+    selected recipes of searched reward models, applied to the reward-model points of RL points (without it a
+    reward model runs as reward_model(point) gives it).
     """
     from jaxrl.validate import validate
 
@@ -103,6 +109,8 @@ def expand(module, workdir: str | Path, overrides=(), points: list[dict] | None 
         if cfg.stage in config_lib.RL_STAGES and hasattr(module, "reward_model"):
             rm_point = module.reward_model(dict(point))
             if rm_point is not None:
+                rm_arm = {k: v for k, v in rm_point.items() if k != "seed"}
+                rm_point |= (rm_recipes or {}).get(json.dumps(rm_arm, sort_keys=True), {}).get("recipe", {})
                 rm_id = add_point(dict(rm_point))
                 if runs[rm_id].cfg.stage != "rm":
                     raise config_lib.ConfigError(
@@ -149,14 +157,21 @@ def variant(module, *, full: bool, label: str = "the study"):
 def selection(module) -> dict:
     """A search study's selection settings: the seed the grid is searched on, the fresh seeds the selected
     recipe is rerun with, and the validation metric that selects (higher is better)."""
-    settings = {"search_seed": 0, "seeds": [1, 2, 3], "metric": "val/gold_reward"}
+    settings = {"search_seed": 0, "seeds": [1, 2, 3], "metric": "val/gold_reward", "metrics": {}}
     settings |= dict(module.selection()) if hasattr(module, "selection") else {}
-    if not str(settings["metric"]).startswith("val/"):
-        raise config_lib.ConfigError(
-            f"selection metric {settings['metric']!r}: recipes are selected on the "
-            f"validation split only (a val/ metric)"
-        )
+    for metric in (settings["metric"], *dict(settings["metrics"]).values()):
+        if not str(metric).startswith("val/"):
+            raise config_lib.ConfigError(
+                f"selection metric {metric!r}: recipes are selected on the validation split only "
+                "(a val/ metric)"
+            )
     return settings
+
+
+def metric_for(settings: dict, stage: str) -> str:
+    """The validation metric that selects a stage's recipes: selection()'s "metrics" ({stage: metric}, e.g. a
+    reward model's) or its "metric"."""
+    return dict(settings["metrics"]).get(stage, settings["metric"])
 
 
 def recipe_arm(module, arm: dict) -> dict:
@@ -170,18 +185,45 @@ def recipe_arm(module, arm: dict) -> dict:
 def search_points(module) -> list[dict]:
     """Every recipe arm (see recipe_arm) with every setting of its search grid, on the search seed, each once;
     an arm whose grid is None is a plain point, run as it is."""
-    seed = selection(module)["search_seed"]
     points, seen = [], set()
     for arm in module.sweep():
-        if module.search(dict(arm)) is None:
-            points.append(dict(arm))
-            continue
+        searched = module.search(dict(arm)) is not None
+        points += grid_points(module, [arm], seen) if searched else [dict(arm)]
+    return points
+
+
+def grid_points(module, arms: list[dict], seen: set | None = None) -> list[dict]:
+    """The recipe arm of each of `arms` with every setting of its grid, on the search seed, each once (and
+    none whose recipe arm is in `seen`, which is updated)."""
+    seed = selection(module)["search_seed"]
+    points, seen = [], set() if seen is None else seen
+    for arm in arms:
         searched = recipe_arm(module, arm)
         key = json.dumps(searched, sort_keys=True)
         if key not in seen:
             seen.add(key)
             points += [{**searched, **setting, "seed": seed} for setting in module.search(dict(searched))]
     return points
+
+
+def reward_model_arms(module) -> list[dict]:
+    """The reward models whose recipes a search study searches: the reward model (reward_model(arm), without
+    its seed) of each searched RL arm, where search() gives it a grid of its own; each once. They are searched
+    before the policies (jaxrl.sweep.run_sweep), whose runs are rewarded by the selected recipes."""
+    if not hasattr(module, "reward_model"):
+        return []
+    stage = module.get_config().stage
+    arms, seen = [], set()
+    for arm in module.sweep():
+        if arm.get("stage", stage) not in config_lib.RL_STAGES or module.search(dict(arm)) is None:
+            continue
+        rm = module.reward_model(dict(arm))
+        rm_arm = {k: v for k, v in (rm or {}).items() if k != "seed"}
+        key = json.dumps(rm_arm, sort_keys=True)
+        if rm is not None and key not in seen and module.search(dict(rm_arm)) is not None:
+            seen.add(key)
+            arms.append(rm_arm)
+    return arms
 
 
 def check_stale(runs: list[Run], workdir: Path) -> None:

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from jaxrl import config as config_lib
 from jaxrl import group as group_lib
+from jaxrl import workdir as workdir_lib
 from jaxrl.results import collect
-from jaxrl.search import final_points, recipe_label
-from jaxrl.study import Run, check_stale, expand
+from jaxrl.search import final_points, recipe_label, reward_model_recipes
+from jaxrl.study import Run, check_stale, expand, grid_points, reward_model_arms
 
 
 def run_sweep(
@@ -31,10 +32,12 @@ def run_sweep(
     Several sweeps may share one workdir: each run is locked by the process training it, and the others go on
     with other runs, then wait for it. A run that fails is reported and its dependents are not started.
 
-    A study with search(arm) is run in two phases: every recipe arm's grid on the search seed (recipe_arm: an
-    arm, or the arm that chooses the recipe of several), then, per arm, the setting and checkpoint with the
-    best validation score (`selection`) on its recipe arm rerun with fresh seeds; the rows returned are those
-    of the fresh-seed runs (and their bases), each with its selected `recipe`.
+    A study with search(arm) is run in phases: the grids of the reward models it searches
+    (study.reward_model_arms), whose selected recipes reward every RL run after them; every recipe arm's grid
+    on the search seed (recipe_arm: an arm, or the arm that chooses the recipe of several); then, per arm, the
+    setting and checkpoint with the best validation score (`selection`, per stage) on its recipe arm rerun
+    with fresh seeds; the rows returned are those of the fresh-seed runs (and their bases and reward models),
+    each with its selected `recipe`. selected.json records every selection.
 
     `group`: "on" trains runs that share shapes as one vmapped program (jaxrl.group), "off" one at a time,
     "auto" groups where that is faster (jaxrl.group.grouping); the results are the same either way (each
@@ -60,29 +63,38 @@ def run_sweep(
     if not hasattr(module, "search") or all(module.search(dict(arm)) is None for arm in module.sweep()):
         runs = evaluated(_run_all(expand(module, workdir, overrides), workdir, log, poll_s, group))
         return collect(runs, workdir, evaluation)
+    rm_recipes = {}
+    if rm_arms := reward_model_arms(module):
+        log("search: the reward models' recipe grids on the search seed")
+        rm_grid = expand(module, workdir, overrides, grid_points(module, rm_arms))
+        _run_all(rm_grid, workdir, log, poll_s, group)
+        rm_recipes = reward_model_recipes(module, workdir, overrides)
     log("search: every arm's recipe grid on the search seed")
-    _run_all(expand(module, workdir, overrides), workdir, log, poll_s, group)
-    points, chosen = final_points(module, workdir, overrides)
-    _write_atomic(workdir / "selected.json", json.dumps(chosen, indent=2) + "\n")  # workers write it too
+    _run_all(expand(module, workdir, overrides, rm_recipes=rm_recipes), workdir, log, poll_s, group)
+    points, chosen = final_points(module, workdir, overrides, rm_recipes)
+    chosen = rm_recipes | chosen
+    with workdir_lib.replacing(workdir / "selected.json") as tmp:  # workers write it too
+        tmp.write_text(json.dumps(chosen, indent=2) + "\n")
     log("selected recipes (validation) rerun with fresh seeds")
-    runs = evaluated(_run_all(expand(module, workdir, overrides, points), workdir, log, poll_s, group))
-    rows = collect(runs, workdir, evaluation)
+    final = expand(module, workdir, overrides, points, rm_recipes)
+    runs = evaluated(_run_all(final, workdir, log, poll_s, group))
+    return label_recipes(collect(runs, workdir, evaluation), runs, chosen)
+
+
+def label_recipes(rows: list[dict], runs: list[Run], chosen: dict[str, dict]) -> list[dict]:
+    """Gives each row of a run of a selected arm (its point is the arm, the recipe and a seed) the arm's
+    `recipe` label in place of the recipe's own columns: the arm is one row whatever was selected."""
+    points = {r.id: r.point for r in runs}
     for row in rows:
-        run = next(r for r in runs if r.id == row["run"])
-        for key in chosen:
-            arm = json.loads(key)
-            if all(run.point.get(k) == v for k, v in arm.items()):
-                row["recipe"] = recipe_label(chosen[key]["recipe"])
-                for k in chosen[key]["recipe"]:
-                    row.pop(k, None)  # the arm is one row whatever was selected; the recipe column says what
+        point = points[row["run"]]
+        for key, entry in chosen.items():
+            recipe = entry["recipe"]
+            if {k: v for k, v in point.items() if k != "seed" and k not in recipe} == json.loads(key):
+                row["recipe"] = recipe_label(recipe)
+                for k in recipe:
+                    row.pop(k, None)
                 break
     return rows
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def start_workers(count: int, argv: list[str], workdir: str | Path) -> list[tuple[subprocess.Popen, Path]]:
@@ -125,8 +137,6 @@ def join_workers(procs: list[tuple[subprocess.Popen, Path]], *, stop: bool = Fal
 
 
 def _finished(run_dir: Path) -> bool:
-    from jaxrl import workdir as workdir_lib
-
     summary = workdir_lib.finished_summary(run_dir)
     return summary is not None and summary.get("status", "finished") == "finished"
 
@@ -138,7 +148,6 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float, group: str = "a
     from tqdm import tqdm
 
     from jaxrl import train
-    from jaxrl import workdir as workdir_lib
 
     (workdir / "runs").mkdir(parents=True, exist_ok=True)
     check_stale(runs, workdir)

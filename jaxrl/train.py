@@ -291,7 +291,9 @@ def _finish(m: Member, lp: _MemberLoop, program, i: int, log, stop_after, end: i
         test_metrics, per_prompt = m.world_eval(params, "test", True)
         eval_metrics |= test_metrics
     if m.final_eval:
-        eval_metrics |= m.final_eval(params)
+        if m.cfg.data.val_prompts_per_domain:
+            val_metrics |= m.final_eval(params, "validation")
+        eval_metrics |= m.final_eval(params, "test")
     lp.writer.write(
         t.steps,
         {f"val/{k}": v for k, v in val_metrics.items()} | {f"eval/{k}": v for k, v in eval_metrics.items()},

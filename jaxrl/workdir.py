@@ -158,13 +158,25 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+@contextlib.contextmanager
+def replacing(path: str | Path):
+    """A temporary path beside `path` (same suffix) to write a file at: when the block ends without error it
+    replaces `path` atomically, so a reader (another process, a run killed and resumed) never sees half a
+    file; otherwise it is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def commit_config(workdir: str | Path, cfg: Config) -> None:
     """Records the run's config once it has started (a failed start leaves the workdir to a fixed config)."""
     if jax.process_index() == 0:
-        path = Path(workdir) / CONFIG_FILE
-        tmp = path.with_name(f".{CONFIG_FILE}.tmp{os.getpid()}")
-        config_lib.save(cfg, tmp)
-        os.replace(tmp, path)
+        with replacing(Path(workdir) / CONFIG_FILE) as tmp:
+            config_lib.save(cfg, tmp)
 
 
 def finished_summary(workdir: str | Path) -> dict | None:
@@ -184,9 +196,8 @@ def write_summary(workdir: str | Path, summary: dict) -> None:
         return
     path = Path(workdir) / SUMMARY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".summary.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(metrics.strict_json(summary), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(metrics.strict_json(summary), indent=2, allow_nan=False) + "\n")
 
 
 def skip_verdict(skipped: int, attempted: int, planned: int, max_fraction: float) -> str | None:

@@ -40,30 +40,51 @@ def test_a_reward_model_run_reports_its_proxy_best_of_n(tmp_path, sft_run):
     assert abs(ev["proxy_best_of_1"] - ev["best_of_1"]) < 1e-9  # one sample: nothing to pick
     assert ev["proxy_best_of_4"] <= ev["best_of_4"] + 1e-9  # no proxy beats picking by gold
     assert 0.0 <= ev["sample_ranking_accuracy"] <= 1.0
+    # The same on the validation split (what a study selects reward-model recipes on), on other prompts.
+    val = summary["val"]
+    assert {"proxy_best_of_1", "proxy_best_of_4", "best_of_4", "sample_ranking_accuracy"} <= set(val)
+    assert val["proxy_best_of_4"] <= val["best_of_4"] + 1e-9 and val["best_of_4"] != ev["best_of_4"]
 
 
 def test_reward_models_score_their_base_s_stored_draws_as_if_sampled_again(tmp_path, monkeypatch):
-    """An SFT base stores its best-of-N draws; a reward model trained from it scores those (no sampling) and
-    reports exactly what sampling them again gives."""
-    world = {"data.eval_prompts_per_domain": 3, "data.eval_best_of": 4, "data.eval_samples": 2}
+    """An SFT base stores its best-of-N draws of both splits; a reward model trained from it scores those (no
+    sampling, no read of the base's parameters) and reports exactly what sampling them again gives."""
+    world = {
+        "data.eval_prompts_per_domain": 3,
+        "data.val_prompts_per_domain": 2,
+        "data.eval_best_of": 4,
+        "data.eval_samples": 2,
+    }
     base = tmp_path / "sft"
     train.run(tiny_run_config("sft", **{"train.steps": 4, **world}), base, log=lambda *a, **k: None)
-    stored = base / "final" / evaluate.DRAWS_FILE
-    assert stored.exists()
+    stored = evaluate.draws_path(base, "test")
+    assert stored == base.absolute() / "final" / evaluate.DRAWS_FILE and stored.exists()
+    stored_val = evaluate.draws_path(base, "validation")
+    assert stored_val.exists()
 
     sampled = []
     generate = evaluate._generate
     monkeypatch.setattr(evaluate, "_generate", lambda *a, **k: sampled.append(1) or generate(*a, **k))
+    from jaxrl.models import init as model_init
+
+    loads = []
+    load_run_params = model_init.load_run_params
+    monkeypatch.setattr(
+        model_init, "load_run_params", lambda *a, **k: loads.append(a[0]) or load_run_params(*a, **k)
+    )
     rm = tiny_run_config("rm", **{"train.init_from": str(base), "train.steps": 4, **world})
-    reused = train.run(rm, tmp_path / "rm_reused", log=lambda *a, **k: None)["eval"]
-    assert sampled == []  # the proxy curve read the base's draws
+    reused = train.run(rm, tmp_path / "rm_reused", log=lambda *a, **k: None)
+    assert sampled == []  # the proxy curves read the base's draws
+    assert loads.count(str(base)) == 1  # init_from's own read; the proxy evaluation never loads the base
 
     stored.rename(tmp_path / "moved.npz")  # now the reward model must sample the base again
-    fresh = train.run(rm, tmp_path / "rm_fresh", log=lambda *a, **k: None)["eval"]
+    stored_val.rename(tmp_path / "moved_val.npz")
+    fresh = train.run(rm, tmp_path / "rm_fresh", log=lambda *a, **k: None)
     assert sampled
-    keys = [k for k in fresh if "best_of" in k or k == "sample_ranking_accuracy"]
-    assert len(keys) >= 5
-    assert {k: reused[k] for k in keys} == {k: fresh[k] for k in keys}
+    for split in ("eval", "val"):
+        keys = [k for k in fresh[split] if "best_of" in k or k == "sample_ranking_accuracy"]
+        assert len(keys) >= 5
+        assert {k: reused[split][k] for k in keys} == {k: fresh[split][k] for k in keys}
 
 
 def test_stored_draws_answer_only_for_the_same_prompts_and_sampling(tmp_path):

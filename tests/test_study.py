@@ -245,3 +245,92 @@ def test_compare_pairs_arms_by_seed_and_verdicts_follow_the_interval():
     assert results_lib.verdict(result) == "cannot tell"
     assert results_lib.compare(one_seed, {"stage": "grpo"}, {"stage": "dpo"}) is None
     assert results_lib.verdict(None) == "cannot tell"
+
+
+RM_SEARCH_STUDY = SEARCH_STUDY.replace(
+    """def sweep():
+    return [{"loss.name": "dpo"}]
+
+def search(arm):
+    return [{"loss.beta": 0.1}, {"loss.beta": 1.0}]
+
+def selection():
+    return {"search_seed": 0, "seeds": [1], "metric": "val/gold_reward"}""",
+    """def sweep():
+    return [{"stage": "ppo", "rl.reward_model": data} for data in ("clean", "noisy")]
+
+def reward_model(point):
+    data = point.get("rl.reward_model")
+    return {"stage": "rm", "data.synthetic_kind": data, "seed": point.get("seed", 0)} if data else None
+
+def search(arm):
+    if "seed" in arm:
+        return None
+    if arm["stage"] == "rm":
+        return [{"optim.lr": 1e-4}, {"optim.lr": 1e-3}]
+    return [{"rl.kl_coef": 0.05}, {"rl.kl_coef": 0.1}]
+
+def recipe_arm(arm):
+    key = "data.synthetic_kind" if arm["stage"] == "rm" else "rl.reward_model"
+    return {**arm, key: "clean"}
+
+def selection():
+    return {"search_seed": 0, "seeds": [1], "metric": "val/gold_reward",
+            "metrics": {"rm": "val/proxy_best_of_4"}}""",
+)
+
+
+def write_scores(run_dir, rows):
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_reward_model_recipes_are_searched_first_on_their_own_metric_and_reward_every_rl_run(tmp_path):
+    from jaxrl import config as config_lib
+
+    path = tmp_path / "rm_search_study.py"
+    path.write_text(RM_SEARCH_STUDY)
+    study = config_lib.load_experiment(path)
+    workdir = tmp_path / "w"
+    rm_arms = study_lib.reward_model_arms(study)
+    assert rm_arms == [{"stage": "rm", "data.synthetic_kind": d} for d in ("clean", "noisy")]
+    # Only the recipe arm (the clean reward model) is searched.
+    grid = study_lib.expand(study, workdir, (), study_lib.grid_points(study, rm_arms))
+    rms = {r.point["optim.lr"]: r for r in grid if r.kind == "point"}
+    assert sorted(rms) == [1e-4, 1e-3] and all(
+        r.point["data.synthetic_kind"] == "clean" for r in rms.values()
+    )
+    # lr 1e-3 is best by the reward models' metric; by the policies' metric (and on test) 1e-4 would be.
+    write_scores(
+        workdir / "runs" / rms[1e-3].id,
+        [{"step": 4, "val/proxy_best_of_4": 0.6, "val/gold_reward": 0.1, "eval/proxy_best_of_4": 0.1}],
+    )
+    write_scores(
+        workdir / "runs" / rms[1e-4].id,
+        [{"step": 4, "val/proxy_best_of_4": 0.5, "val/gold_reward": 0.9, "eval/proxy_best_of_4": 0.9}],
+    )
+    rm_recipes = search_lib.reward_model_recipes(study, workdir)
+    clean, noisy = (rm_recipes[json.dumps(a, sort_keys=True)] for a in rm_arms)
+    assert clean == {"recipe": {"optim.lr": 1e-3}, "validation": 0.6, "metric": "val/proxy_best_of_4"}
+    assert noisy["recipe"] == {"optim.lr": 1e-3} and noisy["selected_on"] == rm_arms[0]
+
+    # The policy search is rewarded by the selected reward model: the very run of its grid.
+    search = study_lib.expand(study, workdir, rm_recipes=rm_recipes)
+    ppo = {r.point["rl.kl_coef"]: r for r in search if r.cfg.stage == "ppo"}
+    assert {r.cfg.rl.reward_model for r in ppo.values()} == {str(workdir.absolute() / "runs" / rms[1e-3].id)}
+    write_scores(workdir / "runs" / ppo[0.1].id, [{"step": 4, "val/gold_reward": 0.7}])
+    write_scores(workdir / "runs" / ppo[0.05].id, [{"step": 4, "val/gold_reward": 0.2}])
+    points, chosen = search_lib.final_points(study, workdir, (), rm_recipes)
+    assert points == [
+        {"stage": "ppo", "rl.reward_model": d, "rl.kl_coef": 0.1, "seed": 1} for d in ("clean", "noisy")
+    ]
+    # Every fresh-seed reward model, the noisy one included, trains with the selected recipe.
+    final = study_lib.expand(study, workdir, (), points, rm_recipes)
+    final_rms = [r for r in final if r.cfg.stage == "rm"]
+    assert [r.point["data.synthetic_kind"] for r in final_rms] == ["clean", "noisy"]
+    assert all(r.cfg.optim.lr == 1e-3 and r.point["seed"] == 1 for r in final_rms)
+    # Each row is labelled with its own arm's recipe (the reward models' too), and the recipe's columns go.
+    rows = [{"run": r.id, **r.point} for r in final if r.kind == "point"]
+    labelled = sweep.label_recipes(rows, final, rm_recipes | chosen)
+    assert {(r["stage"], r["recipe"]) for r in labelled} == {("rm", "lr=0.001"), ("ppo", "kl_coef=0.1")}
+    assert not any("optim.lr" in r or "rl.kl_coef" in r for r in labelled)
