@@ -6,9 +6,12 @@ shared between tests through a per-session persistent cache. JAXRL_TEST_FULL_XLA
 """
 
 import atexit
+import fcntl
+import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 _FLAGS = ["--xla_force_host_platform_device_count=8"]
 if os.environ.get("JAXRL_TEST_FULL_XLA") != "1":
@@ -34,6 +37,35 @@ jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _keep_the_compile_cache_on():
+    """jaxrl.sweep raises the persistent cache's threshold to 0.5 s (a study's cache): after a test that runs
+    a sweep in this process, programs that compile faster (most of the tests' tiny ones) would no longer be
+    cached for the rest of the session. The threshold is put back after each test."""
+    yield
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def shared_by_workers(tmp_path_factory, name: str, build):
+    """A directory built once per test session, for expensive read-only module fixtures: `build(path)` fills
+    it and returns a JSON-able value, returned with it as (path, value). Under pytest-xdist the first worker
+    to ask builds it under a lock in the session's temp dir (shared by the workers) and the others wait for
+    it and reuse it, rather than each worker building its own copy of the same thing."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        path = tmp_path_factory.mktemp(name)
+        return path, build(path)
+    root = Path(tmp_path_factory.getbasetemp()).parent
+    path, done = root / name, root / f"{name}.done.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a worker dies holding it
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # a build that raised in another worker: build again
+            path.mkdir()
+            value = build(path)
+            done.write_text(json.dumps(value))
+    return path, json.loads(done.read_text())
 
 
 def tiny_run_config(stage: str = "sft", **overrides):

@@ -1,5 +1,6 @@
 """The quickstart notebook runs top to bottom on a CPU as in a fresh Colab kernel: its code cells exec'd in
-order in a new process (one CPU device, fewer steps), its jax settings and compile cache start clean."""
+order in a new process (one CPU device, fewer steps, the suite's fast compiler), its jax settings and
+compile cache start clean."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
@@ -40,6 +42,8 @@ print("SUMMARY " + json.dumps(summary))
 def test_quickstart_notebook_runs_top_to_bottom():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on Colab
     env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg", HF_HUB_OFFLINE="1")
+    if os.environ.get("JAXRL_TEST_FULL_XLA") != "1":  # the suite's fast compiler (tests/conftest.py), no more
+        env["XLA_FLAGS"] = " ".join(f for f in conftest._FLAGS if "device_count" not in f)
     proc = subprocess.run(
         [sys.executable, "-c", RUNNER, str(NOTEBOOK)],
         env=env,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_by_workers
 
 from jaxrl import cli
 from jaxrl.data import tokenize
@@ -49,13 +50,18 @@ def train_cli(workdir, stage, *extra):
 
 @pytest.fixture(scope="module")
 def pipeline_runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    codes = {"sft": train_cli(root / "sft", "sft", "train.tensorboard=true")}
-    codes["rm"] = train_cli(root / "rm", "rm", f"train.init_from={root / 'sft'}", "train.tensorboard=false")
-    codes["dpo"] = train_cli(
-        root / "dpo", "dpo", f"train.init_from={root / 'sft'}", "loss.beta=0.1", "train.tensorboard=false"
-    )
-    return root, codes
+    def build(root):
+        codes = {"sft": train_cli(root / "sft", "sft", "train.tensorboard=true")}
+        codes["rm"] = train_cli(
+            root / "rm", "rm", f"train.init_from={root / 'sft'}", "train.tensorboard=false"
+        )
+        codes["dpo"] = train_cli(
+            root / "dpo", "dpo", f"train.init_from={root / 'sft'}", "loss.beta=0.1", "train.tensorboard=false"
+        )
+        return codes
+
+    # The three runs are built once for the session's workers (the tests only read them).
+    return shared_by_workers(tmp_path_factory, "pipeline", build)
 
 
 def summary(workdir):

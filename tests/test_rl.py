@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import shared_by_workers
 from flax import nnx
 
 from jaxrl import cli, evaluate, sampling, sharding, steps, train
@@ -561,8 +562,10 @@ def sft_base(tmp_path_factory, run_config):
             "train.log_every": 50,
         },
     )
-    workdir = tmp_path_factory.mktemp("rl_sft")
-    train.run(cfg, workdir, log=lambda *_: None)
+    # Built once for the session's workers (read only: the RL runs start from it).
+    workdir, _ = shared_by_workers(
+        tmp_path_factory, "rl_sft", lambda path: train.run(cfg, path, log=lambda *_: None)["steps"]
+    )
     return workdir
 
 
