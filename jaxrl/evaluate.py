@@ -315,7 +315,7 @@ def _write_draws(path, key: str, many: dict, batches: list) -> None:
     arrays = {f"batch_{name}": np.stack([b[i] for b in batches]) for i, name in enumerate(_BATCH_FIELDS)}
     arrays["batch_rows"] = np.asarray([b[4] for b in batches], np.int64)
     arrays |= {f"score_{k}": v for k, v in many.items() if k != "rm"}
-    from jaxrl.workdir import replacing
+    from jaxrl.files import replacing
 
     with replacing(path) as tmp:
         np.savez_compressed(tmp, key=np.asarray(key), **arrays)

@@ -42,9 +42,8 @@ class Member:
     train_step: Any  # the solo program (jitted, donating); a vmapped group has its own
     eval_step: Any
     world_eval: Any
-    final_eval: Any = (
-        None  # (params, split) -> final-evaluation metrics only (a reward model's proxy best-of-N)
-    )
+    # (params, split) -> final-evaluation metrics only (a reward model's proxy best-of-N on its base's draws)
+    final_eval: Any = None
     has_ref: bool = False  # a frozen reference in the state (its forward pass is in every step's cost)
     start: int = 0
     last: dict = dataclasses.field(default_factory=dict)

@@ -10,6 +10,8 @@ from typing import Any
 
 import jax
 
+from jaxrl.files import replacing
+
 
 def strict_json(obj: Any) -> Any:
     """`obj` with every non-finite float (nan, inf, -inf) anywhere in nested dicts/lists/tuples replaced by
@@ -124,8 +126,6 @@ def truncate_after(workdir: str | Path, step: int, *, final: bool = False) -> in
             kept.append(line)
         else:
             dropped += 1
-    from jaxrl.workdir import replacing  # workdir imports this module
-
     with replacing(path) as tmp, tmp.open("w") as f:
         f.write("".join(line + "\n" for line in kept))
         f.flush()

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from jaxrl import sharding, steps
-from jaxrl import workdir as workdir_lib
+from jaxrl.files import replacing
 
 CACHE_VERSION = 1
 
@@ -160,7 +160,7 @@ def cached_reference_logps(
     )
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with workdir_lib.replacing(path) as tmp:  # concurrent runs sharing the cache never read half a file
+        with replacing(path) as tmp:  # concurrent runs sharing the cache never read half a file
             np.save(tmp, logps)
         path.with_suffix(".json").write_text(json.dumps({"examples": int(logps.shape[0])}) + "\n")
     log(f"reference log-probs: computed {logps.shape[0]} pairs -> {path}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from jaxrl import config as config_lib
 from jaxrl import group as group_lib
 from jaxrl import workdir as workdir_lib
+from jaxrl.files import replacing
 from jaxrl.results import collect
 from jaxrl.search import final_points, recipe_label, reward_model_recipes
 from jaxrl.study import Run, check_stale, expand, grid_points, reward_model_arms
@@ -73,7 +74,7 @@ def run_sweep(
     _run_all(expand(module, workdir, overrides, rm_recipes=rm_recipes), workdir, log, poll_s, group)
     points, chosen = final_points(module, workdir, overrides, rm_recipes)
     chosen = rm_recipes | chosen
-    with workdir_lib.replacing(workdir / "selected.json") as tmp:  # workers write it too
+    with replacing(workdir / "selected.json") as tmp:  # workers write it too
         tmp.write_text(json.dumps(chosen, indent=2) + "\n")
     log("selected recipes (validation) rerun with fresh seeds")
     final = expand(module, workdir, overrides, points, rm_recipes)

@@ -19,6 +19,7 @@ import jax
 from jaxrl import config as config_lib
 from jaxrl import metrics
 from jaxrl.config import Config, ConfigError
+from jaxrl.files import replacing
 
 SUMMARY_FILE = "final/summary.json"
 CONFIG_FILE = "config.json"
@@ -156,20 +157,6 @@ def check_config(workdir: str | Path, cfg: Config) -> None:
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-@contextlib.contextmanager
-def replacing(path: str | Path):
-    """A temporary path beside `path` (same suffix) to write a file at: when the block ends without error it
-    replaces `path` atomically, so a reader (another process, a run killed and resumed) never sees half a
-    file; otherwise it is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def commit_config(workdir: str | Path, cfg: Config) -> None:
