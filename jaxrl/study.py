@@ -109,8 +109,7 @@ def expand(
         if cfg.stage in config_lib.RL_STAGES and hasattr(module, "reward_model"):
             rm_point = module.reward_model(dict(point))
             if rm_point is not None:
-                rm_arm = {k: v for k, v in rm_point.items() if k != "seed"}
-                rm_point |= (rm_recipes or {}).get(json.dumps(rm_arm, sort_keys=True), {}).get("recipe", {})
+                rm_point |= (rm_recipes or {}).get(arm_key(rm_point), {}).get("recipe", {})
                 rm_id = add_point(dict(rm_point))
                 if runs[rm_id].cfg.stage != "rm":
                     raise config_lib.ConfigError(
@@ -218,12 +217,18 @@ def reward_model_arms(module) -> list[dict]:
         if arm.get("stage", stage) not in config_lib.RL_STAGES or module.search(dict(arm)) is None:
             continue
         rm = module.reward_model(dict(arm))
-        rm_arm = {k: v for k, v in (rm or {}).items() if k != "seed"}
-        key = json.dumps(rm_arm, sort_keys=True)
-        if rm is not None and key not in seen and module.search(dict(rm_arm)) is not None:
-            seen.add(key)
+        if rm is None or arm_key(rm) in seen:
+            continue
+        rm_arm = {k: v for k, v in rm.items() if k != "seed"}
+        if module.search(dict(rm_arm)) is not None:
+            seen.add(arm_key(rm))
             arms.append(rm_arm)
     return arms
+
+
+def arm_key(point: dict) -> str:
+    """The arm a point belongs to, as the JSON key of selections (the point without its seed)."""
+    return json.dumps({k: v for k, v in point.items() if k != "seed"}, sort_keys=True)
 
 
 def check_stale(runs: list[Run], workdir: Path) -> None:

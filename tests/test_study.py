@@ -72,15 +72,29 @@ def test_intervals_over_seeds_and_over_prompts():
     assert table[0]["eval/gold_reward seed_ci95"] == pytest.approx(0.0196)
 
 
+def write_scores(run_dir, rows):
+    """A fake run's metrics.jsonl holding `rows`."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
 def write_curve(run_dir, val, test):
     """A fake run's metrics.jsonl: validation and test scores at steps 10, 20, 30."""
-    run_dir.mkdir(parents=True)
     rows = [
         {"step": 10 * (i + 1), "val/gold_reward": v, "eval/gold_reward": t}
         for i, (v, t) in enumerate(zip(val, test, strict=True))
     ]
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return run_dir
+    return write_scores(run_dir, rows)
+
+
+def load_study(tmp_path, text: str):
+    """A study module written from `text` and loaded as `jaxrl sweep` loads one."""
+    from jaxrl import config as config_lib
+
+    path = tmp_path / "study.py"
+    path.write_text(text)
+    return config_lib.load_experiment(path)
 
 
 def test_selection_reads_validation_only_and_picks_setting_and_checkpoint(tmp_path):
@@ -182,11 +196,7 @@ def recipe_arm(arm):
 
 
 def test_arms_of_one_algorithm_share_the_recipe_their_recipe_arm_selects(tmp_path):
-    from jaxrl import config as config_lib
-
-    path = tmp_path / "recipe_arm_study.py"
-    path.write_text(RECIPE_ARM_STUDY)
-    study = config_lib.load_experiment(path)
+    study = load_study(tmp_path, RECIPE_ARM_STUDY)
     workdir = tmp_path / "w"
     # Only the recipe arm (clean) is searched: two settings, not six.
     points = study_lib.search_points(study)
@@ -280,17 +290,8 @@ def selection():
 )
 
 
-def write_scores(run_dir, rows):
-    run_dir.mkdir(parents=True)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
 def test_reward_model_recipes_are_searched_first_on_their_own_metric_and_reward_every_rl_run(tmp_path):
-    from jaxrl import config as config_lib
-
-    path = tmp_path / "rm_search_study.py"
-    path.write_text(RM_SEARCH_STUDY)
-    study = config_lib.load_experiment(path)
+    study = load_study(tmp_path, RM_SEARCH_STUDY)
     workdir = tmp_path / "w"
     rm_arms = study_lib.reward_model_arms(study)
     assert rm_arms == [{"stage": "rm", "data.synthetic_kind": d} for d in ("clean", "noisy")]
