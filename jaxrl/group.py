@@ -51,8 +51,12 @@ def grouping(mode: str) -> bool:
 
 
 def group_key(cfg: Config) -> str | None:
-    """The key runs must share to train as one program; None for a run that always trains alone (online
-    stages, length-bucketed batches whose widths differ per member)."""
+    """The key runs must share to train as one program; None for a run that always trains alone
+    (length-bucketed batches whose widths differ per member, LoRA). Online stages: `jaxrl.rl.group`."""
+    if cfg.stage in config_lib.RL_STAGES:
+        from jaxrl.rl import group as rl_group
+
+        return rl_group.group_key(cfg)
     if cfg.stage not in GROUPED_STAGES or cfg.data.padding == "bucket" or cfg.model.lora_rank:
         return None  # (a LoRA run's frozen base and base-as-reference objective are its own)
     flat = config_lib.flat_dict(cfg)
@@ -259,6 +263,13 @@ def run_group(
                 continue
             todo.append(i)
         if not todo:
+            return results
+        if cfgs[todo[0]].stage in config_lib.RL_STAGES:  # online runs iterate together (jaxrl.rl.group)
+            from jaxrl.rl import group as rl_group
+
+            ran = rl_group.train_runs([cfgs[i] for i in todo], [workdirs[i] for i in todo], log, stop_after)
+            for i, result in zip(todo, ran, strict=True):
+                results[i] = result
             return results
         mesh = sharding.make_mesh(cfgs[todo[0]].mesh)
         members = {}

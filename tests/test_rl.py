@@ -228,6 +228,13 @@ def test_value_loss_clipping():
     grad = jax.grad(lambda v: jnp.sum(value_loss(v, jnp.zeros(2), jnp.asarray([2.0, 2.0]), 0.2)[0]))
     g = np.asarray(grad(jnp.asarray([1.0, 0.1])))
     assert g[0] == 0.0 and g[1] < 0  # the clipped branch carries no gradient; the other moves V towards G
+    # Inside the range V_old + (V - V_old) rounds to a neighbour of V (here one step further from G): that is
+    # not a clipped value (comparing the two branches' losses counted it).
+    v, old, g_ = (
+        jnp.asarray([x], jnp.float32) for x in (-0.014343323186039925, -0.06558647751808167, -2.01434326)
+    )
+    assert float(old[0] + (v[0] - old[0])) != float(v[0])
+    np.testing.assert_array_equal(value_loss(v, old, g_, 0.2)[1], [0.0])
 
 
 def test_token_rewards_put_the_score_on_the_last_valid_token():

@@ -78,11 +78,16 @@ def ppo_policy_loss(logp_BT: jax.Array, old_logp_BT: jax.Array, advantages_BT: j
     loss_BT = jnp.maximum(unclipped_BT, clipped_BT)
     dual_BT = jnp.minimum(loss_BT, -hp.dual_clip * advantages_BT)
     loss_BT = jnp.where((hp.dual_clip > 1.0) & (advantages_BT < 0), dual_BT, loss_BT)
+    # The clipped branch is the larger exactly where the ratio left the range on the side the advantage
+    # pushes it; counted from that, not from comparing the two branches, whose products may differ by a
+    # rounding step inside the range (a spurious count that depends on how the compiler fused them).
+    low_BT = (ratio_BT < 1.0 - hp.clip_low) & (advantages_BT < 0)
+    high_BT = (ratio_BT > 1.0 + hp.clip_high) & (advantages_BT > 0)
     stats = {
         "ratio": ratio_BT,
-        "clipfrac": (clipped_BT > unclipped_BT).astype(jnp.float32),
-        "clipfrac_low": ((ratio_BT < 1.0 - hp.clip_low) & (advantages_BT < 0)).astype(jnp.float32),
-        "clipfrac_high": ((ratio_BT > 1.0 + hp.clip_high) & (advantages_BT > 0)).astype(jnp.float32),
+        "clipfrac": (low_BT | high_BT).astype(jnp.float32),
+        "clipfrac_low": low_BT.astype(jnp.float32),
+        "clipfrac_high": high_BT.astype(jnp.float32),
         "approxkl": 0.5 * jnp.square(log_ratio_BT),
     }
     return loss_BT, stats
@@ -94,7 +99,11 @@ def value_loss(values_BT: jax.Array, old_values_BT: jax.Array, returns_BT: jax.A
     clipped_BT = old_values_BT + jnp.clip(values_BT - old_values_BT, -value_clip, value_clip)
     plain_BT = jnp.square(values_BT - returns_BT)
     clipped_loss_BT = jnp.square(clipped_BT - returns_BT)
-    return 0.5 * jnp.maximum(plain_BT, clipped_loss_BT), (clipped_loss_BT > plain_BT).astype(jnp.float32)
+    # Inside the range V_old + (V − V_old) may differ from V by a rounding step: only a value that left the
+    # range is counted as clipped.
+    outside_BT = jnp.abs(values_BT - old_values_BT) > value_clip
+    clipfrac_BT = (outside_BT & (clipped_loss_BT > plain_BT)).astype(jnp.float32)
+    return 0.5 * jnp.maximum(plain_BT, clipped_loss_BT), clipfrac_BT
 
 
 def last_index(mask_BT: jax.Array) -> jax.Array:

@@ -104,17 +104,27 @@ class _Generation:
     texts: list[str]
 
 
+def prompt_batch(ctx: Context, iteration: int) -> rewards.PromptBatch:
+    """The iteration's prompts, each repeated `samples_per_prompt` times (a function of the seed and it)."""
+    index = np.repeat(ctx.order.indices(iteration), ctx.cfg.rl.samples_per_prompt)
+    return rewards.PromptBatch([ctx.records[i] for i in index], ctx.prompt_ids[index], ctx.prompt_mask[index])
+
+
+def rollout_seed(ctx: Context, iteration: int) -> np.ndarray:
+    """What the iteration's sampling key is folded from: (seed, ROLLOUT_STREAM, iteration) [3] int32."""
+    return np.asarray([ctx.cfg.seed, ROLLOUT_STREAM, iteration], np.int32)
+
+
+def generation(ctx: Context, prompts: rewards.PromptBatch, rollout: dict, tokens, mask) -> _Generation:
+    """A sampled rollout batch with its host copies decoded."""
+    return _Generation(prompts, rollout, tokens, mask, context.decode(ctx.tok, tokens, mask))
+
+
 def _generate(ctx: Context, params, iteration: int) -> _Generation:
     """Samples `samples_per_prompt` responses to each of the iteration's prompts (key folded from it)."""
-    r = ctx.cfg.rl
-    index = np.repeat(ctx.order.indices(iteration), r.samples_per_prompt)
-    prompts = rewards.PromptBatch(
-        [ctx.records[i] for i in index], ctx.prompt_ids[index], ctx.prompt_mask[index]
-    )
+    prompts = prompt_batch(ctx, iteration)
     ids, mask = jax.device_put((prompts.ids_BP, prompts.mask_BP), ctx.batch_sharding)
-    key = _rollout_key(
-        jax.device_put(np.asarray([ctx.cfg.seed, ROLLOUT_STREAM, iteration], np.int32), ctx.replicated)
-    )
+    key = _rollout_key(jax.device_put(rollout_seed(ctx, iteration), ctx.replicated))
     if ctx.mixture_coef is None:
         args = (ctx.graphdef, params, ids, mask, key, ctx.temperature)
     else:  # odd rows from the policy/reference mixture (rl.mixture)
@@ -128,21 +138,20 @@ def _generate(ctx: Context, params, iteration: int) -> _Generation:
         "response_mask": response_mask,
         "sampler_logps": sampler_logps,
     }
-    return _Generation(
-        prompts,
-        jax.device_put(rollout, ctx.batch_sharding),
-        tokens,
-        host_mask,
-        context.decode(ctx.tok, tokens, host_mask),
-    )
+    return generation(ctx, prompts, jax.device_put(rollout, ctx.batch_sharding), tokens, host_mask)
+
+
+def reward_components(ctx: Context, gen: _Generation, multipliers: dict[str, float]) -> dict:
+    """The reward function's components of a rollout batch (score: the Lagrangian one under constraints)."""
+    components = ctx.reward_fn.components(gen.prompts, gen.tokens, gen.mask, gen.texts)
+    return constraints.lagrangian_components(components, multipliers)
 
 
 def _score(ctx: Context, state: RLState, gen: _Generation, kl_coef: float, multipliers: dict[str, float]):
     """Rewards (the Lagrangian one under constraints), then old / reference log-probs and values once, then
     advantages and the algorithm's training data: (training data, its hyperparameters, rollout metrics on
     device, reward components)."""
-    components = ctx.reward_fn.components(gen.prompts, gen.tokens, gen.mask, gen.texts)
-    components = constraints.lagrangian_components(components, multipliers)
+    components = reward_components(ctx, gen, multipliers)
     rl_hp, adv_hp = jax.device_put(algorithms.hparams(ctx.cfg, kl_coef), ctx.replicated)
     params = {"policy": steps.model_params(state.policy), "ref": ctx.ref.get()}
     if ctx.value_graphdef is not None:
@@ -154,17 +163,22 @@ def _score(ctx: Context, state: RLState, gen: _Generation, kl_coef: float, multi
     return data, rl_hp if ctx.update_hp is None else ctx.update_hp, metrics, components
 
 
+def minibatches(ctx: Context, iteration: int, epoch: int) -> list[np.ndarray]:
+    """The minibatches' row indices of one epoch: a permutation that is a function of (seed, iteration,
+    epoch)."""
+    permutation = np.random.default_rng([ctx.cfg.seed, MINIBATCH_STREAM, iteration, epoch]).permutation(
+        ctx.units
+    )
+    mb = ctx.mb_units
+    return [permutation[k * mb : (k + 1) * mb].astype(np.int32) for k in range(ctx.units // mb)]
+
+
 def _train(ctx: Context, state: RLState, data, hp, iteration: int):
-    """`rl.epochs` shuffled passes of minibatch updates; the order is a function of (seed, iteration, epoch).
-    Metrics stay on device (no host sync per minibatch)."""
+    """`rl.epochs` shuffled passes of minibatch updates. Metrics stay on device (no host sync per
+    minibatch)."""
     collected = []
     for epoch in range(ctx.cfg.rl.epochs):
-        permutation = np.random.default_rng([ctx.cfg.seed, MINIBATCH_STREAM, iteration, epoch]).permutation(
-            ctx.units
-        )
-        mb = ctx.mb_units
-        slices = [permutation[k * mb : (k + 1) * mb].astype(np.int32) for k in range(ctx.units // mb)]
-        for indices in jax.device_put(slices, ctx.replicated):
+        for indices in jax.device_put(minibatches(ctx, iteration, epoch), ctx.replicated):
             minibatch = ctx.programs["gather"](data, indices)
             state, metrics = ctx.programs["train_step"](state, minibatch, hp)
             collected.append(metrics)
@@ -198,19 +212,30 @@ def iterate(
     state, step_metrics = _train(ctx, state, data, hp, iteration)
     jax.block_until_ready(state)
     t3 = time.perf_counter()
+    values = iteration_row(
+        ctx, iteration, gen, components, step_metrics, rollout_metrics, kl_coef, multipliers
+    )
+    return state, values | timings(t0, t1, t2, t3)
+
+
+def iteration_row(
+    ctx: Context, iteration: int, gen, components, step_metrics, rollout_metrics, kl_coef, multipliers
+) -> dict:
+    """An iteration's row of metrics (host values), with the constraints' and the KL coefficient's."""
     values = _iteration_metrics(ctx, gen, components, step_metrics, rollout_metrics)
     if multipliers:
         means = constraints.rollout_values(components, multipliers, algorithms.policy_rows(ctx.cfg))
         values |= constraints.metrics(multipliers, means, constraints.thresholds(ctx.cfg))
-    values |= {
-        "objective/kl_coef": kl_coef,
-        "episode": float((iteration + 1) * len(gen.texts)),
+    return values | {"objective/kl_coef": kl_coef, "episode": float((iteration + 1) * len(gen.texts))}
+
+
+def timings(t0: float, t1: float, t2: float, t3: float) -> dict:
+    return {
         "time/generation": t1 - t0,
         "time/scoring": t2 - t1,
         "time/training": t3 - t2,
         "time/iteration": t3 - t0,
     }
-    return state, values
 
 
 def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None = None) -> dict:
@@ -225,6 +250,168 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
 
 
 def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dict:
+    summary = train_alone(*open_run(cfg, workdir, commit, log), stop_after)
+    if summary.get("status") == "failed":
+        raise workdir_lib.RunFailed(workdir, summary)
+    return summary
+
+
+def train_alone(run: OnlineRun, state: RLState, stop_after: int | None) -> dict:
+    """The loop of one run from where it starts; its summary (status "failed" when it failed)."""
+    end = run.end(stop_after)
+    for it in range(run.start, end):
+        state, values = iterate(run.ctx, state, it, run.kl_coef, run.multipliers)
+        applied, skipped = (int(x) for x in jax.device_get((state.policy.step, state.policy.skipped)))
+        if not run.after_iteration(it, end, values, applied, skipped, lambda s=state: s):
+            break
+    return run.finish(state, stop_after, end)
+
+
+@dataclasses.dataclass
+class OnlineRun:
+    """One online run's host side of the loop (alone, or as a member of a group, `jaxrl.rl.group`): its
+    context, checkpointer, metrics writer and the values it carries between iterations (adaptive KL
+    coefficient, Lagrange multipliers, the initial evaluation)."""
+
+    cfg: Config
+    workdir: Path
+    ctx: Context
+    log: object
+    lineage: dict
+    report: list[str]
+    abstract_state: RLState  # without a LoRA policy's frozen base
+    state_shardings: object
+    policy_frozen: object
+    ckpt: checkpoint.Checkpointer
+    start: int = 0
+    kl_coef: float = 0.0
+    multipliers: dict = dataclasses.field(default_factory=dict)
+    thresholds: dict = dataclasses.field(default_factory=dict)
+    eval_initial: dict | None = None
+    initial_per_prompt: dict | None = None
+    last: dict = dataclasses.field(default_factory=dict)
+    writer: MetricWriter | None = None
+    progress: object = None
+    updates_per_iteration: int | None = None
+    failure: str | None = None
+
+    def with_base(self, state: RLState) -> RLState:
+        """The state with a LoRA policy's frozen base put back (it stays out of jits and checkpoints)."""
+        return state.replace(policy=state.policy.replace(frozen=self.policy_frozen))
+
+    def meta(self, step: int) -> dict:
+        return {
+            "step": step,
+            "kl_coef": self.kl_coef,
+            "eval_initial": self.eval_initial,
+            "eval_initial_per_prompt": self.initial_per_prompt,
+            "multipliers": self.multipliers,
+        }
+
+    def end(self, stop_after: int | None) -> int:
+        steps_ = self.cfg.train.steps
+        return steps_ if stop_after is None else min(stop_after, steps_)
+
+    def after_iteration(self, it: int, end: int, values: dict, applied: int, skipped: int, state_of) -> bool:
+        """The iteration's host side: the KL controller and multipliers, the skip verdict, the metrics row,
+        the validation curve and the checkpoint (`state_of()`: the run's state, asked for only when
+        needed). False when the run has failed (`self.failure` says why)."""
+        cfg, t = self.cfg, self.cfg.train
+        self.kl_coef = algorithms.adapted_kl_coef(cfg, self.kl_coef, values["objective/kl"])
+        means = {name: values[f"constraint/{name}/value"] for name in self.multipliers}
+        self.multipliers = constraints.update_multipliers(
+            self.multipliers, means, self.thresholds, cfg.rl.lambda_lr
+        )
+        self.last = values
+        self.updates_per_iteration = self.updates_per_iteration or max(1, (applied + skipped) // (it + 1))
+        self.failure = workdir_lib.skip_verdict(
+            skipped, applied + skipped, self.updates_per_iteration * t.steps, t.max_skipped_fraction
+        )
+        if self.failure:
+            return False
+        if (it + 1) % t.log_every == 0 or it + 1 == end:
+            self.writer.write(it + 1, values)
+        if t.eval_every and (it + 1) % t.eval_every == 0 and it + 1 < t.steps:
+            val = _world_eval_of(self.ctx, state_of(), "validation")[0]
+            self.writer.write(it + 1, {f"val/{k}": v for k, v in val.items()})
+        if (it + 1) % self.ckpt.every == 0:
+            self.ckpt.save(it + 1, steps.frozen_apart(state_of())[0], self.meta(it + 1))
+        self.progress.update(1)
+        self.progress.set_postfix(
+            score=f"{values['objective/scores']:.3f}", kl=f"{values['objective/kl']:.3f}"
+        )
+        return True
+
+    def finish(self, state: RLState, stop_after: int | None, end: int) -> dict:
+        """Ends the run: its failure, its early stop (tests of resume), or the final checkpoint, evaluation,
+        parameters and summary. A failed run's summary has status "failed"."""
+        cfg, t, workdir, log = self.cfg, self.cfg.train, self.workdir, self.log
+        self.progress.close()
+        saveable = steps.frozen_apart(state)[0]
+        skipped = int(jax.device_get(state.policy.skipped))
+        if self.failure:
+            self.ckpt.close()
+            self.writer.close()
+            failed = workdir_lib.fail(
+                workdir, cfg, self.failure, log=log, steps=t.steps, skipped_steps=skipped, train=self.last
+            )
+            return failed.summary
+        if stop_after is not None and end < t.steps:
+            self.ckpt.save(end, saveable, self.meta(end), force=True)
+            self.ckpt.close()
+            self.writer.close()
+            return {"stopped_at": end}
+
+        self.ckpt.save(t.steps, saveable, self.meta(t.steps), force=True)
+        self.ckpt.close()
+        val_metrics = _world_eval_of(self.ctx, state, "validation")[0]
+        eval_metrics, per_prompt = _world_eval_of(self.ctx, state)
+        self.writer.write(
+            t.steps,
+            {f"val/{k}": v for k, v in val_metrics.items()}
+            | {f"eval/{k}": v for k, v in eval_metrics.items()},
+        )
+        self.writer.close()
+        if bad := workdir_lib.nonfinite_eval(eval_metrics):
+            return workdir_lib.fail(
+                workdir,
+                cfg,
+                f"the final evaluation is not finite: {', '.join(bad)}",
+                log=log,
+                steps=t.steps,
+                skipped_steps=skipped,
+                train=self.last,
+                eval=eval_metrics,
+            ).summary
+        final = steps.model_params(
+            state.policy
+        )  # a LoRA policy's adapters merged into its base: a full model
+        final = lora.merge(final, cfg.model) if cfg.model.lora_rank else final
+        checkpoint.save_params(checkpoint.final_params_dir(workdir), final)
+        summary = {
+            "stage": cfg.stage,
+            "status": "finished",
+            "steps": t.steps,
+            "skipped_steps": skipped,
+            "train": self.last,
+            "eval": eval_metrics,
+            "val": val_metrics,
+            "eval_initial": self.eval_initial or {},
+            "lineage": self.lineage,
+            "data": self.report,
+        }
+        if per_prompt is not None:
+            summary["eval_per_prompt"] = per_prompt
+        if self.initial_per_prompt is not None:  # the starting policy on the same prompts: paired differences
+            summary["eval_initial_per_prompt"] = self.initial_per_prompt
+        workdir_lib.write_summary(workdir, summary)
+        log(f"finished {cfg.stage}: eval {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
+        return summary
+
+
+def open_run(cfg: Config, workdir: Path, commit, log) -> tuple[OnlineRun, RLState]:
+    """Builds a run's context and first state, commits its config, resumes it from its newest checkpoint and,
+    on a fresh start, logs the initial evaluation: (the run's host side, its state)."""
     t = cfg.train
     ctx, trainable, report = context.build(cfg, workdir, log)
     ctx.heldout, held_out_report = heldout.load(cfg, ctx.tok)
@@ -241,123 +428,47 @@ def _run(cfg: Config, workdir: Path, commit, log, stop_after: int | None) -> dic
     policy_frozen, policy_params = None, trainable["policy"]
     if cfg.model.lora_rank:
         policy_frozen, policy_params = lora.split(policy_params)
-    state = jax.jit(init, out_shardings=state_shardings)(policy_params, trainable["value"])
-    with_base = lambda s: s.replace(policy=s.policy.replace(frozen=policy_frozen))
-    state = with_base(state)
-    saveable = lambda s: steps.frozen_apart(s)[0]
+    run = OnlineRun(
+        cfg=cfg,
+        workdir=workdir,
+        ctx=ctx,
+        log=log,
+        lineage=run_lineage,
+        report=report,
+        abstract_state=abstract_state,
+        state_shardings=state_shardings,
+        policy_frozen=policy_frozen,
+        ckpt=checkpoint.Checkpointer(workdir, every=t.checkpoint_every, keep=t.keep_checkpoints),
+        kl_coef=float(cfg.rl.kl_coef),
+        multipliers=constraints.initial_multipliers(cfg),
+        thresholds=constraints.thresholds(cfg),
+    )
+    state = run.with_base(jax.jit(init, out_shardings=state_shardings)(policy_params, trainable["value"]))
     del trainable
 
     commit()  # the run has started: from here on the workdir belongs to this config
-    kl_coef, eval_initial, initial_per_prompt, start = float(cfg.rl.kl_coef), None, None, 0
-    multipliers, thresholds = constraints.initial_multipliers(cfg), constraints.thresholds(cfg)
-    ckpt = checkpoint.Checkpointer(workdir, every=t.checkpoint_every, keep=t.keep_checkpoints)
-    restored = ckpt.restore_latest(
+    restored = run.ckpt.restore_latest(
         checkpoint.abstract_with_shardings(abstract_state, state_shardings), log=log
     )
     if restored is not None:
         latest, state, meta = restored
-        state = with_base(state)
-        start, kl_coef, eval_initial = int(meta["step"]), float(meta["kl_coef"]), meta.get("eval_initial")
-        initial_per_prompt = meta.get("eval_initial_per_prompt")
-        multipliers = {name: float(v) for name, v in meta.get("multipliers", multipliers).items()}
-        log(f"resumed from {workdir}/checkpoints/{latest} at iteration {start}")
-    metrics_lib.truncate_after(workdir, start if start else -1, final=start >= t.steps)
-    resumed_last = metrics_lib.last_logged(workdir, prefix="") if start else {}
-    meta = lambda step: {
-        "step": step,
-        "kl_coef": kl_coef,
-        "eval_initial": eval_initial,
-        "eval_initial_per_prompt": initial_per_prompt,
-        "multipliers": multipliers,
-    }
-
-    writer = MetricWriter(workdir, tensorboard=t.tensorboard)
-    if start == 0:
-        eval_initial, initial_per_prompt = _world_eval_of(ctx, state)
-        row = {f"eval/{k}": v for k, v in eval_initial.items()}
+        state = run.with_base(state)
+        run.start, run.kl_coef, run.eval_initial = (
+            int(meta["step"]),
+            float(meta["kl_coef"]),
+            meta.get("eval_initial"),
+        )
+        run.initial_per_prompt = meta.get("eval_initial_per_prompt")
+        run.multipliers = {name: float(v) for name, v in meta.get("multipliers", run.multipliers).items()}
+        log(f"resumed from {workdir}/checkpoints/{latest} at iteration {run.start}")
+    metrics_lib.truncate_after(workdir, run.start if run.start else -1, final=run.start >= t.steps)
+    run.last = metrics_lib.last_logged(workdir, prefix="") if run.start else {}
+    run.writer = MetricWriter(workdir, tensorboard=t.tensorboard)
+    if run.start == 0:
+        run.eval_initial, run.initial_per_prompt = _world_eval_of(ctx, state)
+        row = {f"eval/{k}": v for k, v in run.eval_initial.items()}
         if ctx.heldout is not None:  # the held-out curve starts at the initial policy
             row |= {f"val/{k}": v for k, v in _world_eval_of(ctx, state, "validation")[0].items()}
-        writer.write(0, row)
-    progress = workdir_lib.progress(start, t.steps, enabled=t.progress and jax.process_index() == 0)
-    last: dict[str, float] = resumed_last
-    end = t.steps if stop_after is None else min(stop_after, t.steps)
-    failure, updates_per_iteration = None, None
-    for it in range(start, end):
-        state, values = iterate(ctx, state, it, kl_coef, multipliers)
-        kl_coef = algorithms.adapted_kl_coef(cfg, kl_coef, values["objective/kl"])
-        means = {name: values[f"constraint/{name}/value"] for name in multipliers}
-        multipliers = constraints.update_multipliers(multipliers, means, thresholds, cfg.rl.lambda_lr)
-        last = values
-        applied, skipped = (int(x) for x in jax.device_get((state.policy.step, state.policy.skipped)))
-        updates_per_iteration = updates_per_iteration or max(1, (applied + skipped) // (it + 1))
-        failure = workdir_lib.skip_verdict(
-            skipped, applied + skipped, updates_per_iteration * t.steps, t.max_skipped_fraction
-        )
-        if failure:
-            break
-        if (it + 1) % t.log_every == 0 or it + 1 == end:
-            writer.write(it + 1, values)
-        if t.eval_every and (it + 1) % t.eval_every == 0 and it + 1 < t.steps:
-            writer.write(
-                it + 1, {f"val/{k}": v for k, v in _world_eval_of(ctx, state, "validation")[0].items()}
-            )
-        ckpt.save(it + 1, saveable(state), meta(it + 1))
-        progress.update(1)
-        progress.set_postfix(score=f"{values['objective/scores']:.3f}", kl=f"{values['objective/kl']:.3f}")
-    progress.close()
-    skipped = int(jax.device_get(state.policy.skipped))
-    if failure:
-        ckpt.close()
-        writer.close()
-        raise workdir_lib.fail(
-            workdir, cfg, failure, log=log, steps=t.steps, skipped_steps=skipped, train=last
-        )
-
-    if stop_after is not None and end < t.steps:
-        ckpt.save(end, saveable(state), meta(end), force=True)
-        ckpt.close()
-        writer.close()
-        return {"stopped_at": end}
-
-    ckpt.save(t.steps, saveable(state), meta(t.steps), force=True)
-    ckpt.close()
-    val_metrics = _world_eval_of(ctx, state, "validation")[0]
-    eval_metrics, per_prompt = _world_eval_of(ctx, state)
-    writer.write(
-        t.steps,
-        {f"val/{k}": v for k, v in val_metrics.items()} | {f"eval/{k}": v for k, v in eval_metrics.items()},
-    )
-    writer.close()
-    if bad := workdir_lib.nonfinite_eval(eval_metrics):
-        raise workdir_lib.fail(
-            workdir,
-            cfg,
-            f"the final evaluation is not finite: {', '.join(bad)}",
-            log=log,
-            steps=t.steps,
-            skipped_steps=skipped,
-            train=last,
-            eval=eval_metrics,
-        )
-    final = steps.model_params(state.policy)  # a LoRA policy's adapters merged into its base: a full model
-    final = lora.merge(final, cfg.model) if cfg.model.lora_rank else final
-    checkpoint.save_params(checkpoint.final_params_dir(workdir), final)
-    summary = {
-        "stage": cfg.stage,
-        "status": "finished",
-        "steps": t.steps,
-        "skipped_steps": skipped,
-        "train": last,
-        "eval": eval_metrics,
-        "val": val_metrics,
-        "eval_initial": eval_initial or {},
-        "lineage": run_lineage,
-        "data": report,
-    }
-    if per_prompt is not None:
-        summary["eval_per_prompt"] = per_prompt
-    if initial_per_prompt is not None:  # the starting policy on the same prompts: paired differences
-        summary["eval_initial_per_prompt"] = initial_per_prompt
-    workdir_lib.write_summary(workdir, summary)
-    log(f"finished {cfg.stage}: eval {json.dumps({k: round(v, 4) for k, v in eval_metrics.items()})}")
-    return summary
+        run.writer.write(0, row)
+    run.progress = workdir_lib.progress(run.start, t.steps, enabled=t.progress and jax.process_index() == 0)
+    return run, state

@@ -1,0 +1,261 @@
+"""Online runs as one program: runs of an online stage whose programs have the same shapes iterate together,
+their train states (and frozen references) stacked on a leading member axis, every device program of an
+iteration (sampling, rollout statistics, advantages, the training data, minibatch gathers and updates) one
+vmapped call over the members.
+
+What may differ between members: the seed (prompt order, sampling keys, minibatch order, value-head init),
+the policy's and the value model's learning rates, the KL coefficient (adaptive per member), the run they
+start from, the reward model and the prompt set. The reward of each member is its own reward function's, on
+the host or by its own reward model's program; everything else (stage, model, rollout shapes, steps,
+cadences, the other loss settings) is in the group key.
+
+Every member is still a run: its own context, run dir, metrics, validation curve, checkpoints, final
+evaluation and summary (`runner.OnlineRun`, the same host side as a run alone), resumes from its own
+checkpoints, and fails alone."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxrl import config as config_lib
+from jaxrl import sharding, steps
+from jaxrl import workdir as workdir_lib
+from jaxrl.config import Config
+from jaxrl.rl import algorithms, context, programs, runner
+from jaxrl.rl.objectives import ROLLOUT_KEYS
+
+# Settings that are per member (arrays, or host state) in a group; every other setting is in the key.
+MEMBER_KEYS = (
+    "seed",
+    "optim.lr",
+    "rl.value_lr",
+    "rl.kl_coef",
+    "rl.reward_model",
+    "rl.prompt_set",
+    "train.init_from",
+    "train.cache_dir",
+)
+
+
+def group_key(cfg: Config) -> str | None:
+    """The key online runs must share to iterate as one program; None for a run that always runs alone (a
+    LoRA policy, whose frozen base is its reference; frozen roles offloaded to the host between uses)."""
+    if cfg.model.lora_rank or cfg.rl.offload_frozen:
+        return None
+    kept = {k: v for k, v in config_lib.flat_dict(cfg).items() if k not in MEMBER_KEYS}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def _stacked(s: NamedSharding) -> NamedSharding:
+    return NamedSharding(s.mesh, PartitionSpec(None, *s.spec))
+
+
+def _stack(trees: list):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _is_arrays(arg) -> bool:
+    leaves = jax.tree.leaves(arg)
+    return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+def vmapped(program: programs.Program):
+    """A run's program over a leading member axis of its array arguments: one jitted, vmapped call. Called
+    with the solo program's arguments; its non-array ones (graphdefs) and static settings are the run's."""
+    fixed = {i: a for i, a in enumerate(program.args) if not _is_arrays(a)}
+
+    def member(*arrays):
+        it = iter(arrays)
+        args = [fixed[i] if i in fixed else next(it) for i in range(len(program.args))]
+        return program.fn(*args, **program.static)
+
+    batched = jax.jit(jax.vmap(member))
+    return lambda *args: batched(*(a for i, a in enumerate(args) if i not in fixed))
+
+
+class GroupPrograms:
+    """The members' stacked state, references and per-member device scalars, and the vmapped programs."""
+
+    def __init__(self, runs: list[runner.OnlineRun], states: list):
+        run0 = runs[0]
+        ctx, cfg = run0.ctx, run0.cfg
+        self.runs = runs
+        self.mesh, self.preset = ctx.mesh, ctx.preset
+        self.batch = _stacked(ctx.batch_sharding)
+        self.state_shardings = jax.tree.map(_stacked, run0.state_shardings)
+        self.state = jax.device_put(_stack(states), self.state_shardings)
+        self.ref = _stack([r.ctx.ref.get() for r in runs])
+        self.temperature = jnp.stack([r.ctx.temperature for r in runs])
+        self.mixture_coef = (
+            None if ctx.mixture_coef is None else jnp.stack([r.ctx.mixture_coef for r in runs])
+        )
+        self.update_hp = None if ctx.update_hp is None else _stack([r.ctx.update_hp for r in runs])
+        self.lr = jnp.asarray([r.cfg.optim.lr for r in runs], jnp.float32)
+        self.value_lr = jnp.asarray([r.cfg.rl.value_lr or r.cfg.optim.lr for r in runs], jnp.float32)
+        p = ctx.programs
+        self.generate = vmapped(p["generate"])
+        self.rollout_stats = vmapped(p["rollout_stats"])
+        self.advantages = vmapped(p["advantages"])
+        self.prepare = vmapped(p["prepare"])
+        self.gather = vmapped(p["gather"])
+        self.keys = jax.jit(jax.vmap(context.stream_key))
+        self.train_step = self._train_step(cfg, ctx)
+
+    def _train_step(self, cfg: Config, ctx):
+        """The minibatch update of every member, each with its own learning rates (state donated)."""
+        units, mb_units = algorithms.units(cfg)
+        updates = cfg.train.steps * cfg.rl.epochs * (units // mb_units)
+        with_value = ctx.value_graphdef is not None
+
+        def member_step(state, minibatch, hp, lr, value_lr):
+            optimizers = {"policy": steps.make_optimizer(cfg.optim, updates, lr=lr)}
+            if with_value:
+                optimizers["value"] = steps.make_optimizer(cfg.optim, updates, lr=value_lr)
+            update = programs.update_fn(cfg, ctx.graphdef, ctx.value_graphdef, optimizers)
+            return update(state, minibatch, hp)
+
+        def traced(state, minibatch, hp, lr, value_lr):
+            with sharding.use_mesh(self.mesh, self.preset):
+                return jax.vmap(member_step)(state, minibatch, hp, lr, value_lr)
+
+        return jax.jit(
+            traced,
+            in_shardings=(self.state_shardings, self.batch, None, None, None),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=(0,),
+        )
+
+    def member_state(self, i: int):
+        """Member i's state, placed as its run alone places it."""
+        one = jax.tree.map(lambda x: x[i], self.state)
+        return self.runs[i].with_base(jax.device_put(one, self.runs[i].state_shardings))
+
+    def counts(self) -> list[tuple[int, int]]:
+        """(updates applied, updates skipped) per member."""
+        applied, skipped = jax.device_get((self.state.policy.step, self.state.policy.skipped))
+        return [(int(a), int(s)) for a, s in zip(applied, skipped, strict=True)]
+
+
+def iterate(g: GroupPrograms, iteration: int) -> list[dict]:
+    """One iteration of every member (generate, score, train as vmapped programs; rewards per member);
+    each member's row of metrics, as `runner.iterate` gives it."""
+    runs = g.runs
+    t0 = time.perf_counter()
+    prompts = [runner.prompt_batch(r.ctx, iteration) for r in runs]
+    ids, mask = jax.device_put(
+        (np.stack([p.ids_BP for p in prompts]), np.stack([p.mask_BP for p in prompts])), g.batch
+    )
+    keys = g.keys(np.stack([runner.rollout_seed(r.ctx, iteration) for r in runs]))
+    graphdef, params = runs[0].ctx.graphdef, g.state.policy.params
+    if g.mixture_coef is None:
+        args = (graphdef, params, ids, mask, keys, g.temperature)
+    else:
+        args = (graphdef, params, g.ref, ids, mask, keys, g.temperature, g.mixture_coef)
+    response, sampler_logps, response_mask = g.generate(*args)
+    tokens, host_mask = context.fetch((response, response_mask))
+    rollout = {
+        "prompt": ids,
+        "prompt_mask": mask,
+        "response": response,
+        "response_mask": response_mask,
+        "sampler_logps": sampler_logps,
+    }
+    gens = [runner.generation(r.ctx, prompts[i], None, tokens[i], host_mask[i]) for i, r in enumerate(runs)]
+    t1 = time.perf_counter()
+
+    components = [
+        runner.reward_components(r.ctx, gen, r.multipliers) for r, gen in zip(runs, gens, strict=True)
+    ]
+    hparams = [algorithms.hparams(r.cfg, r.kl_coef) for r in runs]
+    rl_hp, adv_hp = jax.tree.map(lambda *xs: np.stack(xs), *hparams)
+    stats_params = {"policy": params, "ref": g.ref}
+    if g.state.value is not None:
+        stats_params["value"] = g.state.value.params
+    stats = g.rollout_stats(stats_params, {k: rollout[k] for k in ROLLOUT_KEYS}, rl_hp)
+    scores = jax.device_put(np.stack([c["score"] for c in components]), g.batch)
+    adv, rollout_metrics = g.advantages(rollout, stats, scores, adv_hp)
+    data = g.prepare(rollout, stats, scores, adv)
+    hp = rl_hp if g.update_hp is None else g.update_hp
+    jax.block_until_ready(data)
+    t2 = time.perf_counter()
+
+    collected = []
+    for epoch in range(runs[0].cfg.rl.epochs):
+        orders = [runner.minibatches(r.ctx, iteration, epoch) for r in runs]
+        for parts in zip(*orders, strict=True):
+            minibatch = g.gather(data, np.stack(parts))
+            g.state, metrics = g.train_step(g.state, minibatch, hp, g.lr, g.value_lr)
+            collected.append(metrics)
+    jax.block_until_ready(g.state)
+    t3 = time.perf_counter()
+
+    host_steps, host_rollout = jax.device_get((collected, rollout_metrics))
+    rows = []
+    for i, r in enumerate(runs):
+        step_metrics = [{k: v[i] for k, v in row.items()} for row in host_steps]
+        member_rollout = {k: v[i] for k, v in host_rollout.items()}
+        row = runner.iteration_row(
+            r.ctx, iteration, gens[i], components[i], step_metrics, member_rollout, r.kl_coef, r.multipliers
+        )
+        rows.append(row | runner.timings(t0, t1, t2, t3))
+    return rows
+
+
+def train_together(runs: list[runner.OnlineRun], states: list, stop_after: int | None) -> list[dict]:
+    """The loop of runs that start at the same iteration and share shapes, iterated as one program; each
+    run's summary (status "failed" for a run that failed: the others go on)."""
+    g = GroupPrograms(runs, states)
+    del states
+    end = runs[0].end(stop_after)
+    active = list(range(len(runs)))
+    for it in range(runs[0].start, end):
+        rows = iterate(g, it)
+        counts = g.counts()
+        for i in list(active):
+            ok = runs[i].after_iteration(it, end, rows[i], *counts[i], lambda i=i: g.member_state(i))
+            if not ok:
+                active.remove(i)  # its state goes on in the stack, unread: the others are not affected
+        if not active:
+            break
+    return [r.finish(g.member_state(i), stop_after, end) for i, r in enumerate(runs)]
+
+
+def signature(run: runner.OnlineRun) -> tuple:
+    """What members of one program must agree on: the iteration they start at and their states' shapes."""
+    shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), run.abstract_state)
+    return run.start, str(jax.tree.structure(run.abstract_state)), tuple(jax.tree.leaves(shapes))
+
+
+def train_runs(cfgs: list[Config], workdirs: list, log, stop_after: int | None) -> list:
+    """Trains online runs of one group key whose workdirs the caller holds: per run, its summary or the
+    RunFailed it ended with. Runs at different iterations (resumed from different checkpoints) or with
+    differently shaped states (a value model from reward models of other sizes) iterate in separate
+    groups."""
+    opened = []
+    for cfg, wd in zip(cfgs, workdirs, strict=True):
+        opened.append(
+            runner.open_run(cfg, wd, lambda wd=wd, cfg=cfg: workdir_lib.commit_config(wd, cfg), log)
+        )
+    parts: dict[tuple, list[int]] = {}
+    for i, (run, _) in enumerate(opened):
+        parts.setdefault(signature(run), []).append(i)
+    results: list = [None] * len(cfgs)
+    for indices in parts.values():
+        runs, states = [opened[i][0] for i in indices], [opened[i][1] for i in indices]
+        for i in indices:
+            opened[i] = (opened[i][0], None)  # the group's stack holds the states now
+        if len(runs) == 1:
+            summaries = [runner.train_alone(runs[0], states[0], stop_after)]
+        else:
+            summaries = train_together(runs, states, stop_after)
+        del states
+        for i, summary in zip(indices, summaries, strict=True):
+            failed = summary.get("status") == "failed"
+            results[i] = workdir_lib.RunFailed(workdirs[i], summary) if failed else summary
+    return results

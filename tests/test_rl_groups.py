@@ -1,0 +1,93 @@
+"""Online runs as one program (jaxrl.rl.group): PPO runs that differ in seed, learning rate and KL coefficient
+iterate as one vmapped group, and each member writes what it would have written alone and resumes exactly
+after a kill in the middle of the group."""
+
+import pytest
+from conftest import shared_by_workers, tiny_run_config
+from test_groups import assert_same_run
+
+from jaxrl import config as config_lib
+from jaxrl import group, train
+from jaxrl.rl import group as rl_group
+
+QUIET = lambda *a, **k: None  # noqa: E731
+
+
+def roles_in(path) -> dict:
+    return {"train.init_from": str(path / "sft"), "rl.reward_model": str(path / "rm")}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """An SFT base, a reward model trained from it (the value model starts from the reward model) and each
+    PPO config run alone (built once for both test workers)."""
+
+    def build(path):
+        train.run(tiny_run_config("sft", **{"train.steps": 8}), path / "sft", log=QUIET)
+        rm = tiny_run_config("rm", **{"train.steps": 8, "train.init_from": str(path / "sft")})
+        train.run(rm, path / "rm", log=QUIET)
+        for i, cfg in enumerate(ppo_configs(roles_in(path))):
+            train.run(cfg, path / f"solo{i}", log=QUIET)
+        return 0
+
+    return shared_by_workers(tmp_path_factory, "rl_group_roles", build)[0]
+
+
+@pytest.fixture
+def roles(built) -> dict:
+    return roles_in(built)
+
+
+@pytest.fixture
+def solo(built) -> list:
+    return [built / f"solo{i}" for i in range(2)]
+
+
+def ppo_configs(roles: dict) -> list:
+    common = {
+        **roles,
+        "train.steps": 4,
+        "train.checkpoint_every": 2,
+        "train.eval_every": 2,
+        "rl.rollout_batch": 16,
+        "rl.minibatch": 8,
+        "rl.epochs": 2,
+        "rl.num_prompts": 64,
+        "rl.max_new_tokens": 8,
+        "rl.kl_target": 0.5,  # the adaptive KL coefficient is per member
+        "data.eval_prompts_per_domain": 4,
+        "data.val_prompts_per_domain": 4,
+        "data.eval_samples": 2,
+    }
+    return [
+        tiny_run_config("ppo", **common, **{"seed": 0, "rl.kl_coef": 0.05, "optim.lr": 3e-4}),
+        tiny_run_config("ppo", **common, **{"seed": 1, "rl.kl_coef": 0.1, "optim.lr": 1e-4}),
+    ]
+
+
+def test_online_keys_put_seeds_rates_and_roles_in_members_and_shapes_in_the_key(roles):
+    a, b = ppo_configs(roles)
+    assert group.group_key(a) == group.group_key(b) is not None
+
+    for other in ({"rl.rollout_batch": 32}, {"rl.epochs": 1}, {"rl.clip": 0.1}, {"stage": "grpo"}):
+        assert group.group_key(config_lib.override(a, other)) != group.group_key(a), other
+    assert rl_group.group_key(config_lib.override(a, {"model.lora_rank": 4})) is None
+    assert rl_group.group_key(config_lib.override(a, {"rl.offload_frozen": True})) is None
+
+
+def test_ppo_members_of_a_vmapped_group_match_their_runs_alone(roles, solo, tmp_path):
+    dirs = [tmp_path / f"member{i}" for i in range(2)]
+    results = group.run_group(ppo_configs(roles), dirs, log=QUIET)
+    assert all(r["status"] == "finished" for r in results)
+    for alone, member in zip(solo, dirs, strict=True):
+        assert_same_run(alone, member)
+
+
+def test_a_group_killed_midway_resumes_every_member_exactly(roles, solo, tmp_path):
+    dirs = [tmp_path / f"member{i}" for i in range(2)]
+    cfgs = ppo_configs(roles)
+    assert group.run_group(cfgs, dirs, log=QUIET, stop_after=2) == [{"stopped_at": 2}] * 2
+    results = group.run_group(cfgs, dirs, log=QUIET)
+    assert all(r["status"] == "finished" for r in results)
+    for alone, member in zip(solo, dirs, strict=True):
+        assert_same_run(alone, member)
