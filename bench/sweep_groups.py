@@ -1,8 +1,10 @@
-"""Sweeps as one program: wall time of K offline runs one at a time against the same K runs as one vmapped
-group (jaxrl.group), at the synthetic study's shapes (experiments/unpacking_synthetic.py: DPO, 120 steps of
-32 pairs of 48 tokens, a 0.1M-parameter model, the study's sampled evaluation).
+"""Sweeps as one program: wall time of K runs one at a time against the same K runs as one vmapped group
+(jaxrl.group), at the synthetic study's shapes (experiments/unpacking_synthetic.py: DPO, 120 steps of 32
+pairs of 48 tokens, a 0.1M-parameter model, the study's sampled evaluation; or with --stage ppo its PPO
+runs, rollout batches of 32 with 16 new tokens, two epochs of minibatches of 16, rewarded by a reward model
+trained from the same SFT base, members differing in seed and the online recipe grid's settings).
 
-    python bench/sweep_groups.py [--members 4] [--eval] [--steps 120]
+    python bench/sweep_groups.py [--members 4] [--eval] [--steps 120] [--stage dpo|ppo]
 
 Each arm runs in a fresh directory with the persistent compilation cache off, so both pay their compiles;
 prints seconds per arm and the ratio. Without --eval the world evaluation is off (training and the held-out
@@ -32,7 +34,8 @@ def study():
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--members", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=None, help="default: 120 (dpo), 32 iterations (ppo)")
+    parser.add_argument("--stage", choices=("dpo", "ppo"), default="dpo")
     parser.add_argument("--eval", action="store_true", help="with the study's sampled world evaluation")
     args = parser.parse_args()
 
@@ -40,6 +43,7 @@ def main() -> None:
     from jaxrl.config import override
 
     module = study()
+    args.steps = args.steps or (120 if args.stage == "dpo" else 32)
     cfg = override(module.get_config(), {"train.steps": args.steps, "train.progress": False})
     if not args.eval:
         cfg = override(cfg, {"data.eval_prompts_per_domain": 0})
@@ -55,7 +59,24 @@ def main() -> None:
         log=quiet,
     )
     kinds, names = ("clean", "noisy", "length_biased", "math_only"), ("dpo", "ipo")
-    cfgs = [
+    cfgs = None
+    if args.stage == "ppo":
+        rm = root / "rm"
+        rm_cfg = {
+            "stage": "rm",
+            "train.init_from": str(base),
+            "train.steps": 40,
+            **module.stage_defaults("rm"),
+        }
+        train.run(override(cfg, rm_cfg), rm, log=quiet)
+        online = {**module.stage_defaults("ppo"), "train.steps": args.steps, "train.progress": False}
+        roles = {"train.init_from": str(base), "rl.reward_model": str(rm), "rl.prompt_set": "in_domain"}
+        grid = module.ONLINE_GRID
+        cfgs = [
+            override(cfg, {"stage": "ppo", **online, **roles, **grid[i % len(grid)], "seed": i})
+            for i in range(args.members)
+        ]
+    cfgs = cfgs or [
         override(
             cfg,
             {
@@ -76,7 +97,8 @@ def main() -> None:
     group.run_group(cfgs, [root / f"member{i}" for i in range(args.members)], log=quiet)
     grouped = time.perf_counter() - start
     print(
-        f"members {args.members}, steps {args.steps}, world eval {'on' if args.eval else 'off'}: "
+        f"{args.stage}: members {args.members}, steps {args.steps}, "
+        f"world eval {'on' if args.eval else 'off'}: "
         f"one at a time {solo:.1f} s, one group {grouped:.1f} s, ratio {solo / grouped:.2f}x"
     )
     shutil.rmtree(root, ignore_errors=True)

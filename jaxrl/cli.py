@@ -47,7 +47,7 @@ def add_sweep(sub) -> None:
         "--group",
         choices=("auto", "on", "off"),
         default="auto",
-        help="on: offline runs that share shapes train together as one vmapped program; off: one "
+        help="on: runs that share shapes train together as one vmapped program; off: one "
         "run at a time; auto: on for GPU/TPU, off on CPU (the results are the same)",
     )
     p.add_argument(

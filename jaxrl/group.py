@@ -1,5 +1,6 @@
 """Sweeps as one program: offline runs whose programs have the same shapes train together, their states
-stacked on a leading member axis and stepped by one vmapped, jitted update.
+stacked on a leading member axis and stepped by one vmapped, jitted update (online runs: jaxrl.rl.group,
+which `group_key` and `run_group` hand them to).
 
 What may differ between the members of a group is what can be an array: the seed (parameter init, data
 order, the state's key), the loss hyperparameters, the learning rate, the DPO-family loss itself (an index
@@ -267,7 +268,10 @@ def run_group(
         if cfgs[todo[0]].stage in config_lib.RL_STAGES:  # online runs iterate together (jaxrl.rl.group)
             from jaxrl.rl import group as rl_group
 
-            ran = rl_group.train_runs([cfgs[i] for i in todo], [workdirs[i] for i in todo], log, stop_after)
+            budget = memory_budget() if budget is None else budget
+            ran = rl_group.train_runs(
+                [cfgs[i] for i in todo], [workdirs[i] for i in todo], log, stop_after, budget
+            )
             for i, result in zip(todo, ran, strict=True):
                 results[i] = result
             return results

@@ -83,11 +83,16 @@ def test_ppo_members_of_a_vmapped_group_match_their_runs_alone(roles, solo, tmp_
         assert_same_run(alone, member)
 
 
-def test_a_group_killed_midway_resumes_every_member_exactly(roles, solo, tmp_path):
+def test_a_group_killed_midway_resumes_every_member_exactly_and_the_memory_guard_splits(
+    roles, solo, tmp_path
+):
     dirs = [tmp_path / f"member{i}" for i in range(2)]
     cfgs = ppo_configs(roles)
     assert group.run_group(cfgs, dirs, log=QUIET, stop_after=2) == [{"stopped_at": 2}] * 2
-    results = group.run_group(cfgs, dirs, log=QUIET)
+    # The rest under a memory budget no group fits: the guard splits it, each member resumes on its own.
+    lines = []
+    results = group.run_group(cfgs, dirs, log=lambda m, *a, **k: lines.append(str(m)), budget=1)
+    assert any("a group of 2 online runs needs" in line and "split" in line for line in lines), lines
     assert all(r["status"] == "finished" for r in results)
     for alone, member in zip(solo, dirs, strict=True):
         assert_same_run(alone, member)

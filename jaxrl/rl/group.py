@@ -65,18 +65,97 @@ def _is_arrays(arg) -> bool:
     return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
 
 
-def vmapped(program: programs.Program):
+def stacked_abstract(tree, members: int):
+    """Abstract arguments of a program stacked on a leading member axis (placed as the group places them)."""
+
+    def one(a):
+        placed = isinstance(getattr(a, "sharding", None), NamedSharding)
+        return jax.ShapeDtypeStruct(
+            (members, *a.shape), a.dtype, sharding=_stacked(a.sharding) if placed else None
+        )
+
+    return jax.tree.map(one, tree)
+
+
+class Vmapped:
     """A run's program over a leading member axis of its array arguments: one jitted, vmapped call. Called
     with the solo program's arguments; its non-array ones (graphdefs) and static settings are the run's."""
-    fixed = {i: a for i, a in enumerate(program.args) if not _is_arrays(a)}
 
-    def member(*arrays):
-        it = iter(arrays)
-        args = [fixed[i] if i in fixed else next(it) for i in range(len(program.args))]
-        return program.fn(*args, **program.static)
+    def __init__(self, program: programs.Program):
+        self.program = program
+        self.fixed = {i: a for i, a in enumerate(program.args) if not _is_arrays(a)}
 
-    batched = jax.jit(jax.vmap(member))
-    return lambda *args: batched(*(a for i, a in enumerate(args) if i not in fixed))
+        def member(*arrays):
+            it = iter(arrays)
+            args = [self.fixed[i] if i in self.fixed else next(it) for i in range(len(program.args))]
+            return program.fn(*args, **program.static)
+
+        self.batched = jax.jit(jax.vmap(member))
+
+    def __call__(self, *args):
+        return self.batched(*(a for i, a in enumerate(args) if i not in self.fixed))
+
+    def lower(self, members: int):
+        args = [a for i, a in enumerate(self.program.args) if i not in self.fixed]
+        return self.batched.lower(*stacked_abstract(args, members))
+
+
+def train_step(run0: runner.OnlineRun):
+    """The minibatch update of every member of a group of `run0`'s key, each with its own learning rates
+    (the stacked state donated)."""
+    ctx, cfg = run0.ctx, run0.cfg
+    units, mb_units = algorithms.units(cfg)
+    updates = cfg.train.steps * cfg.rl.epochs * (units // mb_units)
+    with_value = ctx.value_graphdef is not None
+    state_shardings = jax.tree.map(_stacked, run0.state_shardings)
+
+    def member_step(state, minibatch, hp, lr, value_lr):
+        optimizers = {"policy": steps.make_optimizer(cfg.optim, updates, lr=lr)}
+        if with_value:
+            optimizers["value"] = steps.make_optimizer(cfg.optim, updates, lr=value_lr)
+        update = programs.update_fn(cfg, ctx.graphdef, ctx.value_graphdef, optimizers)
+        return update(state, minibatch, hp)
+
+    def traced(state, minibatch, hp, lr, value_lr):
+        with sharding.use_mesh(ctx.mesh, ctx.preset):
+            return jax.vmap(member_step)(state, minibatch, hp, lr, value_lr)
+
+    return jax.jit(
+        traced,
+        in_shardings=(state_shardings, _stacked(ctx.batch_sharding), None, None, None),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
+    )
+
+
+def program_bytes(runs: list[runner.OnlineRun]) -> int:
+    """Bytes the largest of a group's programs needs (arguments, outputs and temporaries, less what is
+    donated), from compiles of the vmapped sampler, rollout statistics and update on abstract arguments."""
+    k, p = len(runs), runs[0].ctx.programs
+    lowered = [Vmapped(p[name]).lower(k) for name in ("generate", "rollout_stats")]
+    rates = jax.ShapeDtypeStruct((k,), jnp.float32)
+    update_args = stacked_abstract(p["train_step"].args, k)
+    lowered.append(train_step(runs[0]).lower(*update_args, rates, rates))
+    needs = []
+    for program in lowered:
+        m = program.compile().memory_analysis()
+        if m is not None:
+            sizes = (m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes)
+            needs.append(int(sum(sizes) - m.alias_size_in_bytes))
+    return max(needs, default=0)
+
+
+def fitting(runs: list, states: list, budget: int, log) -> list[tuple[list, list]]:
+    """(runs, states) of the groups to iterate: all of them when the group's programs fit `budget`, else
+    halves, down to runs alone (the memory guard)."""
+    if len(runs) == 1:
+        return [(runs, states)]
+    need = program_bytes(runs)
+    if need <= budget:
+        return [(runs, states)]
+    log(f"a group of {len(runs)} online runs needs {need / 2**30:.2f} GiB > {budget / 2**30:.2f} GiB: split")
+    half = len(runs) // 2
+    return fitting(runs[:half], states[:half], budget, log) + fitting(runs[half:], states[half:], budget, log)
 
 
 class GroupPrograms:
@@ -84,7 +163,7 @@ class GroupPrograms:
 
     def __init__(self, runs: list[runner.OnlineRun], states: list):
         run0 = runs[0]
-        ctx, cfg = run0.ctx, run0.cfg
+        ctx = run0.ctx
         self.runs = runs
         self.mesh, self.preset = ctx.mesh, ctx.preset
         self.batch = _stacked(ctx.batch_sharding)
@@ -99,37 +178,13 @@ class GroupPrograms:
         self.lr = jnp.asarray([r.cfg.optim.lr for r in runs], jnp.float32)
         self.value_lr = jnp.asarray([r.cfg.rl.value_lr or r.cfg.optim.lr for r in runs], jnp.float32)
         p = ctx.programs
-        self.generate = vmapped(p["generate"])
-        self.rollout_stats = vmapped(p["rollout_stats"])
-        self.advantages = vmapped(p["advantages"])
-        self.prepare = vmapped(p["prepare"])
-        self.gather = vmapped(p["gather"])
+        self.generate = Vmapped(p["generate"])
+        self.rollout_stats = Vmapped(p["rollout_stats"])
+        self.advantages = Vmapped(p["advantages"])
+        self.prepare = Vmapped(p["prepare"])
+        self.gather = Vmapped(p["gather"])
         self.keys = jax.jit(jax.vmap(context.stream_key))
-        self.train_step = self._train_step(cfg, ctx)
-
-    def _train_step(self, cfg: Config, ctx):
-        """The minibatch update of every member, each with its own learning rates (state donated)."""
-        units, mb_units = algorithms.units(cfg)
-        updates = cfg.train.steps * cfg.rl.epochs * (units // mb_units)
-        with_value = ctx.value_graphdef is not None
-
-        def member_step(state, minibatch, hp, lr, value_lr):
-            optimizers = {"policy": steps.make_optimizer(cfg.optim, updates, lr=lr)}
-            if with_value:
-                optimizers["value"] = steps.make_optimizer(cfg.optim, updates, lr=value_lr)
-            update = programs.update_fn(cfg, ctx.graphdef, ctx.value_graphdef, optimizers)
-            return update(state, minibatch, hp)
-
-        def traced(state, minibatch, hp, lr, value_lr):
-            with sharding.use_mesh(self.mesh, self.preset):
-                return jax.vmap(member_step)(state, minibatch, hp, lr, value_lr)
-
-        return jax.jit(
-            traced,
-            in_shardings=(self.state_shardings, self.batch, None, None, None),
-            out_shardings=(self.state_shardings, None),
-            donate_argnums=(0,),
-        )
+        self.train_step = train_step(run0)
 
     def member_state(self, i: int):
         """Member i's state, placed as its run alone places it."""
@@ -232,11 +287,11 @@ def signature(run: runner.OnlineRun) -> tuple:
     return run.start, str(jax.tree.structure(run.abstract_state)), tuple(jax.tree.leaves(shapes))
 
 
-def train_runs(cfgs: list[Config], workdirs: list, log, stop_after: int | None) -> list:
+def train_runs(cfgs: list[Config], workdirs: list, log, stop_after: int | None, budget: int) -> list:
     """Trains online runs of one group key whose workdirs the caller holds: per run, its summary or the
     RunFailed it ended with. Runs at different iterations (resumed from different checkpoints) or with
     differently shaped states (a value model from reward models of other sizes) iterate in separate
-    groups."""
+    groups, and a group whose programs would need more than `budget` bytes is split."""
     opened = []
     for cfg, wd in zip(cfgs, workdirs, strict=True):
         opened.append(
@@ -250,12 +305,15 @@ def train_runs(cfgs: list[Config], workdirs: list, log, stop_after: int | None) 
         runs, states = [opened[i][0] for i in indices], [opened[i][1] for i in indices]
         for i in indices:
             opened[i] = (opened[i][0], None)  # the group's stack holds the states now
-        if len(runs) == 1:
-            summaries = [runner.train_alone(runs[0], states[0], stop_after)]
-        else:
-            summaries = train_together(runs, states, stop_after)
+        for part_runs, part_states in fitting(runs, states, budget, log):
+            if len(part_runs) == 1:
+                summaries = [runner.train_alone(part_runs[0], part_states[0], stop_after)]
+            else:
+                summaries = train_together(part_runs, part_states, stop_after)
+            for run, summary in zip(part_runs, summaries, strict=True):
+                failed = summary.get("status") == "failed"
+                results[indices[runs.index(run)]] = (
+                    workdir_lib.RunFailed(run.workdir, summary) if failed else summary
+                )
         del states
-        for i, summary in zip(indices, summaries, strict=True):
-            failed = summary.get("status") == "failed"
-            results[i] = workdir_lib.RunFailed(workdirs[i], summary) if failed else summary
     return results
