@@ -169,6 +169,7 @@ class GroupPrograms:
         self.batch = _stacked(ctx.batch_sharding)
         self.state_shardings = jax.tree.map(_stacked, run0.state_shardings)
         self.state = jax.device_put(_stack(states), self.state_shardings)
+        states.clear()  # the stack holds them now: the members' own copies are freed
         self.ref = _stack([r.ctx.ref.get() for r in runs])
         self.temperature = jnp.stack([r.ctx.temperature for r in runs])
         self.mixture_coef = (
@@ -199,7 +200,7 @@ class GroupPrograms:
 
 def iterate(g: GroupPrograms, iteration: int) -> list[dict]:
     """One iteration of every member (generate, score, train as vmapped programs; rewards per member);
-    each member's row of metrics, as `runner.iterate` gives it."""
+    each member's row of metrics, as `runner.iterate` gives it (its time/ entries are the group's)."""
     runs = g.runs
     t0 = time.perf_counter()
     prompts = [runner.prompt_batch(r.ctx, iteration) for r in runs]
@@ -266,7 +267,6 @@ def train_together(runs: list[runner.OnlineRun], states: list, stop_after: int |
     """The loop of runs that start at the same iteration and share shapes, iterated as one program; each
     run's summary (status "failed" for a run that failed: the others go on)."""
     g = GroupPrograms(runs, states)
-    del states
     end = runs[0].end(stop_after)
     active = list(range(len(runs)))
     for it in range(runs[0].start, end):
@@ -305,7 +305,9 @@ def train_runs(cfgs: list[Config], workdirs: list, log, stop_after: int | None, 
         runs, states = [opened[i][0] for i in indices], [opened[i][1] for i in indices]
         for i in indices:
             opened[i] = (opened[i][0], None)  # the group's stack holds the states now
-        for part_runs, part_states in fitting(runs, states, budget, log):
+        parts_to_run = fitting(runs, states, budget, log)
+        del states  # each part's list holds its states until its group stacks them
+        for part_runs, part_states in parts_to_run:
             if len(part_runs) == 1:
                 summaries = [runner.train_alone(part_runs[0], part_states[0], stop_after)]
             else:
@@ -315,5 +317,4 @@ def train_runs(cfgs: list[Config], workdirs: list, log, stop_after: int | None, 
                 results[indices[runs.index(run)]] = (
                     workdir_lib.RunFailed(run.workdir, summary) if failed else summary
                 )
-        del states
     return results
