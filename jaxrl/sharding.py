@@ -48,6 +48,14 @@ PRESETS: dict[str, dict[str, tuple[str, ...] | str]] = {
         "vocab": "tensor",
     },
 }
+# fsdp_tp with sequence parallelism: the residual stream's sequence between blocks (what full remat saves per
+# layer) split over the tensor axis too, a quarter of the saved activations on a tensor axis of 4, for the
+# all-gathers and reduce-scatters around each block (bench/results/preflight.md: Llama-3-8B DPO at 4096
+# tokens on v5e-64, train-step temporaries 4.90 -> 3.48 GiB, estimated bytes per step +15%).
+PRESETS["fsdp_tp_sp"] = {**PRESETS["fsdp_tp"], "seq": "tensor"}
+# Activation axes whose sharding is an optimisation: replicated without a warning when the mesh axis does
+# not divide them (one decode position, an odd prompt width).
+OPTIONAL_AXES = frozenset({"seq"})
 
 # Leaves this small may match no rule and are replicated (step counters, scalars, tiny biases).
 MAX_UNMATCHED_SIZE = 1 << 16
@@ -153,7 +161,9 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], preset: str, mesh
         mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
         mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
         size = math.prod(mesh.shape[a] for a in mesh_axes)
-        if mesh_axes and dim % size:
+        if mesh_axes and dim % size and name in OPTIONAL_AXES:
+            mesh_axes = ()
+        elif mesh_axes and dim % size:
             warnings.warn(
                 f"dimension {name}={dim} does not divide mesh axes {mesh_axes} (size {size}); replicated",
                 stacklevel=2,

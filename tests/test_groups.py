@@ -212,7 +212,9 @@ def test_keys_split_what_cannot_share_a_program():
     assert group.group_key(dpo) != group.group_key(config_lib.override(dpo, {"train.batch_size": 8}))
     assert group.group_key(dpo) != group.group_key(config_lib.override(dpo, {"model.layers": 1}))
     assert group.group_key(config_lib.override(dpo, {"data.padding": "bucket"})) is None
-    assert group.group_key(short("ppo")) is None
+    # Online runs group too (tests/test_rl_groups.py), but not a LoRA policy (its base is its reference).
+    assert group.group_key(short("ppo")) is not None
+    assert group.group_key(short("ppo", **{"model.lora_rank": 4})) is None
 
 
 STUDY = textwrap.dedent("""

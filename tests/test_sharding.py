@@ -18,7 +18,7 @@ from jaxrl.config import Config, ConfigError, MeshConfig, ModelConfig, OptimConf
 from jaxrl.models import init as model_init
 
 GOLDEN = Path(__file__).parent / "golden" / "sharding_specs.json"
-PRESETS = ("dp", "fsdp", "fsdp_tp")
+PRESETS = ("dp", "fsdp", "fsdp_tp")  # the golden tables' (fsdp_tp_sp shards parameters as fsdp_tp)
 # A fixed small model with every optional parameter kind the rule table knows (biases, QK-norm scales).
 GOLDEN_MODELS = {
     "lm": ModelConfig(
@@ -144,6 +144,19 @@ def test_non_dividing_dimensions_are_replicated_with_a_warning():
         )
 
 
+def test_the_residual_stream_is_sequence_parallel_over_the_tensor_axis():
+    # fsdp_tp_sp: between blocks (what full remat saves per layer) the activations' sequence is split over
+    # "tensor"; one decode position or an odd width stays whole, without a warning; fsdp_tp keeps it whole.
+    mesh = mesh_222("fsdp_tp_sp")
+    axes = ("batch", "seq", "embed")
+    assert sharding.spec_for(axes, (4, 8, 16), "fsdp_tp_sp", mesh) == P(("data", "fsdp"), "tensor", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sharding.spec_for(axes, (4, 1, 16), "fsdp_tp_sp", mesh) == P(("data", "fsdp"), None, None)
+        assert sharding.spec_for(axes, (4, 7, 16), "fsdp_tp_sp", mesh) == P(("data", "fsdp"), None, None)
+    assert sharding.spec_for(axes, (4, 8, 16), "fsdp_tp", mesh) == P(("data", "fsdp"), None, None)
+
+
 def test_a_mesh_axis_is_used_once_per_array():
     # vocab and embed would both like "tensor"/"fsdp"; a second use of the same mesh axis is skipped.
     mesh = mesh_222("fsdp_tp")
@@ -243,7 +256,7 @@ def unsharded_results(tiny_params):
     }
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", (*PRESETS, "fsdp_tp_sp"))
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_sharded_step_equals_unsharded(stage, preset, tiny_params, unsharded_results):
     mesh = mesh_222(preset)

@@ -207,7 +207,7 @@ def residual_block(x_BTD, p, cfg: ModelConfig, attend):
         h_BTD, extra = attend(x_BTD)
         x_BTD = x_BTD + rms_norm(h_BTD, p["attn_norm"]["scale"], eps)
         x_BTD = x_BTD + rms_norm(mlp_block(x_BTD, p["mlp"], cfg), p["mlp_norm"]["scale"], eps)
-    return constrain(x_BTD, ("batch", None, "embed")), extra
+    return constrain(x_BTD, ("batch", "seq", "embed")), extra
 
 
 def decoder_layer(x_BTD, p, positions_BT, segment_ids_BT, cfg: ModelConfig, inv_freq, windowed=None):
@@ -240,7 +240,7 @@ class Transformer(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
         x_BTD = jnp.take(self.embed.embedding[...], tokens_BT, axis=0).astype(dtype)
-        x_BTD = constrain(x_BTD, ("batch", None, "embed"))
+        x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
         inv_freq = jnp.asarray(rope_frequencies(cfg))
         stacked = nnx.to_pure_dict(nnx.state(self.layers))
 
