@@ -209,19 +209,10 @@ def iterate(g: GroupPrograms, iteration: int) -> list[dict]:
     )
     keys = g.keys(np.stack([runner.rollout_seed(r.ctx, iteration) for r in runs]))
     graphdef, params = runs[0].ctx.graphdef, g.state.policy.params
-    if g.mixture_coef is None:
-        args = (graphdef, params, ids, mask, keys, g.temperature)
-    else:
-        args = (graphdef, params, g.ref, ids, mask, keys, g.temperature, g.mixture_coef)
-    response, sampler_logps, response_mask = g.generate(*args)
-    tokens, host_mask = context.fetch((response, response_mask))
-    rollout = {
-        "prompt": ids,
-        "prompt_mask": mask,
-        "response": response,
-        "response_mask": response_mask,
-        "sampler_logps": sampler_logps,
-    }
+    mixture = None if g.mixture_coef is None else (g.ref, g.mixture_coef)
+    rollout, tokens, host_mask = runner.sample_rollout(
+        g.generate, graphdef, params, ids, mask, keys, g.temperature, mixture
+    )
     gens = [runner.generation(r.ctx, prompts[i], None, tokens[i], host_mask[i]) for i, r in enumerate(runs)]
     t1 = time.perf_counter()
 

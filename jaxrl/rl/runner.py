@@ -125,11 +125,24 @@ def _generate(ctx: Context, params, iteration: int) -> _Generation:
     prompts = prompt_batch(ctx, iteration)
     ids, mask = jax.device_put((prompts.ids_BP, prompts.mask_BP), ctx.batch_sharding)
     key = _rollout_key(jax.device_put(rollout_seed(ctx, iteration), ctx.replicated))
-    if ctx.mixture_coef is None:
-        args = (ctx.graphdef, params, ids, mask, key, ctx.temperature)
-    else:  # odd rows from the policy/reference mixture (rl.mixture)
-        args = (ctx.graphdef, params, ctx.ref.get(), ids, mask, key, ctx.temperature, ctx.mixture_coef)
-    response, sampler_logps, response_mask = ctx.programs["generate"](*args)
+    mixture = None if ctx.mixture_coef is None else (ctx.ref.get(), ctx.mixture_coef)
+    program = ctx.programs["generate"]
+    rollout, tokens, host_mask = sample_rollout(
+        program, ctx.graphdef, params, ids, mask, key, ctx.temperature, mixture
+    )
+    return generation(ctx, prompts, jax.device_put(rollout, ctx.batch_sharding), tokens, host_mask)
+
+
+def sample_rollout(generate, graphdef, params, ids, mask, key, temperature, mixture=None):
+    """(the rollout batch on device, host tokens, host mask) of the `generate` program on prompts `ids` /
+    `mask`; `mixture`: (reference params, per-row coefficients) for a sampler that mixes the policy with the
+    reference (rl.mixture: the odd rows)."""
+    if mixture is None:
+        args = (graphdef, params, ids, mask, key, temperature)
+    else:
+        ref, coef = mixture
+        args = (graphdef, params, ref, ids, mask, key, temperature, coef)
+    response, sampler_logps, response_mask = generate(*args)
     tokens, host_mask = context.fetch((response, response_mask))
     rollout = {
         "prompt": ids,
@@ -138,7 +151,7 @@ def _generate(ctx: Context, params, iteration: int) -> _Generation:
         "response_mask": response_mask,
         "sampler_logps": sampler_logps,
     }
-    return generation(ctx, prompts, jax.device_put(rollout, ctx.batch_sharding), tokens, host_mask)
+    return rollout, tokens, host_mask
 
 
 def reward_components(ctx: Context, gen: _Generation, multipliers: dict[str, float]) -> dict:
