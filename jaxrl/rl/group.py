@@ -21,12 +21,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from jaxrl import config as config_lib
 from jaxrl import sharding, steps
 from jaxrl import workdir as workdir_lib
 from jaxrl.config import Config
+from jaxrl.group import _stacked_sharding as _stacked
+from jaxrl.group import stack as _stack
 from jaxrl.rl import algorithms, context, programs, runner
 from jaxrl.rl.objectives import ROLLOUT_KEYS
 
@@ -50,14 +52,6 @@ def group_key(cfg: Config) -> str | None:
         return None
     kept = {k: v for k, v in config_lib.flat_dict(cfg).items() if k not in MEMBER_KEYS}
     return json.dumps(kept, sort_keys=True, default=str)
-
-
-def _stacked(s: NamedSharding) -> NamedSharding:
-    return NamedSharding(s.mesh, PartitionSpec(None, *s.spec))
-
-
-def _stack(trees: list):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def _is_arrays(arg) -> bool:
