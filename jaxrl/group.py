@@ -24,7 +24,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl import config as config_lib
 from jaxrl import distributed, listwise, pairwise, sharding, steps
@@ -79,14 +78,6 @@ def array_signature(member) -> tuple:
     return member.start, arrays, member.state.ref_params is not None
 
 
-def _stacked_sharding(s: NamedSharding) -> NamedSharding:
-    return NamedSharding(s.mesh, PartitionSpec(None, *s.spec))
-
-
-def stack(trees: list):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
 class GroupProgram:
     """The members' states stacked on a leading axis and one vmapped train step (donating the stack).
 
@@ -101,7 +92,7 @@ class GroupProgram:
         objective = m0.objective
         if cfg.stage == "dpo" and len(names) > 1:
             objective = functools.partial(steps.preference_objective, graphdef=m0.graphdef, loss_name=names)
-        self.hp = stack([m.hp for m in members])
+        self.hp = sharding.stack([m.hp for m in members])
         self.lr = jnp.asarray([m.cfg.optim.lr for m in members], jnp.float32)
         self.index = jnp.asarray([names.index(m.cfg.loss.name) for m in members], jnp.int32)
         multi = objective is not m0.objective
@@ -121,8 +112,8 @@ class GroupProgram:
             )
 
         mesh, preset = m0.mesh, cfg.mesh.preset
-        self.state_shardings = jax.tree.map(_stacked_sharding, m0.state_shardings)
-        batch_sharding = _stacked_sharding(sharding.batch_sharding(mesh, preset))
+        self.state_shardings = jax.tree.map(sharding.stacked_sharding, m0.state_shardings)
+        batch_sharding = sharding.stacked_sharding(sharding.batch_sharding(mesh, preset))
 
         def traced(state, batch, hp, lr, index):
             with sharding.use_mesh(mesh, preset):
@@ -135,7 +126,7 @@ class GroupProgram:
             donate_argnums=(0,),
         )
         self.batch_sharding = batch_sharding
-        self.state = jax.device_put(stack([m.state for m in members]), self.state_shardings)
+        self.state = jax.device_put(sharding.stack([m.state for m in members]), self.state_shardings)
         for m in members:
             m.state = None  # the stack holds them now
         example = {
@@ -174,7 +165,7 @@ class GroupProgram:
         )
 
     def step(self, batches: list) -> dict:
-        batch = jax.device_put(stack(batches), self.batch_sharding)
+        batch = jax.device_put(sharding.stack(batches), self.batch_sharding)
         self.state, metrics = self._compiled()(self.state, batch, self.hp, self.lr, self.index)
         self._version += 1
         return metrics

@@ -190,6 +190,16 @@ def tree_shardings(abstract_tree, preset: str, mesh: Mesh):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), tree_specs(abstract_tree, preset, mesh))
 
 
+def stacked_sharding(s: NamedSharding) -> NamedSharding:
+    """A leaf stacked on a leading member axis (a sweep group): its sharding with that axis unsharded."""
+    return NamedSharding(s.mesh, PartitionSpec(None, *s.spec))
+
+
+def stack(trees: list):
+    """Pytrees of one structure stacked leaf by leaf on a new leading axis."""
+    return jax.tree.map(lambda *xs: jax.numpy.stack(xs), *trees)
+
+
 def batch_axes(preset: str) -> tuple[str, ...]:
     """The mesh axes the batch dimension is split over."""
     axes = PRESETS[preset]["batch"]

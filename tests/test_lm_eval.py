@@ -426,10 +426,31 @@ def test_tulu25_suite_settings():
     by_name = {t.task: t for t in suites.TULU25}
     assert by_name["gsm8k_cot"].num_fewshot == 8 and by_name["bbh_cot_fewshot"].num_fewshot == 3
     assert by_name["mmlu"].num_fewshot == 0 and by_name["truthfulqa_mc2"].metric == "acc,none"
-    from lm_eval.tasks import TaskManager
+    from jaxrl.eval import harness
 
-    known = set(TaskManager().all_tasks) | {"alpaca_eval_rm"}
+    known = set(harness.task_manager(None).all_tasks) | {"alpaca_eval_rm"}
     assert all(t.task in known for t in suites.TULU25)
+
+
+def test_task_index_is_built_once_and_sees_edited_local_tasks(tmp_path):
+    """The task index is built once per process for the same local tasks, and anew when a local task file is
+    added (the new task is known) or edited."""
+    from jaxrl.eval import harness
+
+    data = _jsonl(tmp_path / "rows.jsonl", MC_ROWS)
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    _write_task(tasks_dir, "cached_a", data, "output_type: multiple_choice\n")
+    first = harness.task_manager([str(tasks_dir)])
+    assert harness.task_manager([str(tasks_dir)]) is first
+    assert "cached_a" in first.all_tasks and "cached_b" not in first.all_tasks
+    _write_task(tasks_dir, "cached_b", data, "output_type: multiple_choice\n")
+    second = harness.task_manager([str(tasks_dir)])
+    assert second is not first and {"cached_a", "cached_b"} <= set(second.all_tasks)
+    _write_task(tasks_dir, "cached_a", data, "output_type: multiple_choice\nnum_fewshot: 1\n")
+    assert harness.task_manager([str(tasks_dir)]) is not second
+    assert harness.task_manager(None) is harness.task_manager(None)
+    assert "cached_a" not in harness.task_manager(None).all_tasks
 
 
 # Parity with lm-eval's own `hf` backend (HFLM over the same checkpoint directory, needs accelerate): the same
@@ -464,12 +485,12 @@ def _mc_requests():
 
 
 def _task_results(lm_obj, tasks_dir):
-    from lm_eval.tasks import TaskManager
+    from jaxrl.eval import harness
 
     out = lm_eval.simple_evaluate(
         model=lm_obj,
         tasks=["tiny_mc", "tiny_gen", "tiny_ppl"],
-        task_manager=TaskManager(include_path=str(tasks_dir)),
+        task_manager=harness.task_manager([str(tasks_dir)]),
         log_samples=True,
         bootstrap_iters=0,
     )

@@ -18,14 +18,36 @@ from jaxrl.eval import suites
 RESULTS_FILE = "results.json"
 
 
+# Built TaskManagers by their include paths and the state of the YAML files under them. Indexing lm-eval's
+# built-in tasks reads thousands of YAML files (seconds of CPU); a process that evaluates many times (a sweep,
+# a notebook, the tests) builds that index once. A manager is not changed by use (lm-eval sets its state in
+# __init__ only), and an edited or added local task file changes the key, so a rebuilt index sees it.
+_MANAGERS: dict[tuple, object] = {}
+
+
+def _yaml_state(paths: list[str]) -> tuple:
+    state = []
+    for path in paths:
+        root = Path(path)
+        files = [root] if root.is_file() else sorted(root.rglob("*.y*ml"))
+        for f in files:
+            st = f.stat()
+            state.append((str(f), st.st_mtime_ns, st.st_size))
+    return tuple(state)
+
+
 def task_manager(include_path: list[str] | None):
-    """lm-eval's TaskManager over its built-in tasks plus local task YAML directories."""
+    """lm-eval's TaskManager over its built-in tasks plus local task YAML directories (cached per process)."""
     from lm_eval.tasks import TaskManager
 
-    for path in include_path or []:
+    paths = [str(p) for p in include_path or []]
+    for path in paths:
         if not Path(path).exists():
             raise FileNotFoundError(f"--include-path {path}: no such file or directory")
-    return TaskManager(include_path=list(include_path) if include_path else None)
+    key = (tuple(paths), _yaml_state(paths))
+    if key not in _MANAGERS:
+        _MANAGERS[key] = TaskManager(include_path=paths or None)
+    return _MANAGERS[key]
 
 
 def check_tasks(entries: list[suites.SuiteTask], manager) -> None:

@@ -27,8 +27,6 @@ from jaxrl import config as config_lib
 from jaxrl import sharding, steps
 from jaxrl import workdir as workdir_lib
 from jaxrl.config import Config
-from jaxrl.group import _stacked_sharding as _stacked
-from jaxrl.group import stack as _stack
 from jaxrl.rl import algorithms, context, programs, runner
 from jaxrl.rl.objectives import ROLLOUT_KEYS
 
@@ -65,7 +63,7 @@ def stacked_abstract(tree, members: int):
     def one(a):
         placed = isinstance(getattr(a, "sharding", None), NamedSharding)
         return jax.ShapeDtypeStruct(
-            (members, *a.shape), a.dtype, sharding=_stacked(a.sharding) if placed else None
+            (members, *a.shape), a.dtype, sharding=sharding.stacked_sharding(a.sharding) if placed else None
         )
 
     return jax.tree.map(one, tree)
@@ -101,7 +99,7 @@ def train_step(run0: runner.OnlineRun):
     units, mb_units = algorithms.units(cfg)
     updates = cfg.train.steps * cfg.rl.epochs * (units // mb_units)
     with_value = ctx.value_graphdef is not None
-    state_shardings = jax.tree.map(_stacked, run0.state_shardings)
+    state_shardings = jax.tree.map(sharding.stacked_sharding, run0.state_shardings)
 
     def member_step(state, minibatch, hp, lr, value_lr):
         optimizers = {"policy": steps.make_optimizer(cfg.optim, updates, lr=lr)}
@@ -116,7 +114,7 @@ def train_step(run0: runner.OnlineRun):
 
     return jax.jit(
         traced,
-        in_shardings=(state_shardings, _stacked(ctx.batch_sharding), None, None, None),
+        in_shardings=(state_shardings, sharding.stacked_sharding(ctx.batch_sharding), None, None, None),
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
@@ -160,16 +158,16 @@ class GroupPrograms:
         ctx = run0.ctx
         self.runs = runs
         self.mesh, self.preset = ctx.mesh, ctx.preset
-        self.batch = _stacked(ctx.batch_sharding)
-        self.state_shardings = jax.tree.map(_stacked, run0.state_shardings)
-        self.state = jax.device_put(_stack(states), self.state_shardings)
+        self.batch = sharding.stacked_sharding(ctx.batch_sharding)
+        self.state_shardings = jax.tree.map(sharding.stacked_sharding, run0.state_shardings)
+        self.state = jax.device_put(sharding.stack(states), self.state_shardings)
         states.clear()  # the stack holds them now: the members' own copies are freed
-        self.ref = _stack([r.ctx.ref.get() for r in runs])
+        self.ref = sharding.stack([r.ctx.ref.get() for r in runs])
         self.temperature = jnp.stack([r.ctx.temperature for r in runs])
         self.mixture_coef = (
             None if ctx.mixture_coef is None else jnp.stack([r.ctx.mixture_coef for r in runs])
         )
-        self.update_hp = None if ctx.update_hp is None else _stack([r.ctx.update_hp for r in runs])
+        self.update_hp = None if ctx.update_hp is None else sharding.stack([r.ctx.update_hp for r in runs])
         self.lr = jnp.asarray([r.cfg.optim.lr for r in runs], jnp.float32)
         self.value_lr = jnp.asarray([r.cfg.rl.value_lr or r.cfg.optim.lr for r in runs], jnp.float32)
         p = ctx.programs
