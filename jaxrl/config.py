@@ -85,6 +85,10 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     preset: str = "fsdp"  # see jaxrl.sharding.PRESETS
+    # What the data axis spans over the data-centre network (DCN) when the devices form several granules:
+    # "slice": TPU slices (multi-slice; devices' slice_index); "process": each process (multi-node GPU over
+    # InfiniBand/Ethernet, or CPU processes standing in for slices). fsdp and tensor stay within a granule.
+    granule: str = "slice"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,6 +442,7 @@ def validate(cfg: Config) -> Config:
         "data.on_error": (cfg.data.on_error, ("raise", "skip")),
         "data.padding": (cfg.data.padding, ("max_len", "bucket", "pack")),
         "train.reference": (t.reference, ("cache", "on_the_fly")),
+        "mesh.granule": (cfg.mesh.granule, ("slice", "process")),
     }
     check_choices(choices)
     check_ranges(cfg, RANGES)  # before anything divides by a count

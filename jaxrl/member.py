@@ -59,6 +59,7 @@ def setup(cfg: Config, workdir: Path, mesh, log) -> Member:
         log(line)
 
     model_cfg = model_init.stage_model_config(cfg)
+    log(sharding.describe(mesh, cfg.mesh))
     log(attention.describe(model_cfg, platform=mesh.devices.flat[0].platform))
     graphdef, abstract_params = model_init.abstract_model(model_cfg)
     # A LoRA run's base is the model without adapters (the same initialisation, or init_from's weights).

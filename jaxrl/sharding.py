@@ -78,30 +78,57 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
         raise ConfigError(f"mesh {named} needs {math.prod(sizes)} devices, have {len(devices)}")
     if cfg.preset not in PRESETS:
         raise ConfigError(f"mesh.preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
-    slices = sorted({getattr(d, "slice_index", 0) or 0 for d in devices})
-    if len(slices) > 1:
-        return _hybrid_mesh(devices, sizes, len(slices))
+    if cfg.granule not in ("slice", "process"):
+        raise ConfigError(f"mesh.granule must be 'slice' or 'process', got {cfg.granule!r}")
+    if cfg.granule == "process":
+        granules = len({d.process_index for d in devices})
+    else:
+        granules = len({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if granules > 1:
+        return _hybrid_mesh(devices, sizes, granules, by_process=cfg.granule == "process")
     # Process-major device order keeps the data axis across hosts and fsdp/tensor within one.
     devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
 
 
-def _hybrid_mesh(devices, sizes: list[int], slices: int) -> Mesh:
-    """Devices of several TPU slices (multi-slice): the data axis spans the slices (its gradients' all-reduce
-    crosses the data-centre network once per step) and every other axis stays within a slice (ICI)."""
+def _hybrid_mesh(devices, sizes: list[int], granules: int, by_process: bool = False) -> Mesh:
+    """Devices in several granules joined by the data-centre network (TPU slices of a multi-slice job, or
+    processes): the data axis spans the granules (its gradients' all-reduce crosses that network once per
+    step) and every other axis stays within a granule (ICI, NVLink)."""
     from jax.experimental import mesh_utils
 
-    if sizes[0] % slices:
+    what, one = ("processes", "process") if by_process else ("slices", "slice")
+    if sizes[0] % granules:
         named = dict(zip(MESH_AXES, sizes, strict=True))
         raise ConfigError(
-            f"mesh {named} over {slices} slices: mesh.data must be a multiple of the slice "
-            "count (data parallelism crosses slices; fsdp and tensor stay within one)"
+            f"mesh {named} over {granules} {what}: mesh.data must be a multiple of the {one} count "
+            f"(data parallelism crosses {what}; fsdp and tensor stay within one)"
         )
-    per_slice = (sizes[0] // slices, sizes[1], sizes[2])
+    per_granule = (sizes[0] // granules, sizes[1], sizes[2])
     grid = mesh_utils.create_hybrid_device_mesh(
-        per_slice, (slices, 1, 1), devices, allow_split_physical_axes=True
+        per_granule,
+        (granules, 1, 1),
+        devices,
+        process_is_granule=by_process,
+        allow_split_physical_axes=True,
     )
     return Mesh(grid, MESH_AXES)
+
+
+def describe(mesh: Mesh, cfg: MeshConfig) -> str:
+    """One log line: the mesh's axes and preset, its devices and processes, and what the data axis spans."""
+    axes = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    devices = list(mesh.devices.flat)
+    processes = len({d.process_index for d in devices})
+    line = f"mesh: {axes} (preset {cfg.preset}) over {len(devices)} devices in {processes} process(es)"
+    if cfg.granule == "process":
+        granules = processes
+    else:
+        granules = len({getattr(d, "slice_index", 0) or 0 for d in devices})
+    if granules > 1:
+        what = {"slice": "slices", "process": "processes"}[cfg.granule]
+        line += f"; the data axis spans {granules} {what} over the data-centre network"
+    return line
 
 
 def path_str(path) -> str:

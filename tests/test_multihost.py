@@ -157,10 +157,19 @@ def _losses(workdir: Path) -> tuple[list[float], list[float], dict]:
 @pytest.mark.parametrize("padding", ["max_len", "bucket"])
 def test_two_processes_match_one(tmp_path, padding):
     # With buckets every process must cut the same global batch to the same width (from the global indices).
+    # That case also runs on the hybrid mesh of two granules (each process one, as two TPU slices or two GPU
+    # nodes are): data across the processes, fsdp within each; the single process has the same axes.
     extra = (
         ()
         if padding == "max_len"
-        else ("data.padding=bucket", "data.bucket_multiple=8", "data.group_by_length=true")
+        else (
+            "data.padding=bucket",
+            "data.bucket_multiple=8",
+            "data.group_by_length=true",
+            "mesh.granule=process",
+            "mesh.data=2",
+            "mesh.fsdp=4",
+        )
     )
     sys.path.insert(0, str(REPO))
     from launch.local import free_port
@@ -204,6 +213,9 @@ def test_two_processes_match_one(tmp_path, padding):
     assert multi_eval["eval/examples"] == single_eval["eval/examples"]
     assert (multi / "final" / "summary.json").exists()
     assert not (multi / "tensorboard").exists()
+    hybrid = "the data axis spans 2 processes over the data-centre network"
+    assert (hybrid in logs[0].read_text()) == (padding == "bucket")
+    assert "in 1 process(es)" in log.read_text() and hybrid not in log.read_text()
 
 
 def _eval_rm_argv(rm_dir: Path, policy_dir: Path, data: Path, prompts: Path, out: Path) -> list[str]:

@@ -174,10 +174,17 @@ def test_make_mesh_shapes_and_errors():
         MeshConfig(data=2, fsdp=2, tensor=1),
         MeshConfig(data=4, fsdp=4),
         MeshConfig(preset="zero3"),
+        MeshConfig(granule="node"),
     ]
     for cfg in bad:
         with pytest.raises(ConfigError):
             sharding.make_mesh(cfg)
+    # One process is one granule: the plain mesh (two processes: tests/test_multihost.py).
+    by_process = sharding.make_mesh(MeshConfig(data=2, fsdp=4, granule="process"))
+    assert by_process.devices.tolist() == sharding.make_mesh(MeshConfig(data=2, fsdp=4)).devices.tolist()
+    assert sharding.describe(by_process, MeshConfig(data=2, fsdp=4, granule="process")) == (
+        "mesh: data=2 x fsdp=4 x tensor=1 (preset fsdp) over 8 devices in 1 process(es)"
+    )
 
 
 def test_check_batch():

@@ -203,6 +203,7 @@ def build(cfg: Config, workdir: Path, log) -> tuple[Context, dict, list[str]]:
     initial trainables (policy and value parameters); a report of the prompt set."""
     r, t = cfg.rl, cfg.train
     mesh, preset = sharding.make_mesh(cfg.mesh), cfg.mesh.preset
+    log(sharding.describe(mesh, cfg.mesh))
     units, mb_units = programs.check_divisible(cfg, mesh, preset)
     batch_sharding, replicated = sharding.batch_sharding(mesh, preset), NamedSharding(mesh, PartitionSpec())
     tok = pipeline.load_tokenizer(cfg)
