@@ -21,6 +21,7 @@ for a different tokenizer is not supported, as in TRL).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -61,12 +62,19 @@ def join_prompt_response(prompt_BP, prompt_mask_BP, response_BN):
     return tokens_BT, positions_BT, valid_BT
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def score_responses(graphdef, params, prompt_BP, prompt_mask_BP, response_BN, response_mask_BN):
-    """Scalar-head score [B] read at the last response token (the EOS when the response has one)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "active_mesh"))
+def score_responses(
+    graphdef, params, prompt_BP, prompt_mask_BP, response_BN, response_mask_BN, active_mesh=None
+):
+    """Scalar-head score [B] read at the last response token (the EOS when the response has one).
+
+    `active_mesh`: the (mesh, preset) the trace belongs to, so that its activations are constrained to the
+    run's layout and `model.attention=auto` resolves for the mesh's platform (a static argument: a cache hit
+    never reuses another mesh's trace). Without it the compiler places activations by propagation alone."""
     model = nnx.merge(graphdef, params)
     tokens_BT, positions_BT, segments_BT = join_prompt_response(prompt_BP, prompt_mask_BP, response_BN)
-    scores_BT = model.scores(model.hidden(tokens_BT, positions_BT, segments_BT))
+    with sharding.use_mesh(*active_mesh) if active_mesh is not None else contextlib.nullcontext():
+        scores_BT = model.scores(model.hidden(tokens_BT, positions_BT, segments_BT))
     N, P = response_BN.shape[1], prompt_BP.shape[1]
     last_B = jnp.max(jnp.where(response_mask_BN > 0, jnp.arange(N), 0), axis=-1)
     return jnp.take_along_axis(scores_BT, (P + last_B)[:, None], axis=-1)[:, 0]
@@ -254,6 +262,7 @@ class RewardModel:
         self.shardings = sharding.tree_shardings(abstract, preset, mesh)
         self.batch_sharding = sharding.batch_sharding(mesh, preset)
         self.divisor = sharding.batch_divisor(mesh, preset)
+        self.active_mesh = (mesh, preset)
         self.offload = offload
         self._params = jax.device_get(params) if offload else params
 
@@ -266,7 +275,8 @@ class RewardModel:
         arrays = (prompts.ids_BP, prompts.mask_BP, np.asarray(tokens_BN), np.asarray(mask_BN))
         if arrays[0].shape[0] % self.divisor == 0:
             arrays = jax.device_put(arrays, self.batch_sharding)
-        return np.asarray(jax.device_get(score_responses(self.graphdef, self.params, *arrays)), np.float32)
+        scores = score_responses(self.graphdef, self.params, *arrays, active_mesh=self.active_mesh)
+        return np.asarray(jax.device_get(scores), np.float32)
 
 
 # Reference responses (for centred transforms) as (tokens [B, N], mask [B, N], texts) of a prompt batch.

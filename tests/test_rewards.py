@@ -135,6 +135,25 @@ def test_reward_model_scores_at_the_last_response_token_as_in_rm_training(tmp_pa
     np.testing.assert_allclose(rm(prompts, padded_tokens, np.pad(mask, ((0, 0), (0, 3)))), scores, atol=1e-5)
 
 
+def test_reward_model_scores_in_the_run_layout_on_a_mesh(tmp_path):
+    """On a mesh of 8 devices the scoring program is traced in the run's layout (its activations constrained
+    to the batch's sharding, as a policy pass is) and scores as on one device."""
+    source = make_rm_run(tmp_path / "rm", seed=0)
+    mesh8 = sharding.make_mesh(MeshConfig(data=2, fsdp=4, preset=PRESET))
+    rm8, rm1 = (rewards.RewardModel(source, mesh=m, preset=PRESET) for m in (mesh8, mesh1()))
+    prompts, _ = prompt_batch(B=8)
+    tokens, mask = responses(B=8)
+    np.testing.assert_allclose(rm8(prompts, tokens, mask), rm1(prompts, tokens, mask), rtol=1e-5, atol=1e-6)
+    arrays = (prompts.ids_BP, prompts.mask_BP, tokens, mask.astype(np.int32))
+
+    def constraints(**static):
+        text = rewards.score_responses.lower(rm8.graphdef, rm8.params, *arrays, **static).as_text()
+        return text.count("sharding_constraint") + text.count("@Sharding")
+
+    assert rm8.active_mesh == (mesh8, PRESET)
+    assert constraints(active_mesh=rm8.active_mesh) > 0 and constraints() == 0
+
+
 def test_ensemble_of_run_directories_and_offload(tmp_path):
     a, b = make_rm_run(tmp_path / "a", seed=0), make_rm_run(tmp_path / "b", seed=1)
     prompts, _ = prompt_batch()

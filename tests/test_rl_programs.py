@@ -156,6 +156,9 @@ def test_the_loop_runs_the_listed_programs_with_no_implicit_copy(
     # The loop calls every listed program; reward models call theirs through rewards.RewardModel.
     assert {name for name in calls if name in listed} == set(listed) - reward_programs
     assert all(listed[name].fn is rewards.score_responses for name in reward_programs)
+    # ... in the run's layout, as rewards.RewardModel calls it (the preflight compiles what runs).
+    ctx = built[0][0]
+    assert all(listed[n].static == {"active_mesh": (ctx.mesh, ctx.preset)} for n in reward_programs)
     assert ("reference_generate" in listed) == (stage == "ppo")
     assert ("value params" in listed["train_step"].holdings) == (stage == "ppo")
     assert ("reference params" in listed["generate"].holdings) == (stage == "nash_md")

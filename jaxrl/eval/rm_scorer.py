@@ -116,7 +116,7 @@ class RewardScorer:
 
     def score(self, prompts: list, responses: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(scores [N] float32, truncated [N] bool) of each (prompt messages, response text)."""
-        from jaxrl import sampling, sharding
+        from jaxrl import sampling
         from jaxrl.data.pipeline import bucket_width
         from jaxrl.rewards import score_responses
 
@@ -139,8 +139,8 @@ class RewardScorer:
             for row, (_, completion, _) in enumerate(rows):
                 response[row, : len(completion)], response_mask[row, : len(completion)] = completion, 1
             arrays = [self._global(x) for x in (ids, mask, response, response_mask)]
-            with sharding.use_mesh(self.mesh, self.preset):
-                pending.append((chunk, score_responses(self.graphdef, self.params, *arrays)))
+            out = score_responses(self.graphdef, self.params, *arrays, active_mesh=(self.mesh, self.preset))
+            pending.append((chunk, out))
         for chunk, out in pending:  # fetched after every call is dispatched: the device never waits
             scores[chunk] = _fetch(out)[: len(chunk)]
         return scores, truncated

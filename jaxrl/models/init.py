@@ -5,6 +5,7 @@ fresh ones."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -26,10 +27,17 @@ def stage_model_config(cfg: Config):
 
 def init_params(model_cfg, seed: int, mesh, preset: str):
     """Freshly initialised parameters, created directly in their sharded layout."""
+    return _init_program(model_cfg, mesh, preset)(jax.random.key(seed))
+
+
+@functools.lru_cache(maxsize=16)
+def _init_program(model_cfg, mesh, preset: str):
+    """The jitted initialisation of a model on a mesh, the seed's key an argument: one compile serves every
+    seed (a sweep's seeds, a group's members)."""
     _, abstract = abstract_model(model_cfg)
     shardings = sharding.tree_shardings(abstract, preset, mesh)
-    make = lambda: nnx.to_pure_dict(nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))[1])
-    return jax.jit(make, out_shardings=shardings)()
+    make = lambda key: nnx.to_pure_dict(nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(params=key)))[1])
+    return jax.jit(make, out_shardings=shardings)
 
 
 def load_run_params(source: str | Path, mesh, preset: str):

@@ -353,6 +353,9 @@ def rl_step(state: RLState, batch, hp, *, policy_step, value_step=None):
     metrics = _renamed(metrics, "policy")
     value = state.value
     if value is not None:
+        # The value update waits for the policy's: with no edge between them the compiler may interleave the
+        # two backward passes and hold both models' activations and gradients at once.
+        policy, batch = jax.lax.optimization_barrier((policy, batch))
         value, value_metrics = value_step(value, batch, hp)
         metrics |= _renamed(value_metrics, "value")
     return RLState(policy=policy, value=value), metrics

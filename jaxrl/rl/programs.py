@@ -237,7 +237,8 @@ def _reward_programs(cfg: Config, mesh, roles: Roles) -> list[Program]:
     for k, (graphdef, params) in enumerate(roles.rewards):
         args = (graphdef, _placed_by_rules(params, mesh, cfg.mesh.preset), *inputs.values())
         name, holding = _reward_name("reward_scores", k, roles, "_"), _reward_name("reward params", k, roles)
-        out.append(Program(name, rewards.score_responses, args, (holding,)))
+        static = {"active_mesh": (mesh, cfg.mesh.preset)}  # as rewards.RewardModel calls it
+        out.append(Program(name, rewards.score_responses, args, (holding,), static))
     return out
 
 
