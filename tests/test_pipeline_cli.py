@@ -102,6 +102,18 @@ def test_reward_model_learns_the_gold_preferences(pipeline_runs):
     result = summary(root / "rm")["eval"]
     assert result["examples"] >= 224
     assert result["accuracy"] > 0.6
+    # Read apart from the training pipeline (so a chosen/rejected swap in it, which its own eval would share,
+    # shows): the gold-better response of fresh held-out pairs, scored text by text, wins as often (0.766 of
+    # 128 at seed 0; a swapped pipeline would give about 0.23).
+    from jaxrl.eval.rm_scorer import RewardScorer
+    from jaxrl.synthetic.datasets import make_gold_pairs
+
+    pairs = make_gold_pairs(128, seed=7)
+    scorer = RewardScorer(root / "rm", batch_size=32, max_len=48, max_prompt_len=24, bucket=16)
+    prompts = [p.prompt for p in pairs] * 2
+    texts = [p.chosen[-1].content for p in pairs] + [p.rejected[-1].content for p in pairs]
+    scores, _ = scorer.score(prompts, texts)
+    assert np.mean(scores[: len(pairs)] > scores[len(pairs) :]) > 0.6
 
 
 @pytest.mark.slow

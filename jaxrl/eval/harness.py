@@ -7,10 +7,10 @@ redo finished tasks), and `<out>/results.json` gathers them in lm-eval's results
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
+from jaxrl import files
 from jaxrl.config import ConfigError
 from jaxrl.eval import model as model_lib
 from jaxrl.eval import suites
@@ -77,9 +77,8 @@ def _write_json(path: Path, data: dict) -> None:
     from lm_eval.utils import handle_non_serializable
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    with files.replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=handle_non_serializable, ensure_ascii=False) + "\n")
 
 
 def _merge(results: dict[str, dict], model: str) -> dict:

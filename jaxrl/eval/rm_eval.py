@@ -126,12 +126,11 @@ def sample_completions(
 
 
 def _write_json(path: Path, data) -> None:
-    import os
+    from jaxrl import files
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
-    os.replace(tmp, path)
+    with files.replacing(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
