@@ -2,6 +2,7 @@
 iterate as one vmapped group, and each member writes what it would have written alone and resumes exactly
 after a kill in the middle of the group."""
 
+import jax
 import pytest
 from conftest import shared_by_workers, tiny_run_config
 from test_groups import assert_same_run
@@ -96,3 +97,62 @@ def test_a_group_killed_midway_resumes_every_member_exactly_and_the_memory_guard
     assert all(r["status"] == "finished" for r in results)
     for alone, member in zip(solo, dirs, strict=True):
         assert_same_run(alone, member)
+
+
+def _grouped(cfgs, dirs, monkeypatch) -> "rl_group.GroupPrograms":
+    made = []
+    programs_cls = rl_group.GroupPrograms
+    monkeypatch.setattr(rl_group, "GroupPrograms", lambda *a: made.append(programs_cls(*a)) or made[-1])
+    results = group.run_group(cfgs, dirs, log=QUIET)
+    assert all(r["status"] == "finished" for r in results)
+    return made[0]
+
+
+def _shapes(tree) -> dict:
+    return {k: v.shape for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+SHORT = {
+    "train.steps": 2,
+    "train.checkpoint_every": 2,
+    "rl.rollout_batch": 8,
+    "rl.minibatch": 16,
+    "rl.samples_per_prompt": 2,
+    "rl.num_prompts": 32,
+    "rl.max_new_tokens": 6,
+    "rl.verifiable": "gold",
+    "optim.lr": 1e-4,
+    "data.val_prompts_per_domain": 0,
+}
+
+
+def test_members_started_from_one_run_share_one_reference(built, tmp_path, monkeypatch):
+    """Members started from one run hold one reference (no member axis; the other members' copies freed), here
+    through the policy/reference mixture sampler and the rollout statistics, and train as the same group with
+    a stack of equal references does (to 1e-5; equal to the last digit when written). Against runs alone a
+    Nash-MD member drifts by rounding (loss/kl 1.2e-5 apart at step 2, with or without sharing)."""
+    cfgs = [
+        tiny_run_config("nash_md", **SHORT, seed=s, **{"train.init_from": str(built / "sft")}) for s in (0, 1)
+    ]
+    g = _grouped(cfgs, [tmp_path / f"shared{i}" for i in range(2)], monkeypatch)
+    assert g.shared_ref and g.runs[1].ctx.ref is g.runs[0].ctx.ref
+    assert _shapes(g.ref) == _shapes(g.runs[0].ctx.ref.get())
+    monkeypatch.setattr(rl_group, "shares_reference", lambda runs: False)
+    g = _grouped(cfgs, [tmp_path / f"stacked{i}" for i in range(2)], monkeypatch)
+    assert not g.shared_ref and g.runs[1].ctx.ref is not g.runs[0].ctx.ref
+    assert _shapes(g.ref) == {k: (2, *s) for k, s in _shapes(g.runs[0].ctx.ref.get()).items()}
+    for i in range(2):
+        assert_same_run(tmp_path / f"stacked{i}", tmp_path / f"shared{i}")
+
+
+def test_members_with_references_of_their_own_keep_a_stack(tmp_path, monkeypatch):
+    """No init_from: each member's reference is its seed's random initialisation, so the group stacks them,
+    and each member trains as it would alone."""
+    cfgs = [tiny_run_config("grpo", **SHORT, seed=s) for s in (0, 1)]
+    for i, cfg in enumerate(cfgs):
+        train.run(cfg, tmp_path / f"solo{i}", log=QUIET)
+    g = _grouped(cfgs, [tmp_path / f"member{i}" for i in range(2)], monkeypatch)
+    assert not g.shared_ref
+    assert _shapes(g.ref) == {k: (2, *s) for k, s in _shapes(g.runs[0].ctx.ref.get()).items()}
+    for i in range(2):
+        assert_same_run(tmp_path / f"solo{i}", tmp_path / f"member{i}")

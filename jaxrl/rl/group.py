@@ -57,8 +57,9 @@ def _is_arrays(arg) -> bool:
     return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
 
 
-def stacked_abstract(tree, members: int):
-    """Abstract arguments of a program stacked on a leading member axis (placed as the group places them)."""
+def stacked_abstract(tree, members: int, axes=0):
+    """Abstract arguments of a program stacked on a leading member axis (placed as the group places them);
+    `axes`, a prefix of `tree` as vmap's in_axes: None where one argument serves all members (not stacked)."""
 
     def one(a):
         placed = isinstance(getattr(a, "sharding", None), NamedSharding)
@@ -66,30 +67,61 @@ def stacked_abstract(tree, members: int):
             (members, *a.shape), a.dtype, sharding=sharding.stacked_sharding(a.sharding) if placed else None
         )
 
-    return jax.tree.map(one, tree)
+    def part(axis, sub):
+        return sub if axis is None else jax.tree.map(one, sub)
+
+    return jax.tree.map(part, axes, tree, is_leaf=lambda x: x is None)
 
 
 class Vmapped:
     """A run's program over a leading member axis of its array arguments: one jitted, vmapped call. Called
-    with the solo program's arguments; its non-array ones (graphdefs) and static settings are the run's."""
+    with the solo program's arguments; its non-array ones (graphdefs) and static settings are the run's.
+    `axes`: vmap in_axes of some array arguments by their position in the program's arguments (None: one
+    value for every member, e.g. a reference all members share); the others are stacked (0)."""
 
-    def __init__(self, program: programs.Program):
+    def __init__(self, program: programs.Program, axes: dict | None = None):
         self.program = program
         self.fixed = {i: a for i, a in enumerate(program.args) if not _is_arrays(a)}
+        axes = axes or {}
+        self.in_axes = tuple(axes.get(i, 0) for i in range(len(program.args)) if i not in self.fixed)
 
         def member(*arrays):
             it = iter(arrays)
             args = [self.fixed[i] if i in self.fixed else next(it) for i in range(len(program.args))]
             return program.fn(*args, **program.static)
 
-        self.batched = jax.jit(jax.vmap(member))
+        self.batched = jax.jit(jax.vmap(member, in_axes=self.in_axes))
 
     def __call__(self, *args):
         return self.batched(*(a for i, a in enumerate(args) if i not in self.fixed))
 
     def lower(self, members: int):
         args = [a for i, a in enumerate(self.program.args) if i not in self.fixed]
-        return self.batched.lower(*stacked_abstract(args, members))
+        return self.batched.lower(*stacked_abstract(args, members, list(self.in_axes)))
+
+
+def shares_reference(runs: list[runner.OnlineRun]) -> bool:
+    """Whether every member's frozen reference holds the same values (members started from one run): the group
+    then holds one reference for all, not a stack of copies."""
+    ref0 = runs[0].ctx.ref.get()
+    same = lambda a, b: a.shape == b.shape and a.dtype == b.dtype and bool(jnp.array_equal(a, b))
+    return all(
+        jax.tree.structure(r.ctx.ref.get()) == jax.tree.structure(ref0)
+        and all(jax.tree.leaves(jax.tree.map(same, r.ctx.ref.get(), ref0)))
+        for r in runs[1:]
+    )
+
+
+def program_axes(run0: runner.OnlineRun, shared_ref: bool) -> dict[str, dict]:
+    """vmap in_axes of the programs that read the reference, when the members share it: the mixture sampler's
+    reference argument and rollout statistics' "ref" entry."""
+    if not shared_ref:
+        return {}
+    stats_params = run0.ctx.programs["rollout_stats"].args[0]
+    axes = {"rollout_stats": {0: {k: None if k == "ref" else 0 for k in stats_params}}}
+    if run0.ctx.mixture_coef is not None:
+        axes["generate"] = {2: None}  # (graphdef, params, ref, ...): runner.sample_rollout's mixture call
+    return axes
 
 
 def train_step(run0: runner.OnlineRun):
@@ -124,7 +156,8 @@ def program_bytes(runs: list[runner.OnlineRun]) -> int:
     """Bytes the largest of a group's programs needs (arguments, outputs and temporaries, less what is
     donated), from compiles of the vmapped sampler, rollout statistics and update on abstract arguments."""
     k, p = len(runs), runs[0].ctx.programs
-    lowered = [Vmapped(p[name]).lower(k) for name in ("generate", "rollout_stats")]
+    axes = program_axes(runs[0], shares_reference(runs))
+    lowered = [Vmapped(p[name], axes.get(name)).lower(k) for name in ("generate", "rollout_stats")]
     rates = jax.ShapeDtypeStruct((k,), jnp.float32)
     update_args = stacked_abstract(p["train_step"].args, k)
     lowered.append(train_step(runs[0]).lower(*update_args, rates, rates))
@@ -162,7 +195,14 @@ class GroupPrograms:
         self.state_shardings = jax.tree.map(sharding.stacked_sharding, run0.state_shardings)
         self.state = jax.device_put(sharding.stack(states), self.state_shardings)
         states.clear()  # the stack holds them now: the members' own copies are freed
-        self.ref = sharding.stack([r.ctx.ref.get() for r in runs])
+        self.shared_ref = shares_reference(runs)
+        if self.shared_ref:
+            # One reference serves every member (its values are each member's): the others' copies are freed.
+            for r in runs[1:]:
+                r.ctx.ref = ctx.ref
+            self.ref = ctx.ref.get()
+        else:
+            self.ref = sharding.stack([r.ctx.ref.get() for r in runs])
         self.temperature = jnp.stack([r.ctx.temperature for r in runs])
         self.mixture_coef = (
             None if ctx.mixture_coef is None else jnp.stack([r.ctx.mixture_coef for r in runs])
@@ -170,9 +210,9 @@ class GroupPrograms:
         self.update_hp = None if ctx.update_hp is None else sharding.stack([r.ctx.update_hp for r in runs])
         self.lr = jnp.asarray([r.cfg.optim.lr for r in runs], jnp.float32)
         self.value_lr = jnp.asarray([r.cfg.rl.value_lr or r.cfg.optim.lr for r in runs], jnp.float32)
-        p = ctx.programs
-        self.generate = Vmapped(p["generate"])
-        self.rollout_stats = Vmapped(p["rollout_stats"])
+        p, axes = ctx.programs, program_axes(run0, self.shared_ref)
+        self.generate = Vmapped(p["generate"], axes.get("generate"))
+        self.rollout_stats = Vmapped(p["rollout_stats"], axes.get("rollout_stats"))
         self.advantages = Vmapped(p["advantages"])
         self.prepare = Vmapped(p["prepare"])
         self.gather = Vmapped(p["gather"])
