@@ -21,6 +21,7 @@ for export (`jaxrl convert`, a run's final parameters).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -121,12 +122,18 @@ def init_params(model_cfg: ModelConfig, base: dict, seed: int, mesh, preset: str
     """A LoRA model's params: `base` (laid out for `base_config(model_cfg)`) with fresh adapters, created in
     their sharded layout (the adapters' stream is the run's seed folded with a constant, so the base's
     initialisation is the same as without adapters)."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x10A)
+    return _init_program(model_cfg, mesh, preset)(base, key)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_program(model_cfg: ModelConfig, mesh, preset: str):
+    """The jitted adapter initialisation of a model on a mesh, the key an argument (one compile per model)."""
     from jaxrl.models.abstract import abstract_model
 
     _, abstract = abstract_model(model_cfg)
     shardings = sharding.tree_shardings(abstract, preset, mesh)
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x10A)
-    return jax.jit(lambda b: with_adapters(b, abstract, key), out_shardings=shardings)(base)
+    return jax.jit(lambda b, key: with_adapters(b, abstract, key), out_shardings=shardings)
 
 
 def merge(params: dict, cfg: ModelConfig) -> dict:
