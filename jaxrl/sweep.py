@@ -9,6 +9,7 @@ processes on the same workdir (`jaxrl sweep --workers N`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -229,9 +230,10 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float, group: str = "a
                 train.run(
                     config_lib.override(r.cfg, {"train.progress": False}),
                     workdir / "runs" / r.id,
-                    log=_noting_answers(answered),
+                    log=quiet,
+                    answered=functools.partial(answered.append, True),
                 )
-                if not any(answered):
+                if not answered:
                     bar.write(f"finished {r.id} in {time.perf_counter() - start:.0f}s")
             except workdir_lib.WorkdirLocked:
                 continue  # another sweep is training it; come back to it
@@ -245,11 +247,6 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float, group: str = "a
             time.sleep(poll_s)
     bar.close()
     return runs
-
-
-def _noting_answers(answered: list):
-    """A quiet run log that notes whether the run was answered as already finished (by another sweep)."""
-    return lambda msg, *a, **k: answered.append(str(msg).endswith(": already finished"))
 
 
 def _enable_compilation_cache(path: Path) -> None:

@@ -58,8 +58,9 @@ def resolve(cfg: Config) -> Config:
     return validate_lib.validate(cfg)
 
 
-def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None = None) -> dict:
-    """Trains one stage in `workdir` (resuming if it holds a checkpoint); returns the final summary.
+def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None = None, answered=None) -> dict:
+    """Trains one stage in `workdir` (resuming if it holds a checkpoint); returns the final summary
+    (`answered()`, when given, is called if that summary was a finished run's, nothing trained).
 
     Raises WorkdirLocked when another process holds the workdir, ConfigError when it holds a run of another
     config, RunFailed when the run ends degenerate. `stop_after` ends the loop early at that step without
@@ -69,10 +70,10 @@ def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None =
     if cfg.stage in config_lib.RL_STAGES:
         from jaxrl.rl import runner
 
-        return runner.run(cfg, workdir, log=log, stop_after=stop_after)
+        return runner.run(cfg, workdir, log=log, stop_after=stop_after, answered=answered)
     workdir = Path(workdir).absolute()
     return workdir_lib.run_in(
-        workdir, cfg, lambda commit: _train(cfg, workdir, commit, log, stop_after), log=log
+        workdir, cfg, lambda commit: _train(cfg, workdir, commit, log, stop_after), log=log, answered=answered
     )
 
 

@@ -219,10 +219,10 @@ def fail(workdir: Path, cfg: Config, reason: str, *, log, **facts) -> RunFailed:
     return RunFailed(workdir, summary)
 
 
-def run_in(workdir: str | Path, cfg: Config, body, *, log=print) -> dict:
+def run_in(workdir: str | Path, cfg: Config, body, *, log=print, answered=None) -> dict:
     """The shell of every stage: lock the workdir, refuse another config, answer a finished run from its
-    summary (a failed one raises RunFailed again), else `body(commit)` trains it; `commit()` records the
-    config once the run has started."""
+    summary (a failed one raises RunFailed again; `answered()`, when given, is called then), else
+    `body(commit)` trains it; `commit()` records the config once the run has started."""
     workdir = Path(workdir).absolute()
     with hold(workdir, log=log):
         check_config(workdir, cfg)  # before the done check: a finished run never answers for another config
@@ -231,6 +231,8 @@ def run_in(workdir: str | Path, cfg: Config, body, *, log=print) -> dict:
             if summary.get("status") == "failed":
                 raise RunFailed(workdir, summary)
             log(f"{workdir}: already finished")
+            if answered is not None:
+                answered()
             return summary
         return body(lambda: commit_config(workdir, cfg))
 

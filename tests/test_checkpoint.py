@@ -131,10 +131,18 @@ def test_a_finished_run_returns_at_once(sft_run, monkeypatch):
 
     monkeypatch.setattr(train.pipeline, "build_stage_data", fail)
     monkeypatch.setattr(model_init, "init_params", fail)
-    summary = train.run(cfg, workdir, log=lambda *_: None)
-    assert summary == json.loads((workdir / train.DONE_FILE).read_text())
+    answered = []
+    summary = train.run(cfg, workdir, log=lambda *_: None, answered=lambda: answered.append(True))
+    assert summary == json.loads((workdir / train.DONE_FILE).read_text()) and answered == [True]
     assert summary["stage"] == "sft" and summary["steps"] == cfg.train.steps
     assert (workdir / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_a_run_trained_now_is_not_answered_from_disk(tmp_path, run_config):
+    answered = []
+    cfg = run_config("sft", **{"train.steps": 2})
+    summary = train.run(cfg, tmp_path / "run", log=lambda *_: None, answered=lambda: answered.append(True))
+    assert summary["status"] == "finished" and answered == []
 
 
 def test_a_workdir_with_a_different_config_is_refused(tmp_path, run_config):

@@ -251,14 +251,14 @@ def timings(t0: float, t1: float, t2: float, t3: float) -> dict:
     }
 
 
-def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None = None) -> dict:
+def run(cfg: Config, workdir: str | Path, *, log=print, stop_after: int | None = None, answered=None) -> dict:
     """Trains one online-RL stage in `workdir` (resuming if it holds a checkpoint); returns the final summary.
 
     `cfg` is resolved and validated (train.run, which calls this, does it). `stop_after` ends the loop early
     at that iteration without finishing the run (for tests of resume)."""
     workdir = Path(workdir).absolute()
     return workdir_lib.run_in(
-        workdir, cfg, lambda commit: _run(cfg, workdir, commit, log, stop_after), log=log
+        workdir, cfg, lambda commit: _run(cfg, workdir, commit, log, stop_after), log=log, answered=answered
     )
 
 
