@@ -9,12 +9,11 @@ from pathlib import Path
 
 import jax
 import pytest
+from test_rl import random_rm_run
 
-from jaxrl import checkpoint, evaluate, rewards, sharding, train
 from jaxrl import config as config_lib
-from jaxrl.config import Config, MeshConfig
+from jaxrl import evaluate, rewards, train
 from jaxrl.metrics import read_metrics
-from jaxrl.models import init as model_init
 from jaxrl.rl import advantages, algorithms, context, programs, runner
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxrl"
@@ -82,17 +81,6 @@ def guarded(fn, calls: collections.Counter, name: str):
             return fn(*args, **kwargs)
 
     return wrapper
-
-
-def random_rm_run(workdir: Path, model_cfg, seed: int) -> Path:
-    """A finished stage-rm run directory with random parameters (plumbing, not preferences)."""
-    workdir.mkdir(parents=True)
-    cfg = Config(stage="rm", model=model_cfg, seed=seed)
-    config_lib.save(cfg, workdir / "config.json")
-    mesh = sharding.make_mesh(MeshConfig(preset=cfg.mesh.preset))
-    params = model_init.init_params(model_init.stage_model_config(cfg), seed, mesh, cfg.mesh.preset)
-    checkpoint.save_params(checkpoint.final_params_dir(workdir), params)
-    return workdir
 
 
 SMALL = {
