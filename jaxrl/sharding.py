@@ -80,15 +80,19 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
         raise ConfigError(f"mesh.preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
     if cfg.granule not in ("slice", "process"):
         raise ConfigError(f"mesh.granule must be 'slice' or 'process', got {cfg.granule!r}")
-    if cfg.granule == "process":
-        granules = len({d.process_index for d in devices})
-    else:
-        granules = len({getattr(d, "slice_index", 0) or 0 for d in devices})
+    granules = _granules(devices, cfg.granule)
     if granules > 1:
         return _hybrid_mesh(devices, sizes, granules, by_process=cfg.granule == "process")
     # Process-major device order keeps the data axis across hosts and fsdp/tensor within one.
     devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+
+
+def _granules(devices, granule: str) -> int:
+    """How many granules (TPU slices, or processes with mesh.granule=process) the devices form."""
+    if granule == "process":
+        return len({d.process_index for d in devices})
+    return len({getattr(d, "slice_index", 0) or 0 for d in devices})
 
 
 def _hybrid_mesh(devices, sizes: list[int], granules: int, by_process: bool = False) -> Mesh:
@@ -121,10 +125,7 @@ def describe(mesh: Mesh, cfg: MeshConfig) -> str:
     devices = list(mesh.devices.flat)
     processes = len({d.process_index for d in devices})
     line = f"mesh: {axes} (preset {cfg.preset}) over {len(devices)} devices in {processes} process(es)"
-    if cfg.granule == "process":
-        granules = processes
-    else:
-        granules = len({getattr(d, "slice_index", 0) or 0 for d in devices})
+    granules = _granules(devices, cfg.granule)
     if granules > 1:
         what = {"slice": "slices", "process": "processes"}[cfg.granule]
         line += f"; the data axis spans {granules} {what} over the data-centre network"

@@ -104,12 +104,16 @@ def shares_reference(runs: list[runner.OnlineRun]) -> bool:
     """Whether every member's frozen reference holds the same values (members started from one run): the group
     then holds one reference for all, not a stack of copies."""
     ref0 = runs[0].ctx.ref.get()
-    same = lambda a, b: a.shape == b.shape and a.dtype == b.dtype and bool(jnp.array_equal(a, b))
-    return all(
-        jax.tree.structure(r.ctx.ref.get()) == jax.tree.structure(ref0)
-        and all(jax.tree.leaves(jax.tree.map(same, r.ctx.ref.get(), ref0)))
-        for r in runs[1:]
-    )
+    equal = []  # device booleans, read back once
+    for r in runs[1:]:
+        ref = r.ctx.ref.get()
+        if jax.tree.structure(ref) != jax.tree.structure(ref0):
+            return False
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(ref0), strict=True):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                return False
+            equal.append(jnp.array_equal(a, b))
+    return bool(jnp.all(jnp.stack(equal))) if equal else True
 
 
 def program_axes(run0: runner.OnlineRun, shared_ref: bool) -> dict[str, dict]:
