@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--remat", default="dots", choices=["none", "full", "dots", "dots_no_batch"])
+    parser.add_argument("--remat", default="dots", choices=["none", "full", "dots", "dots_no_batch", "offload"])
     parser.add_argument("--scan", type=int, default=1, help="scan over layers (1) or unroll (0)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--preset", default="fsdp")

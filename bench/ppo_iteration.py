@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--prompt-len", type=int, default=None, help="512; tiny 24")
     parser.add_argument("--response-len", type=int, default=None, help="512; tiny 16")
     parser.add_argument("--iterations", type=int, default=4, help="timed iterations after the compiling one")
-    parser.add_argument("--remat", default="dots", choices=["none", "full", "dots", "dots_no_batch"])
+    parser.add_argument("--remat", default="dots", choices=["none", "full", "dots", "dots_no_batch", "offload"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--preset", default="fsdp")
     parser.add_argument(

@@ -59,7 +59,7 @@ class ModelConfig:
     head: str = "lm"  # "lm" (next-token logits) | "scalar" (reward / value per position)
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # master weights
-    remat: str = "none"  # "none" | "full" | "dots" | "dots_no_batch"
+    remat: str = "none"  # "none" | "full" | "dots" | "dots_no_batch" | "offload" (full, inputs on the host)
     scan_layers: bool = True
     # "auto" (splash on TPU, cuDNN flash attention on GPU where it fits, XLA elsewhere) | "xla" | "cudnn" |
     # "splash" (Pallas; interpret mode off a TPU): see jaxrl.models.attention
@@ -432,7 +432,7 @@ def validate(cfg: Config) -> Config:
         "model.qk_norm": (m.qk_norm, ("none", "head", "full")),
         "model.norm_position": (m.norm_position, ("pre", "post")),
         "model.head": (m.head, ("lm", "scalar")),
-        "model.remat": (m.remat, ("none", "full", "dots", "dots_no_batch")),
+        "model.remat": (m.remat, ("none", "full", "dots", "dots_no_batch", "offload")),
         "model.attention": (m.attention, ("auto", "xla", "cudnn", "splash")),
         "model.dtype": (m.dtype, ("float32", "bfloat16", "float16")),
         "model.param_dtype": (m.param_dtype, ("float32", "bfloat16")),

@@ -4,6 +4,7 @@ import dataclasses
 import math
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -97,7 +98,9 @@ def _value_and_grad(graphdef, params, tokens):
     return logits, grads
 
 
-@pytest.mark.parametrize("remat,scan", [("full", True), ("dots", True), ("dots_no_batch", False)])
+@pytest.mark.parametrize(
+    "remat,scan", [("full", True), ("dots", True), ("dots_no_batch", False), ("offload", True)]
+)
 def test_remat_policies_change_neither_logits_nor_gradients(tiny, remat, scan):
     graphdef, params, tokens = tiny
     logits, grads = _value_and_grad(graphdef, params, tokens)
@@ -108,6 +111,29 @@ def test_remat_policies_change_neither_logits_nor_gradients(tiny, remat, scan):
     for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
         np.testing.assert_allclose(g, g_r, atol=1e-5, rtol=1e-4)
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_offload_remat_keeps_each_layer_input_in_host_memory(tiny):
+    """remat="offload" is "full" with the saved layer inputs moved to pinned host memory: the gradient's
+    program puts exactly those [B, T, D] values on the host, one per layer (stacked by the scan)."""
+    graphdef, params, tokens = tiny
+
+    def host_puts(remat):
+        cfg = dataclasses.replace(TINY, remat=remat)
+        jaxpr = jax.make_jaxpr(lambda p: _value_and_grad(graphdef_of(cfg), p, tokens))(params)
+        return [eqn for eqn in _all_eqns(jaxpr.jaxpr) if eqn.primitive.name == "device_put" and "Host" in str(eqn)]
+
+    assert host_puts("full") == []
+    puts = host_puts("offload")
+    assert puts, "no layer input was moved to the host"
+    assert {tuple(v.aval.shape) for eqn in puts for v in eqn.outvars} == {(B, T, TINY.hidden)}
+
+
+def _all_eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _all_eqns(sub)
 
 
 def test_scalar_head_outputs_one_value_per_position():

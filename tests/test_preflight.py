@@ -131,6 +131,21 @@ def test_tpu_compile_of_a_tiny_dpo_config(run_config):
         assert "Pallas kernel" in train.cost_note and f"cost: train_step: {train.cost_note}" in text
 
 
+@needs_libtpu
+def test_offloaded_layer_inputs_are_host_memory_in_a_tpu_compile(run_config):
+    """model.remat=offload on a TPU compile: the train step's saved layer inputs are pinned host memory (the
+    compiler's host temporaries, reported as such), not HBM temporaries; "full" keeps them on the chip."""
+    reports = {}
+    for remat in ("full", "offload"):
+        cfg = run_config("dpo", **{"mesh.data": 1, "mesh.fsdp": -1, "model.remat": remat})
+        reports[remat] = preflight.run(cfg, "v5e-8", backend="tpu", log=lambda *_: None)
+    full, offload = (reports[r].programs[0] for r in ("full", "offload"))
+    assert full.name == offload.name == "train_step"
+    assert full.host_temporaries == 0 and offload.host_temporaries > 0
+    assert "host memory: train_step" in reports["offload"].format()
+    assert "host memory: " not in reports["full"].format()
+
+
 def _assert_cost_fields(report, cfg):
     """Every program has a known cost and estimate; the train step's loops are the accumulation loop and the
     scanned layers inside it, so its cost is per optimizer step; the table and the JSON carry them."""

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxrl.config import ModelConfig
 from jaxrl.models import attention, logprobs
@@ -22,6 +23,14 @@ REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # recompute the whole block, and keep each layer's input (what "full" holds on the device, [B, T, D] per
+    # layer) in pinned host memory between the forward and the backward pass
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(),
+        names_which_can_be_offloaded=("layer_input",),
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 
 
@@ -246,6 +255,7 @@ class Transformer(nnx.Module):
 
         def body(x, layer):
             p, windowed = layer
+            x = checkpoint_name(x, "layer_input")
             return decoder_layer(x, p, positions_BT, segment_ids_BT, cfg, inv_freq, windowed), None
 
         if cfg.remat != "none":

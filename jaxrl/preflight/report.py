@@ -188,6 +188,12 @@ class PreflightReport:
             if p.loops
         ]
         lines += [f"cost: {p.name}: {p.cost_note}" for p in self.programs if p.cost_note]
+        lines += [
+            f"host memory: {p.name} {g(p.host_temporaries)} {unit} of temporaries in pinned host memory "
+            f"(not HBM; model.remat=offload's layer inputs), moved over the host link each step"
+            for p in self.programs
+            if p.host_temporaries
+        ]
         measured = [p for p in self.programs if p.measured_s is not None]
         lines += [
             f"measured: {p.name} {p.measured_s * 1e3:.1f} ms per call (estimate "
