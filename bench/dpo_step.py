@@ -28,12 +28,15 @@ import numpy as np
 from jaxrl import pairwise, sharding, steps
 from jaxrl.config import MeshConfig, ModelConfig, OptimConfig
 from jaxrl.models import init as model_init
-from jaxrl.models.transformer import count_params, flops_per_token
+from jaxrl.models.transformer import REMAT_POLICIES, count_params, flops_per_token
 
 TINYLLAMA = ModelConfig(
     vocab_size=32000, hidden=2048, layers=22, heads=32, kv_heads=4, mlp=5632, rope_theta=10000.0
 )
 TINY = ModelConfig(vocab_size=256, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128)
+
+
+REMATS = ("none", *REMAT_POLICIES)
 
 
 def peak_memory_bytes() -> tuple[int | None, str]:
@@ -53,7 +56,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--remat", default="dots", choices=["none", "full", "dots", "dots_no_batch", "offload"])
+    parser.add_argument("--remat", default="dots", choices=REMATS)
     parser.add_argument("--scan", type=int, default=1, help="scan over layers (1) or unroll (0)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--preset", default="fsdp")
