@@ -190,7 +190,7 @@ class PreflightReport:
         lines += [f"cost: {p.name}: {p.cost_note}" for p in self.programs if p.cost_note]
         lines += [
             f"host memory: {p.name} {g(p.host_temporaries)} {unit} of temporaries in pinned host memory "
-            f"(not HBM; model.remat=offload's layer inputs), moved over the host link each step"
+            f"(not HBM: model.remat=offload's layer inputs), copied over the host link on every call"
             for p in self.programs
             if p.host_temporaries
         ]
