@@ -48,7 +48,8 @@ def add_sweep(sub) -> None:
         choices=("auto", "on", "off"),
         default="auto",
         help="on: runs that share shapes train together as one vmapped program; off: one "
-        "run at a time; auto: on for GPU/TPU, off on CPU (the results are the same)",
+        "run at a time; auto: on for GPU/TPU, off on CPU (each step the same to float rounding; over long "
+        "runs the results agree in distribution, not number for number: bench/results/sweep_groups.md)",
     )
     p.add_argument(
         "--workers",

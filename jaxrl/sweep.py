@@ -42,8 +42,9 @@ def run_sweep(
     each with its selected `recipe`. selected.json records every selection.
 
     `group`: "on" trains runs that share shapes as one vmapped program (jaxrl.group), "off" one at a time,
-    "auto" groups where that is faster (jaxrl.group.grouping); the results are the same either way (each
-    member is a run of its own)."""
+    "auto" groups where that is faster (jaxrl.group.grouping). Each member is a run of its own and steps as it
+    would alone to float rounding; over long runs rounding differences grow, so grouped and one-at-a-time
+    studies agree in distribution, not number for number (bench/results/sweep_groups.md)."""
     if group not in group_lib.MODES:
         raise config_lib.ConfigError(f"--group {group!r}: expected one of {', '.join(group_lib.MODES)}")
     workdir = Path(workdir).absolute()
