@@ -26,17 +26,14 @@ import jax
 import numpy as np
 
 from jaxrl import pairwise, sharding, steps
-from jaxrl.config import MeshConfig, ModelConfig, OptimConfig
+from jaxrl.config import REMATS, MeshConfig, ModelConfig, OptimConfig
 from jaxrl.models import init as model_init
-from jaxrl.models.transformer import REMAT_POLICIES, count_params, flops_per_token
+from jaxrl.models.transformer import count_params, flops_per_token
 
 TINYLLAMA = ModelConfig(
     vocab_size=32000, hidden=2048, layers=22, heads=32, kv_heads=4, mlp=5632, rope_theta=10000.0
 )
 TINY = ModelConfig(vocab_size=256, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128)
-
-
-REMATS = ("none", *REMAT_POLICIES)
 
 
 def peak_memory_bytes() -> tuple[int | None, str]:

@@ -34,7 +34,6 @@ from jaxrl import config as config_lib
 from jaxrl.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, RLConfig, TrainConfig
 from jaxrl.metrics import read_metrics
 from jaxrl.models import init as model_init
-from jaxrl.models.transformer import REMAT_POLICIES
 
 TINYLLAMA = ModelConfig(vocab_size=32000, hidden=2048, layers=22, heads=32, kv_heads=4, mlp=5632)
 TINY = ModelConfig(vocab_size=256, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128)
@@ -43,9 +42,6 @@ SMALL = ModelConfig(
 )  # ~20M: a CPU's limit
 MODELS = {"tiny": TINY, "small": SMALL, "tinyllama": TINYLLAMA}
 PHASES = ("time/generation", "time/scoring", "time/training", "time/iteration")
-
-
-REMATS = ("none", *REMAT_POLICIES)
 
 
 def random_rm_run(workdir: Path, model_cfg: ModelConfig, mesh_cfg: MeshConfig) -> Path:
@@ -71,7 +67,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--prompt-len", type=int, default=None, help="512; tiny 24")
     parser.add_argument("--response-len", type=int, default=None, help="512; tiny 16")
     parser.add_argument("--iterations", type=int, default=4, help="timed iterations after the compiling one")
-    parser.add_argument("--remat", default="dots", choices=REMATS)
+    parser.add_argument("--remat", default="dots", choices=config_lib.REMATS)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--preset", default="fsdp")
     parser.add_argument(

@@ -30,6 +30,8 @@ from jaxrl.config_ranges import (  # noqa: F401  (the range table, re-exported)
 
 STAGES = ("sft", "rm", "dpo", "ppo", "grpo", "rloo", "reinforce_pp", "online_dpo", "nash_md")
 RL_STAGES = STAGES[3:]
+# model.remat: no remat, or a policy of jaxrl.models.transformer.REMAT_POLICIES (one key per name)
+REMATS = ("none", "full", "dots", "dots_no_batch", "offload")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,7 +434,7 @@ def validate(cfg: Config) -> Config:
         "model.qk_norm": (m.qk_norm, ("none", "head", "full")),
         "model.norm_position": (m.norm_position, ("pre", "post")),
         "model.head": (m.head, ("lm", "scalar")),
-        "model.remat": (m.remat, ("none", "full", "dots", "dots_no_batch", "offload")),
+        "model.remat": (m.remat, REMATS),
         "model.attention": (m.attention, ("auto", "xla", "cudnn", "splash")),
         "model.dtype": (m.dtype, ("float32", "bfloat16", "float16")),
         "model.param_dtype": (m.param_dtype, ("float32", "bfloat16")),

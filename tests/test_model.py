@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxrl import config as config_lib
 from jaxrl.config import ModelConfig
 from jaxrl.models import init as model_init
-from jaxrl.models.transformer import count_params, init_model, rope_frequencies
+from jaxrl.models.transformer import REMAT_POLICIES, count_params, init_model, rope_frequencies
 
 TINY = ModelConfig(vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, mlp=64, dtype="float32")
 B, T = 2, 16
@@ -111,6 +112,10 @@ def test_remat_policies_change_neither_logits_nor_gradients(tiny, remat, scan):
     for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
         np.testing.assert_allclose(g, g_r, atol=1e-5, rtol=1e-4)
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_every_remat_setting_has_a_policy():
+    assert config_lib.REMATS == ("none", *REMAT_POLICIES)
 
 
 def test_offload_remat_keeps_each_layer_input_in_host_memory(tiny):
