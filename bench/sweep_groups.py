@@ -4,10 +4,12 @@ pairs of 48 tokens, a 0.1M-parameter model, the study's sampled evaluation; or w
 runs, rollout batches of 32 with 16 new tokens, two epochs of minibatches of 16, rewarded by a reward model
 trained from the same SFT base, members differing in seed and the online recipe grid's settings).
 
-    python bench/sweep_groups.py [--members 4] [--eval] [--steps 120] [--stage dpo|ppo]
+    python bench/sweep_groups.py [--members 4] [--eval] [--steps 120] [--stage dpo|ppo] [--how vmap|map]
 
 Each arm runs in a fresh directory with the persistent compilation cache off, so both pay their compiles;
-prints seconds per arm and the ratio. Without --eval the world evaluation is off (training and the held-out
+prints seconds per arm and the ratio. `--how`: the group's way over its members
+(jaxrl.group.over_members: batched, or one after another in one program; a mapped DPO group holds one loss).
+Without --eval the world evaluation is off (training and the held-out
 loss only); with it, every member also samples its validation curves and its final test evaluation (which a
 group runs per member)."""
 
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: 120 (dpo), 32 iterations (ppo)")
     parser.add_argument("--stage", choices=("dpo", "ppo"), default="dpo")
     parser.add_argument("--eval", action="store_true", help="with the study's sampled world evaluation")
+    parser.add_argument("--how", choices=("vmap", "map"), default="vmap")
     args = parser.parse_args()
 
     from jaxrl import group, train
@@ -88,16 +91,18 @@ def main() -> None:
         )
         for i in range(args.members)
     ]
+    if args.how == "map" and args.stage == "dpo":  # one loss per mapped group (jaxrl.group.group_key)
+        cfgs = [override(c, {"loss.name": names[0]}) for c in cfgs]
     # Data and reference log-probs are cached per run dir: both arms build their own.
     start = time.perf_counter()
     for i, c in enumerate(cfgs):
         train.run(c, root / f"solo{i}", log=quiet)
     solo = time.perf_counter() - start
     start = time.perf_counter()
-    group.run_group(cfgs, [root / f"member{i}" for i in range(args.members)], log=quiet)
+    group.run_group(cfgs, [root / f"member{i}" for i in range(args.members)], log=quiet, how=args.how)
     grouped = time.perf_counter() - start
     print(
-        f"{args.stage}: members {args.members}, steps {args.steps}, "
+        f"{args.stage}: members {args.members} ({args.how}), steps {args.steps}, "
         f"world eval {'on' if args.eval else 'off'}: "
         f"one at a time {solo:.1f} s, one group {grouped:.1f} s, ratio {solo / grouped:.2f}x"
     )

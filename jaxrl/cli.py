@@ -45,11 +45,13 @@ def add_sweep(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every run")
     p.add_argument(
         "--group",
-        choices=("auto", "on", "off"),
+        choices=("auto", "vmap", "map", "off", "on"),
         default="auto",
-        help="on: runs that share shapes train together as one vmapped program; off: one "
-        "run at a time; auto: on for GPU/TPU, off on CPU (each step the same to float rounding; over long "
-        "runs the results agree in distribution, not number for number: bench/results/sweep_groups.md)",
+        help="runs that share shapes train together as one program. map: its members one after another, "
+        "each bitwise the run alone on a CPU (saves compiles and dispatches); vmap (or on): batched, faster "
+        "on a launch-bound GPU/TPU, each step the same to float rounding, so over long runs the results "
+        "agree in distribution, not number for number; off: one run at a time; auto: vmap on GPU/TPU, map "
+        "on CPU (bench/results/sweep_groups.md)",
     )
     p.add_argument(
         "--workers",

@@ -1,6 +1,12 @@
 """Sweeps as one program: offline runs whose programs have the same shapes train together, their states
-stacked on a leading member axis and stepped by one vmapped, jitted update (online runs: jaxrl.rl.group,
-which `group_key` and `run_group` hand them to).
+stacked on a leading member axis and stepped by one jitted update over the members (online runs:
+jaxrl.rl.group, which `group_key` and `run_group` hand them to).
+
+Two ways over the members (`over_members`): "vmap" batches them (one set of kernels for all: what makes a
+group faster on a launch-bound GPU or TPU; batched matmuls round differently from the solo program's, a few
+ulps per step, which a long run grows into seed-sized differences) and "map" steps them one after another
+inside the one program (`jax.lax.map`: each member computes its solo program's arithmetic, bitwise equal to
+its run alone under XLA's default CPU optimisation; the group saves compiles and dispatches, not FLOPs).
 
 What may differ between the members of a group is what can be an array: the seed (parameter init, data
 order, the state's key), the loss hyperparameters, the learning rate, the DPO-family loss itself (an index
@@ -35,24 +41,62 @@ GROUPED_STAGES = ("sft", "rm", "dpo")
 MEMBER_KEYS = ("seed", "optim.lr", "train.init_from", "train.reference_from", "train.cache_dir")
 MEMBER_PREFIXES = ("data.",)
 HPARAM_KEYS = tuple(f"loss.{f.name}" for f in dataclasses.fields(pairwise.LossHParams))
-MODES = ("auto", "on", "off")
+MODES = ("auto", "vmap", "map", "off", "on")  # "on": vmap, the flag's first spelling
+WAYS = ("vmap", "map")
 # Of the group's budget (device memory, or half the host's on CPU) one program may use.
 MEMORY_FRACTION = 0.8
 
 
-def grouping(mode: str) -> bool:
-    """Whether a sweep groups runs: "on", "off", or "auto": on accelerators only. On a CPU a step of even a
-    tiny model is compute-bound, and a group of K costs about K solo steps (bench/results/sweep_groups.md), so
-    grouping saves only compiles and dispatches there; a GPU or TPU step of a small model is launch-bound,
-    and a group's K members share its launches."""
+def grouping(mode: str) -> str | None:
+    """How a sweep groups runs: "vmap", "map" (see the module's doc), or None: one run at a time ("off").
+    "auto": vmap on accelerators (a GPU or TPU step of a small model is launch-bound, and a group's members
+    share its launches), map on a CPU (a step of even a tiny model is compute-bound there, so a vmapped group
+    of K costs about K solo steps and only map keeps every member bitwise its run alone;
+    bench/results/sweep_groups.md)."""
     if mode == "auto":
-        return jax.default_backend() != "cpu"
-    return mode == "on"
+        return "vmap" if jax.default_backend() != "cpu" else "map"
+    return {"vmap": "vmap", "on": "vmap", "map": "map", "off": None}[mode]
 
 
-def group_key(cfg: Config) -> str | None:
+def over_members(fn, in_axes=0, how: str = "vmap"):
+    """`fn` over a leading member axis of its arguments: `jax.vmap(fn, in_axes)` for "vmap"; for "map" the
+    same signature with the members computed one after another (`jax.lax.map`), each by `fn`'s own
+    arithmetic. `in_axes`: 0 or None per argument (a prefix of the arguments, as vmap's)."""
+    if how == "vmap":
+        return jax.vmap(fn, in_axes=in_axes)
+    if how != "map":
+        raise ValueError(f"over_members: how={how!r}, expected one of {WAYS}")
+
+    def mapped(*args):
+        axes = in_axes if isinstance(in_axes, tuple | list) else (in_axes,) * len(args)
+        full = jax.tree.map(
+            lambda ax, sub: jax.tree.map(lambda _: -1 if ax is None else ax, sub),
+            list(axes),
+            list(args),
+            is_leaf=lambda x: x is None,
+        )
+        leaves, treedef = jax.tree.flatten(list(args))
+        flags = jax.tree.leaves(full)
+        if len(flags) != len(leaves) or set(flags) - {0, -1}:
+            raise ValueError(f"over_members: in_axes {in_axes!r} must be 0 or None per argument")
+
+        pairs = list(zip(leaves, flags, strict=True))
+
+        def member(stacked):
+            it = iter(stacked)
+            return fn(*jax.tree.unflatten(treedef, [next(it) if f == 0 else x for x, f in pairs]))
+
+        return jax.lax.map(member, [x for x, f in pairs if f == 0])
+
+    return mapped
+
+
+def group_key(cfg: Config, how: str = "vmap") -> str | None:
     """The key runs must share to train as one program; None for a run that always trains alone
-    (length-bucketed batches whose widths differ per member, LoRA). Online stages: `jaxrl.rl.group`."""
+    (length-bucketed batches whose widths differ per member, LoRA). Online stages: `jaxrl.rl.group`.
+    Mapped groups (`how="map"`) keep one DPO-family loss per group: a switch between losses is a branch
+    of its own, compiled apart from the rest of the step, and rounds its metrics differently from the loss
+    inlined in its solo program."""
     if cfg.stage in config_lib.RL_STAGES:
         from jaxrl.rl import group as rl_group
 
@@ -66,7 +110,7 @@ def group_key(cfg: Config) -> str | None:
     if cfg.stage == "dpo":
         kept["needs_reference"] = listwise.offline_loss(cfg.loss.name).needs_reference
         spec = listwise.offline_loss(cfg.loss.name)
-        if listwise.is_listwise(cfg.loss.name) or getattr(spec, "running_shift", False):
+        if how == "map" or listwise.is_listwise(cfg.loss.name) or getattr(spec, "running_shift", False):
             # Not a branch of a pairwise group's switch: a listwise loss, or one with a carried shift.
             kept["loss.name"] = cfg.loss.name
     return json.dumps(kept, sort_keys=True, default=str)
@@ -84,7 +128,7 @@ class GroupProgram:
     Inside a member the layout is the solo run's (each leaf's sharding with the member axis unsharded in
     front), so a member computes what it would alone."""
 
-    def __init__(self, members: list):
+    def __init__(self, members: list, how: str = "vmap"):
         m0 = members[0]
         cfg, t = m0.cfg, m0.cfg.train
         self.members = members
@@ -117,7 +161,7 @@ class GroupProgram:
 
         def traced(state, batch, hp, lr, index):
             with sharding.use_mesh(mesh, preset):
-                return jax.vmap(member_step)(state, batch, hp, lr, index)
+                return over_members(member_step, how=how)(state, batch, hp, lr, index)
 
         self._step = jax.jit(
             traced,
@@ -197,7 +241,7 @@ def memory_budget() -> int:
     return int(host * 0.5 * MEMORY_FRACTION)
 
 
-def fitting_programs(members: list, budget: int, log) -> list:
+def fitting_programs(members: list, budget: int, log, how: str = "vmap") -> list:
     """Programs for `members`: one group when its compiled step fits `budget`, else halves, down to solo
     runs (the memory guard)."""
     from jaxrl.train import SoloProgram
@@ -205,7 +249,7 @@ def fitting_programs(members: list, budget: int, log) -> list:
     if len(members) == 1:
         return [SoloProgram(members[0])]
     states = [m.state for m in members]
-    program = GroupProgram(members)
+    program = GroupProgram(members, how)
     need = program.compiled_bytes()
     if need <= budget:
         return [program]
@@ -214,7 +258,8 @@ def fitting_programs(members: list, budget: int, log) -> list:
         m.state = s
     del program
     half = len(members) // 2
-    return fitting_programs(members[:half], budget, log) + fitting_programs(members[half:], budget, log)
+    halves = members[:half], members[half:]
+    return [p for part in halves for p in fitting_programs(part, budget, log, how)]
 
 
 def run_group(
@@ -224,17 +269,20 @@ def run_group(
     log=print,
     stop_after: int | None = None,
     budget: int | None = None,
+    how: str = "vmap",
 ) -> list:
-    """Trains the runs `cfgs` (one group key) in `workdirs` together; per run, its summary, or the exception
-    it ended with (RunFailed, WorkdirLocked: another process holds it). A finished run is answered from its
-    summary, resumed runs continue from their own checkpoints (runs at different steps train in separate
-    groups)."""
+    """Trains the runs `cfgs` (one group key) in `workdirs` together, `how` = "vmap" or "map" (see the
+    module's doc); per run, its summary, or the exception it ended with (RunFailed, WorkdirLocked: another
+    process holds it). A finished run is answered from its summary, resumed runs continue from their own
+    checkpoints (runs at different steps train in separate groups)."""
     from jaxrl import member as member_lib
     from jaxrl import train
 
     distributed.initialize()
     cfgs = [train.resolve(c) for c in cfgs]
-    keys = {group_key(c) for c in cfgs}
+    if how not in WAYS:
+        raise ValueError(f"run_group: how={how!r}, expected one of {WAYS}")
+    keys = {group_key(c, how) for c in cfgs}
     if None in keys or len(keys) != 1:
         raise ValueError("run_group: the runs do not share one group key (see jaxrl.group.group_key)")
     workdirs = [Path(w).absolute() for w in workdirs]
@@ -261,7 +309,7 @@ def run_group(
 
             budget = memory_budget() if budget is None else budget
             ran = rl_group.train_runs(
-                [cfgs[i] for i in todo], [workdirs[i] for i in todo], log, stop_after, budget
+                [cfgs[i] for i in todo], [workdirs[i] for i in todo], log, stop_after, budget, how
             )
             for i, result in zip(todo, ran, strict=True):
                 results[i] = result
@@ -277,7 +325,7 @@ def run_group(
             parts.setdefault(array_signature(members[i]), []).append(i)
         budget = memory_budget() if budget is None else budget
         for indices in parts.values():
-            for program in fitting_programs([members[i] for i in indices], budget, log):
+            for program in fitting_programs([members[i] for i in indices], budget, log, how):
                 group = program.members
                 summaries = train.train_members(group, program, log, stop_after)
                 for m, summary in zip(group, summaries, strict=True):

@@ -41,10 +41,11 @@ def run_sweep(
     with fresh seeds; the rows returned are those of the fresh-seed runs (and their bases and reward models),
     each with its selected `recipe`. selected.json records every selection.
 
-    `group`: "on" trains runs that share shapes as one vmapped program (jaxrl.group), "off" one at a time,
-    "auto" groups where that is faster (jaxrl.group.grouping). Each member is a run of its own and steps as it
-    would alone to float rounding; over long runs rounding differences grow, so grouped and one-at-a-time
-    studies agree in distribution, not number for number (bench/results/sweep_groups.md)."""
+    `group`: runs that share shapes train as one program (jaxrl.group): "map" steps the members one after
+    another inside it, each bitwise as it would alone on a CPU; "vmap" ("on") batches them, each as it would
+    alone to float rounding, and over long runs rounding differences grow, so a vmapped study agrees with a
+    one-at-a-time one in distribution, not number for number (bench/results/sweep_groups.md); "off" trains one
+    run at a time; "auto" (jaxrl.group.grouping) is vmap on a GPU or TPU and map on a CPU."""
     if group not in group_lib.MODES:
         raise config_lib.ConfigError(f"--group {group!r}: expected one of {', '.join(group_lib.MODES)}")
     workdir = Path(workdir).absolute()
@@ -191,13 +192,14 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float, group: str = "a
                 continue
             bar.set_postfix_str(r.id[:60])
             start = time.perf_counter()
-            key = group_lib.group_key(r.cfg) if group_lib.grouping(group) else None
+            how = group_lib.grouping(group)
+            key = group_lib.group_key(r.cfg, how) if how else None
             mates = [
                 o
                 for o in todo
                 if o is not r
                 and key is not None
-                and group_lib.group_key(o.cfg) == key
+                and group_lib.group_key(o.cfg, how) == key
                 and all(status(by_id[d]) == "finished" for d in o.deps)
             ]
             if mates:
@@ -206,6 +208,7 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float, group: str = "a
                     [config_lib.override(m.cfg, {"train.progress": False}) for m in members],
                     [workdir / "runs" / m.id for m in members],
                     log=quiet,
+                    how=how,
                 )
                 ran = [
                     (m, x)

@@ -2,9 +2,14 @@
 would have written alone (metrics, evaluation, summary, checkpoints), resumes exactly, and fails alone."""
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_run_config
@@ -213,9 +218,51 @@ def test_memory_guard_splits_a_group_that_does_not_fit(tmp_path, base):
     assert any("split in two" in line for line in lines)
 
 
-def test_auto_groups_on_accelerators_only():
-    assert group.grouping("on") and not group.grouping("off")
-    assert not group.grouping("auto")  # the tests run on CPU
+def test_auto_maps_on_a_cpu_and_the_modes_name_their_way():
+    assert group.grouping("auto") == "map"  # the tests run on CPU; on a GPU or TPU it is "vmap"
+    assert group.grouping("on") == group.grouping("vmap") == "vmap"
+    assert group.grouping("map") == "map" and group.grouping("off") is None
+    with pytest.raises(ValueError, match="how="):
+        group.run_group([short("sft")], ["unused"], how="on")
+
+
+def test_over_members_maps_what_vmap_batches():
+    """The same values and shapes either way, with stacked (0) and shared (None) arguments as pytrees."""
+
+    def f(a, b, c):
+        return {"y": a["x"] @ b + a["z"].sum(), "c": c * 2.0}, b.sum()
+
+    k = jax.random.split(jax.random.key(0), 3)
+    a = {"x": jax.random.normal(k[0], (3, 2, 4)), "z": jnp.arange(6.0).reshape(3, 2)}
+    b, c = jax.random.normal(k[1], (4, 5)), jax.random.normal(k[2], (3, 7))
+    for axes in ((0, None, 0), ({"x": 0, "z": 0}, None, 0)):
+        batched = jax.vmap(f, in_axes=axes)(a, b, c)
+        mapped = group.over_members(f, axes, "map")(a, b, c)
+        assert jax.tree.structure(mapped) == jax.tree.structure(batched)
+        for m, v in zip(jax.tree.leaves(mapped), jax.tree.leaves(batched), strict=True):
+            assert m.shape == v.shape
+            np.testing.assert_allclose(m, v, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="0 or None"):
+        group.over_members(f, (1, None, 0), "map")(a, b, c)
+
+
+def test_mapped_groups_are_bitwise_their_runs_alone():
+    """tests/test_groups_exact.py in a process with XLA's CPU fusion emitters on (see its doc): one passed
+    test, not a skip."""
+    from test_groups_exact import EXACT_FLAG
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["XLA_FLAGS"] = f"{EXACT_FLAG} --xla_force_host_platform_device_count=8"
+    here = Path(__file__).parent
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "test_groups_exact.py"],
+        cwd=here,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout[-6000:] + out.stderr[-3000:]
 
 
 def test_keys_split_what_cannot_share_a_program():
@@ -223,6 +270,10 @@ def test_keys_split_what_cannot_share_a_program():
     assert group.group_key(dpo) == group.group_key(config_lib.override(dpo, {"loss.name": "ipo", "seed": 3}))
     assert group.group_key(dpo) != group.group_key(config_lib.override(dpo, {"train.batch_size": 8}))
     assert group.group_key(dpo) != group.group_key(config_lib.override(dpo, {"model.layers": 1}))
+    # A mapped group holds one loss (no switch between losses: see group.group_key).
+    ipo = config_lib.override(dpo, {"loss.name": "ipo"})
+    assert group.group_key(dpo, "map") != group.group_key(ipo, "map")
+    assert group.group_key(dpo, "map") == group.group_key(config_lib.override(dpo, {"seed": 3}), "map")
     assert group.group_key(config_lib.override(dpo, {"data.padding": "bucket"})) is None
     # Online runs group too (tests/test_rl_groups.py), but not a LoRA policy (its base is its reference).
     assert group.group_key(short("ppo")) is not None

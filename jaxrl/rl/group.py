@@ -1,7 +1,7 @@
 """Online runs as one program: runs of an online stage whose programs have the same shapes iterate together,
 their train states (and frozen references) stacked on a leading member axis, every device program of an
 iteration (sampling, rollout statistics, advantages, the training data, minibatch gathers and updates) one
-vmapped call over the members.
+call over the members, vmapped or mapped (`jaxrl.group.over_members`).
 
 What may differ between members: the seed (prompt order, sampling keys, minibatch order, value-head init),
 the policy's and the value model's learning rates, the KL coefficient (adaptive per member), the run they
@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxrl import config as config_lib
+from jaxrl import group as group_lib
 from jaxrl import sharding, steps
 from jaxrl import workdir as workdir_lib
 from jaxrl.config import Config
@@ -74,12 +75,13 @@ def stacked_abstract(tree, members: int, axes=0):
 
 
 class Vmapped:
-    """A run's program over a leading member axis of its array arguments: one jitted, vmapped call. Called
-    with the solo program's arguments; its non-array ones (graphdefs) and static settings are the run's.
-    `axes`: vmap in_axes of some array arguments by their position in the program's arguments (None: one
-    value for every member, e.g. a reference all members share); the others are stacked (0)."""
+    """A run's program over a leading member axis of its array arguments: one jitted call, vmapped or mapped
+    (`how`, jaxrl.group.over_members). Called with the solo program's arguments; its non-array ones
+    (graphdefs) and static settings are the run's. `axes`: in_axes of some array arguments by their position
+    in the program's arguments (None: one value for every member, e.g. a reference all members share); the
+    others are stacked (0)."""
 
-    def __init__(self, program: programs.Program, axes: dict | None = None):
+    def __init__(self, program: programs.Program, axes: dict | None = None, how: str = "vmap"):
         self.program = program
         self.fixed = {i: a for i, a in enumerate(program.args) if not _is_arrays(a)}
         axes = axes or {}
@@ -90,7 +92,7 @@ class Vmapped:
             args = [self.fixed[i] if i in self.fixed else next(it) for i in range(len(program.args))]
             return program.fn(*args, **program.static)
 
-        self.batched = jax.jit(jax.vmap(member, in_axes=self.in_axes))
+        self.batched = jax.jit(group_lib.over_members(member, self.in_axes, how))
 
     def __call__(self, *args):
         return self.batched(*(a for i, a in enumerate(args) if i not in self.fixed))
@@ -128,7 +130,7 @@ def program_axes(run0: runner.OnlineRun, shared_ref: bool) -> dict[str, dict]:
     return axes
 
 
-def train_step(run0: runner.OnlineRun):
+def train_step(run0: runner.OnlineRun, how: str = "vmap"):
     """The minibatch update of every member of a group of `run0`'s key, each with its own learning rates
     (the stacked state donated)."""
     ctx, cfg = run0.ctx, run0.cfg
@@ -146,7 +148,7 @@ def train_step(run0: runner.OnlineRun):
 
     def traced(state, minibatch, hp, lr, value_lr):
         with sharding.use_mesh(ctx.mesh, ctx.preset):
-            return jax.vmap(member_step)(state, minibatch, hp, lr, value_lr)
+            return group_lib.over_members(member_step, how=how)(state, minibatch, hp, lr, value_lr)
 
     return jax.jit(
         traced,
@@ -156,15 +158,15 @@ def train_step(run0: runner.OnlineRun):
     )
 
 
-def program_bytes(runs: list[runner.OnlineRun]) -> int:
+def program_bytes(runs: list[runner.OnlineRun], how: str = "vmap") -> int:
     """Bytes the largest of a group's programs needs (arguments, outputs and temporaries, less what is
     donated), from compiles of the vmapped sampler, rollout statistics and update on abstract arguments."""
     k, p = len(runs), runs[0].ctx.programs
     axes = program_axes(runs[0], shares_reference(runs))
-    lowered = [Vmapped(p[name], axes.get(name)).lower(k) for name in ("generate", "rollout_stats")]
+    lowered = [Vmapped(p[name], axes.get(name), how).lower(k) for name in ("generate", "rollout_stats")]
     rates = jax.ShapeDtypeStruct((k,), jnp.float32)
     update_args = stacked_abstract(p["train_step"].args, k)
-    lowered.append(train_step(runs[0]).lower(*update_args, rates, rates))
+    lowered.append(train_step(runs[0], how).lower(*update_args, rates, rates))
     needs = []
     for program in lowered:
         m = program.compile().memory_analysis()
@@ -174,23 +176,25 @@ def program_bytes(runs: list[runner.OnlineRun]) -> int:
     return max(needs, default=0)
 
 
-def fitting(runs: list, states: list, budget: int, log) -> list[tuple[list, list]]:
+def fitting(runs: list, states: list, budget: int, log, how: str = "vmap") -> list[tuple[list, list]]:
     """(runs, states) of the groups to iterate: all of them when the group's programs fit `budget`, else
     halves, down to runs alone (the memory guard)."""
     if len(runs) == 1:
         return [(runs, states)]
-    need = program_bytes(runs)
+    need = program_bytes(runs, how)
     if need <= budget:
         return [(runs, states)]
     log(f"a group of {len(runs)} online runs needs {need / 2**30:.2f} GiB > {budget / 2**30:.2f} GiB: split")
     half = len(runs) // 2
-    return fitting(runs[:half], states[:half], budget, log) + fitting(runs[half:], states[half:], budget, log)
+    return fitting(runs[:half], states[:half], budget, log, how) + fitting(
+        runs[half:], states[half:], budget, log, how
+    )
 
 
 class GroupPrograms:
-    """The members' stacked state, references and per-member device scalars, and the vmapped programs."""
+    """The members' stacked state, references and per-member device scalars, and the programs over them."""
 
-    def __init__(self, runs: list[runner.OnlineRun], states: list):
+    def __init__(self, runs: list[runner.OnlineRun], states: list, how: str = "vmap"):
         run0 = runs[0]
         ctx = run0.ctx
         self.runs = runs
@@ -215,13 +219,13 @@ class GroupPrograms:
         self.lr = jnp.asarray([r.cfg.optim.lr for r in runs], jnp.float32)
         self.value_lr = jnp.asarray([r.cfg.rl.value_lr or r.cfg.optim.lr for r in runs], jnp.float32)
         p, axes = ctx.programs, program_axes(run0, self.shared_ref)
-        self.generate = Vmapped(p["generate"], axes.get("generate"))
-        self.rollout_stats = Vmapped(p["rollout_stats"], axes.get("rollout_stats"))
-        self.advantages = Vmapped(p["advantages"])
-        self.prepare = Vmapped(p["prepare"])
-        self.gather = Vmapped(p["gather"])
-        self.keys = jax.jit(jax.vmap(context.stream_key))
-        self.train_step = train_step(run0)
+        self.generate = Vmapped(p["generate"], axes.get("generate"), how)
+        self.rollout_stats = Vmapped(p["rollout_stats"], axes.get("rollout_stats"), how)
+        self.advantages = Vmapped(p["advantages"], None, how)
+        self.prepare = Vmapped(p["prepare"], None, how)
+        self.gather = Vmapped(p["gather"], None, how)
+        self.keys = jax.jit(jax.vmap(context.stream_key))  # integer arithmetic: exact either way
+        self.train_step = train_step(run0, how)
 
     def member_state(self, i: int):
         """Member i's state, placed as its run alone places it."""
@@ -290,10 +294,12 @@ def iterate(g: GroupPrograms, iteration: int) -> list[dict]:
     return rows
 
 
-def train_together(runs: list[runner.OnlineRun], states: list, stop_after: int | None) -> list[dict]:
+def train_together(
+    runs: list[runner.OnlineRun], states: list, stop_after: int | None, how: str = "vmap"
+) -> list[dict]:
     """The loop of runs that start at the same iteration and share shapes, iterated as one program; each
     run's summary (status "failed" for a run that failed: the others go on)."""
-    g = GroupPrograms(runs, states)
+    g = GroupPrograms(runs, states, how)
     end = runs[0].end(stop_after)
     active = list(range(len(runs)))
     for it in range(runs[0].start, end):
@@ -314,7 +320,9 @@ def signature(run: runner.OnlineRun) -> tuple:
     return run.start, str(jax.tree.structure(run.abstract_state)), tuple(jax.tree.leaves(shapes))
 
 
-def train_runs(cfgs: list[Config], workdirs: list, log, stop_after: int | None, budget: int) -> list:
+def train_runs(
+    cfgs: list[Config], workdirs: list, log, stop_after: int | None, budget: int, how: str = "vmap"
+) -> list:
     """Trains online runs of one group key whose workdirs the caller holds: per run, its summary or the
     RunFailed it ended with. Runs at different iterations (resumed from different checkpoints) or with
     differently shaped states (a value model from reward models of other sizes) iterate in separate
@@ -332,13 +340,13 @@ def train_runs(cfgs: list[Config], workdirs: list, log, stop_after: int | None, 
         runs, states = [opened[i][0] for i in indices], [opened[i][1] for i in indices]
         for i in indices:
             opened[i] = (opened[i][0], None)  # the group's stack holds the states now
-        parts_to_run = fitting(runs, states, budget, log)
+        parts_to_run = fitting(runs, states, budget, log, how)
         del states  # each part's list holds its states until its group stacks them
         for part_runs, part_states in parts_to_run:
             if len(part_runs) == 1:
                 summaries = [runner.train_alone(part_runs[0], part_states[0], stop_after)]
             else:
-                summaries = train_together(part_runs, part_states, stop_after)
+                summaries = train_together(part_runs, part_states, stop_after, how)
             for run, summary in zip(part_runs, summaries, strict=True):
                 failed = summary.get("status") == "failed"
                 results[indices[runs.index(run)]] = (
