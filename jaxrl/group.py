@@ -50,8 +50,8 @@ MEMORY_FRACTION = 0.8
 def grouping(mode: str) -> str | None:
     """How a sweep groups runs: "vmap", "map" (see the module's doc), or None: one run at a time ("off").
     "auto": vmap on accelerators (a GPU or TPU step of a small model is launch-bound, and a group's members
-    share its launches), map on a CPU (a step of even a tiny model is compute-bound there, so a vmapped group
-    of K costs about K solo steps and only map keeps every member bitwise its run alone;
+    share its launches), map on a CPU (a step of even a tiny model is compute-bound there: batching saves
+    little over mapping, and only map keeps every member bitwise its run alone;
     bench/results/sweep_groups.md)."""
     if mode == "auto":
         return "vmap" if jax.default_backend() != "cpu" else "map"
@@ -111,19 +111,20 @@ def group_key(cfg: Config, how: str = "vmap") -> str | None:
         kept["needs_reference"] = listwise.offline_loss(cfg.loss.name).needs_reference
         spec = listwise.offline_loss(cfg.loss.name)
         if how == "map" or listwise.is_listwise(cfg.loss.name) or getattr(spec, "running_shift", False):
-            # Not a branch of a pairwise group's switch: a listwise loss, or one with a carried shift.
+            # Not a branch of a pairwise group's switch: a mapped group's loss, a listwise loss, or one with
+            # a carried shift.
             kept["loss.name"] = cfg.loss.name
     return json.dumps(kept, sort_keys=True, default=str)
 
 
 def array_signature(member) -> tuple:
-    """The shapes a member's step sees: members of one vmapped program must agree on them."""
+    """The shapes a member's step sees: members of one program must agree on them."""
     arrays = tuple(sorted((k, v.shape[1:], str(v.dtype)) for k, v in member.train_arrays.items()))
     return member.start, arrays, member.state.ref_params is not None
 
 
 class GroupProgram:
-    """The members' states stacked on a leading axis and one vmapped train step (donating the stack).
+    """The members' states stacked on a leading axis and one train step over them (donating the stack).
 
     Inside a member the layout is the solo run's (each leaf's sharding with the member axis unsharded in
     front), so a member computes what it would alone."""

@@ -1,6 +1,6 @@
 """One offline run's pieces (`Member`): its data, model, initial state and programs built from its config
 (`setup`), and its resume from the latest checkpoint (`restore`). The loop that trains members, alone or as a
-vmapped group, is jaxrl.train's."""
+group (vmapped or mapped), is jaxrl.train's."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class Member:
     state_shardings: Any
     objective: Any
     totals_fn: Any
-    train_step: Any  # the solo program (jitted, donating); a vmapped group has its own
+    train_step: Any  # the solo program (jitted, donating); a group has its own
     eval_step: Any
     world_eval: Any
     # (params, split) -> final-evaluation metrics only (a reward model's proxy best-of-N on its base's draws)

@@ -94,7 +94,7 @@ def initial_loss_state(cfg: Config):
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int, lr=None) -> optax.Schedule:
     """Linear warmup, then constant, linear or cosine decay to end_lr_ratio * lr. `lr` (an array, e.g. one
-    member's rate inside a vmapped group) replaces cfg.lr in the same formulas."""
+    member's rate inside a group) replaces cfg.lr in the same formulas."""
     lr = cfg.lr if lr is None else lr
     warmup = int(round(cfg.warmup_ratio * total_steps))
     decay_steps = max(1, total_steps - warmup)
@@ -242,7 +242,7 @@ def listwise_objective(
 
 
 def _switched_loss(names: tuple[str, ...], index, seq: pairwise.SeqLogps, hp):
-    """The loss `names[index]` on the same log-probs (`index` may be traced: one member of a vmapped group per
+    """The loss `names[index]` on the same log-probs (`index` may be traced: one member of a group per
     loss); its metrics under the union of the names' metric keys, the ones it does not log set to zero."""
     specs = [losses.get_preference_loss(n) for n in names]
     no_ref = seq.replace(

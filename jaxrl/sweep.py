@@ -147,7 +147,7 @@ def _finished(run_dir: Path) -> bool:
 
 def _run_all(runs: list[Run], workdir: Path, log, poll_s: float, group: str = "auto") -> list[Run]:
     """Trains every unfinished run of `runs` (see run_sweep); returns `runs`. When grouping (see run_sweep),
-    runs whose programs share shapes and whose dependencies are finished train together as one vmapped
+    runs whose programs share shapes and whose dependencies are finished train together as one
     program (jaxrl.group); otherwise one run at a time."""
     from tqdm import tqdm
 

@@ -160,7 +160,7 @@ class _MemberLoop:
 
 def train_members(members: list[Member], program, log, stop_after: int | None) -> list[dict]:
     """The offline loop for runs that start at the same step and take the same steps, stepped together by
-    `program` (SoloProgram: one run; a vmapped group: several). Every run logs, checkpoints and evaluates
+    `program` (SoloProgram: one run; a group: several). Every run logs, checkpoints and evaluates
     exactly as it would alone; returns each run's summary (a failed run's summary has status "failed")."""
     t = members[0].cfg.train
     start = members[0].start

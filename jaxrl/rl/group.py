@@ -160,7 +160,7 @@ def train_step(run0: runner.OnlineRun, how: str = "vmap"):
 
 def program_bytes(runs: list[runner.OnlineRun], how: str = "vmap") -> int:
     """Bytes the largest of a group's programs needs (arguments, outputs and temporaries, less what is
-    donated), from compiles of the vmapped sampler, rollout statistics and update on abstract arguments."""
+    donated), from compiles of the group's sampler, rollout statistics and update on abstract arguments."""
     k, p = len(runs), runs[0].ctx.programs
     axes = program_axes(runs[0], shares_reference(runs))
     lowered = [Vmapped(p[name], axes.get(name), how).lower(k) for name in ("generate", "rollout_stats")]
@@ -239,8 +239,9 @@ class GroupPrograms:
 
 
 def iterate(g: GroupPrograms, iteration: int) -> list[dict]:
-    """One iteration of every member (generate, score, train as vmapped programs; rewards per member);
-    each member's row of metrics, as `runner.iterate` gives it (its time/ entries are the group's)."""
+    """One iteration of every member (generate, score, train as programs over the members; rewards per
+    member); each member's row of metrics, as `runner.iterate` gives it (its time/ entries are the
+    group's)."""
     runs = g.runs
     t0 = time.perf_counter()
     prompts = [runner.prompt_batch(r.ctx, iteration) for r in runs]
