@@ -7,11 +7,10 @@ trained from the same SFT base, members differing in seed and the online recipe 
     python bench/sweep_groups.py [--members 4] [--eval] [--steps 120] [--stage dpo|ppo] [--how vmap|map]
 
 Each arm runs in a fresh directory with the persistent compilation cache off, so both pay their compiles;
-prints seconds per arm and the ratio. `--how`: the group's way over its members
-(jaxrl.group.over_members: batched, or one after another in one program; a mapped DPO group holds one loss).
-Without --eval the world evaluation is off (training and the held-out
-loss only); with it, every member also samples its validation curves and its final test evaluation (which a
-group runs per member)."""
+prints seconds per arm and the ratio. `--how`: the group's way over its members (jaxrl.grouping.over_members:
+batched, or one after another in one program; a mapped DPO group holds one loss). Without --eval the world
+evaluation is off (training and the held-out loss only); with it, every member also samples its validation
+curves and its final test evaluation (which a group runs per member)."""
 
 from __future__ import annotations
 

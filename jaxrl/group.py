@@ -35,60 +35,15 @@ from jaxrl import config as config_lib
 from jaxrl import distributed, listwise, pairwise, sharding, steps
 from jaxrl import workdir as workdir_lib
 from jaxrl.config import Config
+from jaxrl.grouping import WAYS, over_members
 
 GROUPED_STAGES = ("sft", "rm", "dpo")
 # Settings that become arrays (or per-member host state) in a group; every other setting is in the key.
 MEMBER_KEYS = ("seed", "optim.lr", "train.init_from", "train.reference_from", "train.cache_dir")
 MEMBER_PREFIXES = ("data.",)
 HPARAM_KEYS = tuple(f"loss.{f.name}" for f in dataclasses.fields(pairwise.LossHParams))
-MODES = ("auto", "vmap", "map", "off", "on")  # "on": vmap, the flag's first spelling
-WAYS = ("vmap", "map")
 # Of the group's budget (device memory, or half the host's on CPU) one program may use.
 MEMORY_FRACTION = 0.8
-
-
-def grouping(mode: str) -> str | None:
-    """How a sweep groups runs: "vmap", "map" (see the module's doc), or None: one run at a time ("off").
-    "auto": vmap on accelerators (a GPU or TPU step of a small model is launch-bound, and a group's members
-    share its launches), map on a CPU (a step of even a tiny model is compute-bound there: batching saves
-    little over mapping, and only map keeps every member bitwise its run alone;
-    bench/results/sweep_groups.md)."""
-    if mode == "auto":
-        return "vmap" if jax.default_backend() != "cpu" else "map"
-    return {"vmap": "vmap", "on": "vmap", "map": "map", "off": None}[mode]
-
-
-def over_members(fn, in_axes=0, how: str = "vmap"):
-    """`fn` over a leading member axis of its arguments: `jax.vmap(fn, in_axes)` for "vmap"; for "map" the
-    same signature with the members computed one after another (`jax.lax.map`), each by `fn`'s own
-    arithmetic. `in_axes`: 0 or None per argument (a prefix of the arguments, as vmap's)."""
-    if how == "vmap":
-        return jax.vmap(fn, in_axes=in_axes)
-    if how != "map":
-        raise ValueError(f"over_members: how={how!r}, expected one of {WAYS}")
-
-    def mapped(*args):
-        axes = in_axes if isinstance(in_axes, tuple | list) else (in_axes,) * len(args)
-        full = jax.tree.map(
-            lambda ax, sub: jax.tree.map(lambda _: -1 if ax is None else ax, sub),
-            list(axes),
-            list(args),
-            is_leaf=lambda x: x is None,
-        )
-        leaves, treedef = jax.tree.flatten(list(args))
-        flags = jax.tree.leaves(full)
-        if len(flags) != len(leaves) or set(flags) - {0, -1}:
-            raise ValueError(f"over_members: in_axes {in_axes!r} must be 0 or None per argument")
-
-        pairs = list(zip(leaves, flags, strict=True))
-
-        def member(stacked):
-            it = iter(stacked)
-            return fn(*jax.tree.unflatten(treedef, [next(it) if f == 0 else x for x, f in pairs]))
-
-        return jax.lax.map(member, [x for x, f in pairs if f == 0])
-
-    return mapped
 
 
 def group_key(cfg: Config, how: str = "vmap") -> str | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from jaxrl import config as config_lib
 from jaxrl import group as group_lib
+from jaxrl import grouping
 from jaxrl import workdir as workdir_lib
 from jaxrl.files import replacing
 from jaxrl.results import collect
@@ -45,9 +46,9 @@ def run_sweep(
     another inside it, each bitwise as it would alone on a CPU; "vmap" ("on") batches them, each as it would
     alone to float rounding, and over long runs rounding differences grow, so a vmapped study agrees with a
     one-at-a-time one in distribution, not number for number (bench/results/sweep_groups.md); "off" trains one
-    run at a time; "auto" (jaxrl.group.grouping) is vmap on a GPU or TPU and map on a CPU."""
-    if group not in group_lib.MODES:
-        raise config_lib.ConfigError(f"--group {group!r}: expected one of {', '.join(group_lib.MODES)}")
+    run at a time; "auto" (jaxrl.grouping.grouping) is vmap on a GPU or TPU and map on a CPU."""
+    if group not in grouping.MODES:
+        raise config_lib.ConfigError(f"--group {group!r}: expected one of {', '.join(grouping.MODES)}")
     workdir = Path(workdir).absolute()
     # Every stage's runner is imported now, not at the sweep's first online run: a sweep that runs for hours
     # must not combine modules loaded at its start with ones edited in the checkout since.
@@ -192,7 +193,7 @@ def _run_all(runs: list[Run], workdir: Path, log, poll_s: float, group: str = "a
                 continue
             bar.set_postfix_str(r.id[:60])
             start = time.perf_counter()
-            how = group_lib.grouping(group)
+            how = grouping.grouping(group)
             key = group_lib.group_key(r.cfg, how) if how else None
             mates = [
                 o

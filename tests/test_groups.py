@@ -15,7 +15,7 @@ import pytest
 from conftest import tiny_run_config
 
 from jaxrl import config as config_lib
-from jaxrl import group, losses, sweep, train
+from jaxrl import group, grouping, losses, sweep, train
 from jaxrl import workdir as workdir_lib
 
 QUIET = lambda *a, **k: None  # noqa: E731
@@ -219,9 +219,9 @@ def test_memory_guard_splits_a_group_that_does_not_fit(tmp_path, base):
 
 
 def test_auto_maps_on_a_cpu_and_the_modes_name_their_way():
-    assert group.grouping("auto") == "map"  # the tests run on CPU; on a GPU or TPU it is "vmap"
-    assert group.grouping("on") == group.grouping("vmap") == "vmap"
-    assert group.grouping("map") == "map" and group.grouping("off") is None
+    assert grouping.grouping("auto") == "map"  # the tests run on CPU; on a GPU or TPU it is "vmap"
+    assert grouping.grouping("on") == grouping.grouping("vmap") == "vmap"
+    assert grouping.grouping("map") == "map" and grouping.grouping("off") is None
     with pytest.raises(ValueError, match="how="):
         group.run_group([short("sft")], ["unused"], how="on")
 
@@ -237,13 +237,13 @@ def test_over_members_maps_what_vmap_batches():
     b, c = jax.random.normal(k[1], (4, 5)), jax.random.normal(k[2], (3, 7))
     for axes in ((0, None, 0), ({"x": 0, "z": 0}, None, 0)):
         batched = jax.vmap(f, in_axes=axes)(a, b, c)
-        mapped = group.over_members(f, axes, "map")(a, b, c)
+        mapped = grouping.over_members(f, axes, "map")(a, b, c)
         assert jax.tree.structure(mapped) == jax.tree.structure(batched)
         for m, v in zip(jax.tree.leaves(mapped), jax.tree.leaves(batched), strict=True):
             assert m.shape == v.shape
             np.testing.assert_allclose(m, v, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="0 or None"):
-        group.over_members(f, (1, None, 0), "map")(a, b, c)
+        grouping.over_members(f, (1, None, 0), "map")(a, b, c)
 
 
 def test_mapped_groups_are_bitwise_their_runs_alone():

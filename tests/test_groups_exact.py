@@ -1,6 +1,6 @@
-"""Members of a mapped group (`jaxrl.group.over_members`, how="map") are bitwise their runs alone: every value
-of metrics.jsonl (timings aside) and of the summary's evaluation, for SFT, DPO and PPO, and after a kill in
-the middle of the group and a rerun.
+"""Members of a mapped group (`jaxrl.grouping.over_members`, how="map") are bitwise their runs alone: every
+value of metrics.jsonl (timings aside) and of the summary's evaluation, for SFT, DPO and PPO, and after a kill
+in the middle of the group and a rerun.
 
 Bitwise under XLA's default CPU code generation. The suite's fast flags (tests/conftest.py) turn the CPU
 fusion emitters off, and without them a member's loop body compiles differently from its solo program (a

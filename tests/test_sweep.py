@@ -76,6 +76,7 @@ def test_equal_points_collapse_and_colliding_ids_are_an_error(study, tmp_path):
 
 @pytest.mark.slow
 def test_sweep_is_idempotent_and_resumes_after_a_kill(study, tmp_path, monkeypatch):
+    """One run at a time (`--group off`; grouped sweeps resume in tests/test_groups.py)."""
     workdir = tmp_path / "w"
     real_run, calls = train.run, []
 
@@ -87,7 +88,7 @@ def test_sweep_is_idempotent_and_resumes_after_a_kill(study, tmp_path, monkeypat
 
     monkeypatch.setattr(train, "run", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
-        sweep.run_sweep(study, workdir, log=lambda *a: None)
+        sweep.run_sweep(study, workdir, log=lambda *a: None, group="off")
     finished_first = sorted(calls)
     assert len(finished_first) == 2
 
@@ -95,13 +96,15 @@ def test_sweep_is_idempotent_and_resumes_after_a_kill(study, tmp_path, monkeypat
     monkeypatch.setattr(
         train, "run", lambda cfg, wd, **kw: (calls.append(str(wd)), real_run(cfg, wd, **kw))[1]
     )
-    rows = sweep.run_sweep(study, workdir, log=lambda *a: None)
+    rows = sweep.run_sweep(study, workdir, log=lambda *a: None, group="off")
     assert len(calls) == 6 - 2 and not set(calls) & set(finished_first)  # only what was missing
     assert len(rows) == 6
 
     calls.clear()
-    rows_again = sweep.run_sweep(study, workdir, log=lambda *a: None)
+    rows_again = sweep.run_sweep(study, workdir, log=lambda *a: None, group="off")
     assert calls == [] and rows_again == rows  # everything already finished
+    rows_grouped = sweep.run_sweep(study, workdir, log=lambda *a: None, group="auto")
+    assert calls == [] and rows_grouped == rows  # nor is anything retrained when the runs could group
 
     md, csv_path, markdown = results_lib.write_results(rows, study.metrics(), workdir)
     assert "eval/rewards/accuracies" in markdown and md.exists() and csv_path.exists()

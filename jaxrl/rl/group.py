@@ -1,7 +1,7 @@
 """Online runs as one program: runs of an online stage whose programs have the same shapes iterate together,
 their train states (and frozen references) stacked on a leading member axis, every device program of an
 iteration (sampling, rollout statistics, advantages, the training data, minibatch gathers and updates) one
-call over the members, vmapped or mapped (`jaxrl.group.over_members`).
+call over the members, vmapped or mapped (`jaxrl.grouping.over_members`).
 
 What may differ between members: the seed (prompt order, sampling keys, minibatch order, value-head init),
 the policy's and the value model's learning rates, the KL coefficient (adaptive per member), the run they
@@ -24,8 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jaxrl import config as config_lib
-from jaxrl import group as group_lib
-from jaxrl import sharding, steps
+from jaxrl import grouping, sharding, steps
 from jaxrl import workdir as workdir_lib
 from jaxrl.config import Config
 from jaxrl.rl import algorithms, context, programs, runner
@@ -76,7 +75,7 @@ def stacked_abstract(tree, members: int, axes=0):
 
 class Vmapped:
     """A run's program over a leading member axis of its array arguments: one jitted call, vmapped or mapped
-    (`how`, jaxrl.group.over_members). Called with the solo program's arguments; its non-array ones
+    (`how`, jaxrl.grouping.over_members). Called with the solo program's arguments; its non-array ones
     (graphdefs) and static settings are the run's. `axes`: in_axes of some array arguments by their position
     in the program's arguments (None: one value for every member, e.g. a reference all members share); the
     others are stacked (0)."""
@@ -92,7 +91,7 @@ class Vmapped:
             args = [self.fixed[i] if i in self.fixed else next(it) for i in range(len(program.args))]
             return program.fn(*args, **program.static)
 
-        self.batched = jax.jit(group_lib.over_members(member, self.in_axes, how))
+        self.batched = jax.jit(grouping.over_members(member, self.in_axes, how))
 
     def __call__(self, *args):
         return self.batched(*(a for i, a in enumerate(args) if i not in self.fixed))
@@ -148,7 +147,7 @@ def train_step(run0: runner.OnlineRun, how: str = "vmap"):
 
     def traced(state, minibatch, hp, lr, value_lr):
         with sharding.use_mesh(ctx.mesh, ctx.preset):
-            return group_lib.over_members(member_step, how=how)(state, minibatch, hp, lr, value_lr)
+            return grouping.over_members(member_step, how=how)(state, minibatch, hp, lr, value_lr)
 
     return jax.jit(
         traced,
