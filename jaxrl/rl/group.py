@@ -1,7 +1,10 @@
 """Online runs as one program: runs of an online stage whose programs have the same shapes iterate together,
 their train states (and frozen references) stacked on a leading member axis, every device program of an
 iteration (sampling, rollout statistics, advantages, the training data, minibatch gathers and updates) one
-call over the members, vmapped or mapped (`jaxrl.grouping.over_members`).
+call over the members, vmapped or mapped (`jaxrl.grouping.over_members`). Mapped, a member trains bitwise
+as alone on a CPU; a few logged batch means of its rollout statistics (`val/returns_mean`,
+`debug/logprob_gap_mean`, ...) can come out a last bit apart, as the loop body may reduce them in another
+order (bench/results/sweep_groups.md).
 
 What may differ between members: the seed (prompt order, sampling keys, minibatch order, value-head init),
 the policy's and the value model's learning rates, the KL coefficient (adaptive per member), the run they
