@@ -1,6 +1,6 @@
 """Members of a mapped group (`jaxrl.grouping.over_members`, how="map") are bitwise their runs alone: every
-value of metrics.jsonl (timings aside) and of the summary's evaluation, for SFT, DPO and PPO, and after a kill
-in the middle of the group and a rerun.
+value of metrics.jsonl (timings aside) and of the summary's evaluation, for SFT, RM, DPO and PPO, and after a
+kill in the middle of the group and a rerun.
 
 Bitwise under XLA's default CPU code generation. The suite's fast flags (tests/conftest.py) turn the CPU
 fusion emitters off, and without them a member's loop body compiles differently from its solo program (a
@@ -65,6 +65,11 @@ def test_mapped_members_are_bitwise_their_runs_alone(tmp_path):
     train.run(short("sft"), base, log=QUIET)
     sft = [short("sft", seed=0), short("sft", seed=3, **{"optim.lr": 3e-4})]
     pairs = solo_and_mapped(tmp_path / "sft", sft)
+    rm = [
+        short("rm", **{"train.init_from": str(base)}),
+        short("rm", **{"train.init_from": str(base), "seed": 2, "data.synthetic_kind": "noisy"}),
+    ]
+    pairs += solo_and_mapped(tmp_path / "rm", rm)
 
     # DPO members differing in seed, beta and data, with a sampled evaluation; killed after step 6 (a
     # checkpoint at 4, then a forced one at 6) and rerun.
