@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 from pathlib import Path
+
+from jaxrl.metrics import read_metrics
+from jaxrl.workdir import finished_summary
 
 RESULT_FILES = ("results.csv", "results.md", "selected.json")
 TIMING_SUFFIXES = ("tokens_per_s", "tflops_per_s")
 
 
+def is_timing(key: str) -> bool:
+    return key.startswith("time/") or key.endswith(TIMING_SUFFIXES)
+
+
 def logged_rows(run: Path) -> list[dict]:
-    rows = []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        timing = [k for k in row if k.startswith("time/") or k.endswith(TIMING_SUFFIXES)]
-        rows.append({k: v for k, v in row.items() if k not in timing})
-    return rows
+    return [{k: v for k, v in row.items() if not is_timing(k)} for row in read_metrics(run)]
 
 
 def relative(a, b) -> float:
@@ -63,10 +64,10 @@ def compare(a: Path, b: Path) -> dict:
                         if x.get(k) != y.get(k):
                             out["keys"][k] += 1
                             worst[k] = max(worst[k], relative(x.get(k), y.get(k)))
-        sa, sb = ra / "final" / "summary.json", rb / "final" / "summary.json"
-        if sa.exists() and sb.exists():
+        sa, sb = finished_summary(ra), finished_summary(rb)
+        if sa is not None and sb is not None:
             evals += 1
-            evals_differ += json.loads(sa.read_text()).get("eval") != json.loads(sb.read_text()).get("eval")
+            evals_differ += sa.get("eval") != sb.get("eval")
     out["worst"] = dict(worst)
     out["summaries"], out["evals_differ"] = evals, evals_differ
     return out

@@ -215,9 +215,8 @@ def test_memory_guard_splits_a_group_that_does_not_fit(tmp_path, base):
     lines = []
     results = group.run_group(cfgs, [tmp_path / f"m{i}" for i in range(2)], log=lines.append, budget=1)
     assert [r["status"] for r in results] == ["finished"] * 2
-    assert [line for line in lines if "split in two" in line] == [
-        next(line for line in lines if line.startswith("a group of 2 needs"))
-    ]
+    splits = [line for line in lines if "split in two" in line]
+    assert len(splits) == 1 and splits[0].startswith("a group of 2 needs")
 
 
 def test_auto_maps_on_a_cpu_and_the_modes_name_their_way():

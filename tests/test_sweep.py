@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from jaxrl import config as config_lib
+from jaxrl import group as group_lib
 from jaxrl import results as results_lib
 from jaxrl import steps, sweep, train
 from jaxrl import study as study_lib
@@ -103,8 +104,10 @@ def test_sweep_is_idempotent_and_resumes_after_a_kill(study, tmp_path, monkeypat
     calls.clear()
     rows_again = sweep.run_sweep(study, workdir, log=lambda *a: None, group="off")
     assert calls == [] and rows_again == rows  # everything already finished
+    grouped = []
+    monkeypatch.setattr(group_lib, "run_group", lambda cfgs, *a, **kw: grouped.append(cfgs))
     rows_grouped = sweep.run_sweep(study, workdir, log=lambda *a: None, group="auto")
-    assert calls == [] and rows_grouped == rows  # nor is anything retrained when the runs could group
+    assert calls == grouped == [] and rows_grouped == rows  # nor when the runs could group
 
     md, csv_path, markdown = results_lib.write_results(rows, study.metrics(), workdir)
     assert "eval/rewards/accuracies" in markdown and md.exists() and csv_path.exists()
